@@ -1,0 +1,288 @@
+"""Architectures of feed-forward `nn.Sequential` nets as data, and their functional forward.
+
+An `Arch` lists the modules of the Sequential in order. Parameter layers (Linear, Conv2d) hold
+the weights; activations, pooling and Flatten are parameter-free and act per unit or per
+channel, so hidden-unit permutations pass through them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deepalign.errors import DeepAlignError
+from deepalign.weightspace import WeightSpace
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "gelu": F.gelu,
+    "leaky_relu": F.leaky_relu,
+    "silu": F.silu,
+}
+_MODULE_ACTIVATIONS = {
+    nn.ReLU: "relu",
+    nn.Tanh: "tanh",
+    nn.Sigmoid: "sigmoid",
+    nn.GELU: "gelu",
+    nn.LeakyReLU: "leaky_relu",
+    nn.SiLU: "silu",
+}
+PARAM_KINDS = ("linear", "conv")
+
+
+@dataclass(frozen=True)
+class Module:
+    """One module of the Sequential; sizes are used by parameter layers and pooling only."""
+
+    kind: str  # linear | conv | flatten | maxpool | avgpool | one of ACTIVATIONS
+    in_dim: int = 0
+    out_dim: int = 0
+    kernel: int = 0
+    stride: int = 1
+    padding: int = 0
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A feed-forward net: its modules in order and the shape of one input example."""
+
+    modules: tuple[Module, ...]
+    input_shape: tuple[int, ...]  # (features,) for MLPs, (C, H, W) for CNNs
+
+    def to_dict(self) -> dict:
+        return {"modules": [asdict(m) for m in self.modules], "input_shape": list(self.input_shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Arch:
+        try:
+            modules = tuple(Module(**m) for m in d["modules"])
+            return cls(modules=modules, input_shape=tuple(d["input_shape"]))
+        except (KeyError, TypeError) as e:
+            raise DeepAlignError(f"malformed architecture record: {e}") from e
+
+    @property
+    def param_indices(self) -> tuple[int, ...]:
+        """Positions in the Sequential of the layers that hold parameters."""
+        return tuple(i for i, m in enumerate(self.modules) if m.kind in PARAM_KINDS)
+
+    def weight_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(_weight_shape(self.modules[i]) for i in self.param_indices)
+
+    def describe(self) -> str:
+        """One line, e.g. 'linear(64->32) relu linear(32->10)'."""
+        return " ".join(_describe(m) for m in self.modules)
+
+    def build(self) -> nn.Sequential:
+        """A freshly initialised `nn.Sequential` of this architecture."""
+        return nn.Sequential(*(_build_module(m) for m in self.modules))
+
+
+def _weight_shape(m: Module) -> tuple[int, ...]:
+    if m.kind == "linear":
+        return (m.out_dim, m.in_dim)
+    return (m.out_dim, m.in_dim, m.kernel, m.kernel)
+
+
+def _describe(m: Module) -> str:
+    if m.kind == "linear":
+        return f"linear({m.in_dim}->{m.out_dim})"
+    if m.kind == "conv":
+        return f"conv({m.in_dim}->{m.out_dim}, k{m.kernel} s{m.stride} p{m.padding})"
+    if m.kind in ("maxpool", "avgpool"):
+        return f"{m.kind}({m.kernel})"
+    return m.kind
+
+
+def _build_module(m: Module) -> nn.Module:
+    if m.kind == "linear":
+        return nn.Linear(m.in_dim, m.out_dim)
+    if m.kind == "conv":
+        return nn.Conv2d(m.in_dim, m.out_dim, m.kernel, stride=m.stride, padding=m.padding)
+    if m.kind == "flatten":
+        return nn.Flatten()
+    if m.kind == "maxpool":
+        return nn.MaxPool2d(m.kernel)
+    if m.kind == "avgpool":
+        return nn.AvgPool2d(m.kernel)
+    cls = {v: k for k, v in _MODULE_ACTIVATIONS.items()}.get(m.kind)
+    if cls is None:
+        raise DeepAlignError(f"unknown module kind '{m.kind}'")
+    return cls()
+
+
+def _module_of(index: int, mod: nn.Module) -> Module:
+    """Describe one torch module, or say why it cannot be aligned."""
+    if isinstance(mod, nn.Linear):
+        return Module("linear", mod.in_features, mod.out_features)
+    if isinstance(mod, nn.Conv2d):
+        if mod.groups != 1 or mod.dilation != (1, 1) or mod.kernel_size[0] != mod.kernel_size[1]:
+            raise DeepAlignError(f"module {index} ({mod}): only square, ungrouped convs")
+        stride, padding = mod.stride[0], mod.padding[0]
+        return Module(
+            "conv", mod.in_channels, mod.out_channels, mod.kernel_size[0], stride, padding
+        )
+    if isinstance(mod, nn.Flatten):
+        return Module("flatten")
+    if isinstance(mod, nn.MaxPool2d | nn.AvgPool2d):
+        kind = "maxpool" if isinstance(mod, nn.MaxPool2d) else "avgpool"
+        return Module(kind, kernel=int(mod.kernel_size if isinstance(mod.kernel_size, int) else 0))
+    kind = _MODULE_ACTIVATIONS.get(type(mod))
+    if kind is None:
+        raise DeepAlignError(
+            f"module {index} is {type(mod).__name__}: unsupported (only Linear, Conv2d, Flatten, "
+            f"pooling and elementwise activations; no residual or normalisation layers)"
+        )
+    return Module(kind)
+
+
+def arch_of(model: nn.Sequential, input_shape: tuple[int, ...]) -> Arch:
+    """Describe an `nn.Sequential`; raises on residual, normalisation or unknown modules."""
+    if not isinstance(model, nn.Sequential):
+        raise DeepAlignError(f"expected nn.Sequential, got {type(model).__name__}")
+    return Arch(tuple(_module_of(i, m) for i, m in enumerate(model)), tuple(input_shape))
+
+
+def mlp_arch(in_dim: int, hidden: list[int], out_dim: int, activation: str) -> Arch:
+    """Linear layers of widths in_dim -> *hidden -> out_dim with `activation` between."""
+    dims = [in_dim, *hidden, out_dim]
+    modules: list[Module] = []
+    for i, (a, b) in enumerate(zip(dims, dims[1:], strict=False)):
+        modules.append(Module("linear", a, b))
+        if i < len(dims) - 2:
+            modules.append(Module(activation))
+    return Arch(tuple(modules), (in_dim,))
+
+
+def cnn_arch(
+    input_shape: tuple[int, int, int],
+    channels: list[int],
+    strides: list[int],
+    out_dim: int,
+    activation: str,
+    kernel: int = 3,
+) -> Arch:
+    """3x3 'same'-padded convs (given strides), then Flatten and one Linear."""
+    if len(channels) != len(strides):
+        raise DeepAlignError(f"cnn: {len(channels)} channels but {len(strides)} strides")
+    modules: list[Module] = []
+    c, h, w = input_shape
+    for out_c, s in zip(channels, strides, strict=True):
+        modules += [Module("conv", c, out_c, kernel, s, kernel // 2), Module(activation)]
+        c, h, w = (
+            out_c,
+            (h + 2 * (kernel // 2) - kernel) // s + 1,
+            (w + 2 * (kernel // 2) - kernel) // s + 1,
+        )
+    modules += [Module("flatten"), Module("linear", c * h * w, out_dim)]
+    return Arch(tuple(modules), tuple(input_shape))
+
+
+def weightspace_from_state_dict(arch: Arch, state: dict[str, Tensor]) -> WeightSpace:
+    """Read the parameters of an `nn.Sequential` state_dict (keys '0.weight', '0.bias', ...)."""
+    expected = {f"{i}.{p}" for i in arch.param_indices for p in ("weight", "bias")}
+    unknown = sorted(set(state) - expected)
+    if unknown:
+        raise DeepAlignError(
+            f"unexpected state_dict key '{unknown[0]}' (not a plain Linear/Conv2d)"
+        )
+    weights, biases = [], []
+    for i, shape in zip(arch.param_indices, arch.weight_shapes(), strict=True):
+        for name, want, out in (("weight", shape, weights), ("bias", shape[:1], biases)):
+            key = f"{i}.{name}"
+            if key not in state:
+                raise DeepAlignError(
+                    f"state_dict lacks '{key}' (layers without bias are unsupported)"
+                )
+            if tuple(state[key].shape) != want:
+                raise DeepAlignError(
+                    f"'{key}' has shape {tuple(state[key].shape)}, expected {want}"
+                )
+            out.append(state[key])
+    return WeightSpace(tuple(weights), tuple(biases))
+
+
+def state_dict_from_weightspace(arch: Arch, ws: WeightSpace) -> dict[str, Tensor]:
+    """The inverse of `weightspace_from_state_dict` (unbatched)."""
+    state = {}
+    for layer, i in enumerate(arch.param_indices):
+        state[f"{i}.weight"] = ws.weights[layer]
+        state[f"{i}.bias"] = ws.biases[layer]
+    return state
+
+
+def infer_arch(state: dict[str, Tensor]) -> Arch:
+    """Guess the architecture of a plain Sequential state_dict from its shapes.
+
+    Assumes ReLU between layers, 'same' padding and stride 1 for convs, Flatten before the
+    first Linear. Enough for permutations; forward passes need the real architecture.
+    """
+    norm = next((k for k in state if k.endswith(("running_mean", "running_var"))), None)
+    if norm:
+        raise DeepAlignError(f"state_dict key '{norm}': normalisation layers are unsupported")
+    layers = sorted({int(k.split(".")[0]) for k in state if k.split(".")[0].isdigit()})
+    bad = [k for k in state if not k.split(".")[0].isdigit() or k.count(".") != 1]
+    if bad or not layers:
+        raise DeepAlignError(
+            f"state_dict key '{bad[0] if bad else '(none)'}' is not a plain nn.Sequential "
+            f"parameter (nested, residual or normalisation modules are unsupported)"
+        )
+    modules: list[Module] = []
+    for n, i in enumerate(layers):
+        modules += _inferred_modules(state, i, modules, last=n == len(layers) - 1)
+    first = state[f"{layers[0]}.weight"]
+    in_shape = (first.shape[1],) if first.ndim == 2 else (first.shape[1], 0, 0)
+    return Arch(tuple(modules), in_shape)
+
+
+def _inferred_modules(state: dict[str, Tensor], i: int, before: list[Module], last: bool) -> list:
+    w = state.get(f"{i}.weight")
+    if w is None or f"{i}.bias" not in state:
+        raise DeepAlignError(f"state_dict layer {i} lacks a weight or a bias")
+    if w.ndim == 4:
+        k = w.shape[-1]
+        mods = [Module("conv", w.shape[1], w.shape[0], k, 1, k // 2)]
+    elif w.ndim == 2:
+        kinds = {m.kind for m in before}
+        after_conv = "conv" in kinds and "linear" not in kinds
+        mods = [Module("flatten")] if after_conv else []
+        mods.append(Module("linear", w.shape[1], w.shape[0]))
+    else:
+        raise DeepAlignError(f"state_dict '{i}.weight' has unsupported shape {tuple(w.shape)}")
+    return mods if last else [*mods, Module("relu")]
+
+
+def forward(arch: Arch, ws: WeightSpace, x: Tensor) -> Tensor:
+    """Functional forward of one (unbatched) network: x (N, *input_shape) -> logits (N, out)."""
+    layer = 0
+    for m in arch.modules:
+        if m.kind == "linear":
+            x = F.linear(x, ws.weights[layer], ws.biases[layer])
+            layer += 1
+        elif m.kind == "conv":
+            x = F.conv2d(x, ws.weights[layer], ws.biases[layer], stride=m.stride, padding=m.padding)
+            layer += 1
+        elif m.kind == "flatten":
+            x = x.flatten(1)
+        elif m.kind == "maxpool":
+            x = F.max_pool2d(x, m.kernel)
+        elif m.kind == "avgpool":
+            x = F.avg_pool2d(x, m.kernel)
+        else:
+            x = ACTIVATIONS[m.kind](x)
+    return x
+
+
+def forward_batched(arch: Arch, ws: WeightSpace, x: Tensor) -> Tensor:
+    """Forward of B networks: x (N, ...) shared or (B, N, ...) per network -> (B, N, out)."""
+    per_net = x.ndim == len(arch.input_shape) + 2
+
+    def one(tensors: tuple[Tensor, ...], xi: Tensor) -> Tensor:
+        return forward(arch, WeightSpace.from_tensors(tensors), xi)
+
+    return torch.func.vmap(one, in_dims=(0, 0 if per_net else None))(ws.tensors(), x)

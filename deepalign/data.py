@@ -1,0 +1,107 @@
+"""Image classification data as in-memory tensors with a fixed, seeded train/val/test split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deepalign.errors import DeepAlignError
+
+TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+DATASETS = ("digits", *TORCHVISION)
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    name: str  # digits | mnist | fashion_mnist | cifar10
+    root: str  # folder of torchvision data sets (unused for digits)
+    download: bool  # let torchvision download into `root`
+    split_seed: int
+    val_fraction: float  # of the training pool
+    test_fraction: float  # digits only; torchvision sets have their own test split
+
+
+@dataclass(frozen=True)
+class Split:
+    x: Tensor  # (N, C, H, W) float32 in [0, 1]
+    y: Tensor  # (N,) int64
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    n_classes: int
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+
+
+def _split(x: np.ndarray, y: np.ndarray, fraction: float, rng: np.random.Generator):
+    order = rng.permutation(len(x))
+    n_out = int(round(fraction * len(x)))
+    rest, out = order[n_out:], order[:n_out]
+    return (x[rest], y[rest]), (x[out], y[out])
+
+
+def _to_split(x: np.ndarray, y: np.ndarray) -> Split:
+    return Split(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64))
+
+
+def _digits(cfg: DataCfg) -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[:, None]  # (1797, 1, 8, 8)
+    rng = np.random.default_rng(cfg.split_seed)
+    (x_pool, y_pool), (x_test, y_test) = _split(x, bunch.target, cfg.test_fraction, rng)
+    return x_pool, y_pool, x_test, y_test
+
+
+def _torchvision(cfg: DataCfg) -> tuple[np.ndarray, ...]:
+    root = Path(cfg.root)
+    if not root.is_dir() and not cfg.download:
+        raise DeepAlignError(
+            f"data folder '{root}' for {cfg.name} is missing: put torchvision's "
+            f"{TORCHVISION[cfg.name]} files there, or set data.download: true in params.yaml"
+        )
+    try:
+        import torchvision.datasets as tvd
+    except ImportError as e:
+        raise DeepAlignError(f"{cfg.name} needs torchvision: pip install -e '.[vision]'") from e
+    cls = getattr(tvd, TORCHVISION[cfg.name])
+    try:
+        parts = [cls(str(root), train=t, download=cfg.download) for t in (True, False)]
+    except RuntimeError as e:
+        raise DeepAlignError(f"{cfg.name} under '{root}': {e} (or set data.download: true)") from e
+    arrays = []
+    for ds in parts:
+        x = np.asarray(ds.data, dtype=np.float32) / 255.0
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, C, H, W)
+        arrays += [x, np.asarray(ds.targets)]
+    return tuple(arrays)
+
+
+def load_dataset(cfg: DataCfg) -> Dataset:
+    """Load `cfg.name` with a split that depends only on `cfg.split_seed`."""
+    if cfg.name not in DATASETS:
+        raise DeepAlignError(f"unknown data set '{cfg.name}' (known: {', '.join(DATASETS)})")
+    loader = _digits if cfg.name == "digits" else _torchvision
+    x_pool, y_pool, x_test, y_test = loader(cfg)
+    rng = np.random.default_rng(cfg.split_seed + 1)
+    (x_tr, y_tr), (x_val, y_val) = _split(x_pool, y_pool, cfg.val_fraction, rng)
+    n_classes = int(max(y_pool.max(), y_test.max())) + 1
+    return Dataset(
+        cfg.name,
+        _to_split(x_tr, y_tr),
+        _to_split(x_val, y_val),
+        _to_split(x_test, y_test),
+        n_classes,
+    )

@@ -1,0 +1,276 @@
+"""The model zoo: many small networks of one architecture trained from distinct seeds.
+
+Networks train many at a time: their parameters are stacked along a batch dimension, the
+forward pass is vmapped, and Adam (elementwise) updates them as independent networks. Each
+network keeps its own initialisation and data order, so the batched path matches the
+one-by-one reference (`train_one`) up to float rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from deepalign.arch import (
+    Arch,
+    cnn_arch,
+    forward_batched,
+    mlp_arch,
+    state_dict_from_weightspace,
+    weightspace_from_state_dict,
+)
+from deepalign.data import DataCfg, Dataset, Split
+from deepalign.errors import DeepAlignError
+from deepalign.io import load_checkpoint, save_checkpoint, write_json
+from deepalign.weightspace import WeightSpace, stack
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class NetCfg:
+    """One architecture of the zoo and how its networks are trained."""
+
+    kind: str  # mlp | cnn
+    hidden: list[int]  # MLP hidden widths, or CNN conv channels
+    strides: list[int]  # CNN conv strides ([] for MLPs)
+    activation: str
+    n_train: int  # networks in each zoo split
+    n_val: int
+    n_test: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class ZooCfg:
+    seed: int  # network j of an architecture is trained from seed + j
+    chunk_size: int  # networks trained together (and one unit of work for a task runner)
+    device: str  # cpu | cuda | auto
+    archs: dict[str, NetCfg]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One network to train."""
+
+    index: int
+    seed: int
+    split: str
+    path: Path
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeepAlignError(f"device '{name}' asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def make_arch(net: NetCfg, data: Dataset) -> Arch:
+    if net.kind == "mlp":
+        return mlp_arch(math.prod(data.image_shape), net.hidden, data.n_classes, net.activation)
+    if net.kind == "cnn":
+        return cnn_arch(data.image_shape, net.hidden, net.strides, data.n_classes, net.activation)
+    raise DeepAlignError(f"unknown network kind '{net.kind}' (known: mlp, cnn)")
+
+
+def as_input(arch: Arch, x: Tensor) -> Tensor:
+    """Images (N, C, H, W) reshaped to the architecture's input: (N, *input_shape)."""
+    return x.reshape(x.shape[0], *arch.input_shape)
+
+
+def fingerprint(arch: Arch, net: NetCfg, data: DataCfg, seed: int) -> str:
+    """Hash of everything that determines a trained network."""
+    record = {"arch": arch.to_dict(), "net": asdict(net), "data": asdict(data), "seed": seed}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan(out_dir: Path, net: NetCfg, seed: int) -> list[Job]:
+    """Every network of one architecture: seeds, zoo split and checkpoint path."""
+    counts = {"train": net.n_train, "val": net.n_val, "test": net.n_test}
+    splits = [s for s in SPLITS for _ in range(counts[s])]
+    return [Job(j, seed + j, s, out_dir / f"net-{j:04d}.pt") for j, s in enumerate(splits)]
+
+
+def is_done(job: Job, fp: str) -> bool:
+    """A finished network: its checkpoint loads and was trained with the same settings."""
+    if not job.path.is_file():
+        return False
+    try:
+        return load_checkpoint(job.path).meta.get("fingerprint") == fp
+    except DeepAlignError:
+        return False
+
+
+def init_network(arch: Arch, seed: int) -> WeightSpace:
+    """PyTorch's default initialisation, seeded, without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = arch.build()
+    return weightspace_from_state_dict(arch, {k: v.detach() for k, v in model.state_dict().items()})
+
+
+def _epoch_orders(gens: list[torch.Generator], n: int) -> Tensor:
+    """A fresh shuffle of the n training examples per network: (B, n)."""
+    return torch.stack([torch.randperm(n, generator=g) for g in gens])
+
+
+def train_batched(
+    arch: Arch,
+    ws: WeightSpace,
+    data: Split,
+    net: NetCfg,
+    seeds: list[int],
+    device: torch.device,
+    progress: bool = True,
+) -> WeightSpace:
+    """Train B networks at once from batched `ws`; network b shuffles data with seeds[b]."""
+    params = [t.detach().clone().to(device).requires_grad_() for t in ws.tensors()]
+    opt = torch.optim.Adam(params, lr=net.lr, weight_decay=net.weight_decay)
+    x, y = as_input(arch, data.x).to(device), data.y.to(device)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    n, bs = len(y), net.batch_size
+    steps = math.ceil(n / bs)
+    bar = tqdm(
+        total=net.epochs * steps,
+        desc=f"training {len(seeds)} nets",
+        disable=not progress,
+        mininterval=2.0,
+        unit="step",
+    )
+    for _ in range(net.epochs):
+        order = _epoch_orders(gens, n).to(device)  # (B, n)
+        for s in range(steps):
+            idx = order[:, s * bs : (s + 1) * bs]  # (B, b)
+            logits = forward_batched(arch, WeightSpace.from_tensors(params), x[idx])  # (B, b, C)
+            loss = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten(), reduction="sum")
+            opt.zero_grad(set_to_none=True)
+            (loss / idx.shape[1]).backward()  # sum over networks of each one's mean loss
+            opt.step()
+            bar.update()
+    bar.close()
+    return WeightSpace.from_tensors([p.detach().cpu() for p in params])
+
+
+def train_one(arch: Arch, ws: WeightSpace, data: Split, net: NetCfg, seed: int) -> WeightSpace:
+    """Reference path: one `nn.Module` trained with a plain loop."""
+    model = arch.build()
+    model.load_state_dict(state_dict_from_weightspace(arch, ws))
+    opt = torch.optim.Adam(model.parameters(), lr=net.lr, weight_decay=net.weight_decay)
+    x, y = as_input(arch, data.x), data.y
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(net.epochs):
+        order = torch.randperm(len(y), generator=gen)
+        for batch in order.split(net.batch_size):
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    return weightspace_from_state_dict(arch, state)
+
+
+@torch.no_grad()
+def evaluate(arch: Arch, ws: WeightSpace, data: Split, chunk: int = 64) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy and accuracy of each network on a split: (B,), (B,)."""
+    ws = ws if ws.is_batched else stack([ws])
+    x = as_input(arch, data.x).to(ws.weights[0].device)
+    y = data.y.to(x.device)
+    losses, accs = [], []
+    for start in range(0, ws.batch_size, chunk):
+        logits = forward_batched(arch, ws[start : start + chunk], x)  # (b, N, C)
+        ce = F.cross_entropy(
+            logits.transpose(1, 2), y.expand(logits.shape[0], -1), reduction="none"
+        )
+        losses.append(ce.mean(1))
+        accs.append((logits.argmax(-1) == y).float().mean(1))
+    return torch.cat(losses).cpu(), torch.cat(accs).cpu()
+
+
+def train_chunk(
+    arch: Arch,
+    jobs: list[Job],
+    data: Dataset,
+    net: NetCfg,
+    fp_of: dict[int, str],
+    device: torch.device,
+    progress: bool = True,
+) -> list[dict]:
+    """Train, evaluate and save a group of networks; return their manifest records."""
+    seeds = [j.seed for j in jobs]
+    ws = stack([init_network(arch, s) for s in seeds])
+    start = time.perf_counter()
+    trained = train_batched(arch, ws, data.train, net, seeds, device, progress)
+    seconds = time.perf_counter() - start
+    loss, acc = evaluate(arch, trained, data.test)
+    records = []
+    for b, job in enumerate(jobs):
+        meta = {
+            "index": job.index,
+            "seed": job.seed,
+            "split": job.split,
+            "test_loss": float(loss[b]),
+            "test_acc": float(acc[b]),
+            "fingerprint": fp_of[job.index],
+            "train_seconds": seconds / len(jobs),
+        }
+        save_checkpoint(job.path, arch, trained[b], meta)
+        records.append(meta | {"path": job.path.name})
+    return records
+
+
+def read_records(jobs: list[Job]) -> list[dict]:
+    """Manifest records of finished networks, from their checkpoints."""
+    return [load_checkpoint(j.path).meta | {"path": j.path.name} for j in jobs]
+
+
+def write_manifest(out_dir: Path, name: str, arch: Arch, records: list[dict]) -> Path:
+    path = out_dir / "manifest.json"
+    records = sorted(records, key=lambda r: r["index"])
+    write_json(path, {"name": name, "arch": arch.to_dict(), "networks": records})
+    return path
+
+
+def summarize(records: list[dict], seconds: float, trained: int) -> dict[str, float]:
+    """Zoo metrics: test accuracy statistics and training throughput of this run."""
+    acc = torch.tensor([r["test_acc"] for r in records])
+    loss = torch.tensor([r["test_loss"] for r in records])
+    return {
+        "n_networks": len(records),
+        "test_acc_mean": acc.mean().item(),
+        "test_acc_std": acc.std().item() if len(acc) > 1 else 0.0,
+        "test_acc_min": acc.min().item(),
+        "test_loss_mean": loss.mean().item(),
+        "trained_this_run": trained,
+        "train_seconds": seconds,
+        "networks_per_second": trained / seconds if seconds > 0 else 0.0,
+    }
+
+
+def benchmark_training(
+    arch: Arch, data: Split, net: NetCfg, seeds_one: list[int], seeds_batched: list[int]
+) -> dict[str, float]:
+    """Networks per second of both training paths, timed in one process."""
+    t0 = time.perf_counter()
+    for seed in seeds_one:
+        train_one(arch, init_network(arch, seed), data, net, seed)
+    t1 = time.perf_counter()
+    start = stack([init_network(arch, s) for s in seeds_batched])
+    train_batched(arch, start, data, net, seeds_batched, torch.device("cpu"), progress=False)
+    t2 = time.perf_counter()
+    one, batched = len(seeds_one) / (t1 - t0), len(seeds_batched) / (t2 - t1)
+    return {"one_by_one_nets_per_s": one, "batched_nets_per_s": batched, "speedup": batched / one}

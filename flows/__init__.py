@@ -1,0 +1,27 @@
+"""Prefect flows over the deepalign library: the only place that talks to MLflow.
+
+Importing this package sets offline, quiet defaults before Prefect or MLflow load.
+"""
+
+import logging
+import os
+
+_DEFAULTS = {
+    "DO_NOT_TRACK": "true",  # Prefect SDK and MLflow telemetry (MLflow wants the literal "true")
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # Prefect server telemetry
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
+    "PREFECT_LOGGING_LEVEL": "WARNING",  # otherwise ~6 INFO lines per flow inside `dvc repro`
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "GIT_PYTHON_REFRESH": "quiet",
+    # a failing flow or task logs its traceback at ERROR; our CLI prints one line instead
+    "PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL": "CRITICAL",
+    "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "CRITICAL",
+}
+for _key, _value in _DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
+
+# Prefect's event queue warns "Still processing items" at every short-lived process exit.
+logging.getLogger("EventsWorker").setLevel(logging.ERROR)

@@ -1,0 +1,90 @@
+"""What every stage flow shares: MLflow runs, metrics files and the command-line entry."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import typer
+
+from deepalign.errors import DeepAlignError
+from deepalign.io import write_json
+
+EXPERIMENT = "deepalign"
+
+
+def flat_params(section: Any, prefix: str = "") -> dict[str, Any]:
+    """A config dataclass (or dict) as flat 'a.b.c' keys for mlflow.log_params."""
+    data = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= flat_params(value, f"{name}.")
+        else:
+            out[name] = value
+    return out
+
+
+def params_hash(*sections: Any) -> str:
+    blob = json.dumps([flat_params(s) for s in sections], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@contextmanager
+def stage_run(stage: str, *sections: Any) -> Iterator[mlflow.ActiveRun]:
+    """One MLflow run per stage execution, tagged with the commit and the params hash."""
+    mlflow.set_experiment(EXPERIMENT)
+    tags = {"stage": stage, "git_commit": git_commit(), "params_hash": params_hash(*sections)}
+    with mlflow.start_run(run_name=stage, tags=tags) as run:
+        for section in sections:
+            mlflow.log_params(flat_params(section, f"{type(section).__name__}."))
+        yield run
+
+
+def log_metrics_file(path: Path, metrics: dict[str, dict[str, float]]) -> None:
+    """Write a DVC metrics file and log the same numbers to MLflow as 'group/metric'."""
+    write_json(path, metrics)
+    flat = {f"{g}/{k}": float(v) for g, values in metrics.items() for k, v in values.items()}
+    mlflow.log_metrics(flat)
+    mlflow.log_artifact(str(path))
+
+
+def cli(flow: Callable[..., Any]) -> None:
+    """Run a flow from the command line: its parameters become options, plus --debug.
+
+    Bad input (DeepAlignError) prints one line and exits 1; --debug shows the traceback.
+    """
+
+    def main(debug: bool = typer.Option(False, help="Show tracebacks."), **kwargs: Any) -> None:
+        try:
+            flow(**kwargs)
+        except DeepAlignError as e:
+            if debug:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(1) from None
+
+    params = list(inspect.signature(flow.fn).parameters.values())
+    debug = inspect.signature(main).parameters["debug"]
+    main.__signature__ = inspect.Signature([*params, debug])  # type: ignore[attr-defined]
+    typer.run(main)

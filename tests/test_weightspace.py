@@ -1,0 +1,178 @@
+"""Permutation invariance of the weight-space core, each check with a negative twin."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deepalign.arch import (
+    cnn_arch,
+    forward,
+    forward_batched,
+    mlp_arch,
+    state_dict_from_weightspace,
+    weightspace_from_state_dict,
+)
+from deepalign.errors import DeepAlignError
+from deepalign.permspec import (
+    apply_permutation,
+    apply_soft_permutation,
+    compose,
+    identity,
+    invert,
+    perm_spec,
+    perm_to_matrix,
+    random_permutation,
+)
+from deepalign.weightspace import WeightSpace, check_same_shapes, lerp, stack
+from deepalign.zoo import init_network
+
+
+def inputs(arch, n=16, seed=0):
+    return torch.randn(n, *arch.input_shape, generator=torch.Generator().manual_seed(seed))
+
+
+def same_tensors(a: WeightSpace, b: WeightSpace) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors(), strict=True))
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_random_permutation_preserves_function(net, request, gen):
+    arch, ws = request.getfixturevalue(net)
+    perm = random_permutation(perm_spec(ws), gen)
+    permuted = apply_permutation(ws, perm)
+    x = inputs(arch)
+    assert (forward(arch, permuted, x) - forward(arch, ws, x)).abs().max() <= 1e-5
+    assert not same_tensors(permuted, ws)
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_permuting_one_side_only_changes_function(net, request, gen):
+    """Negative twin: rows of layer 1 permuted, columns of layer 2 left alone."""
+    arch, ws = request.getfixturevalue(net)
+    perm = random_permutation(perm_spec(ws), gen)["h1"]
+    weights = list(ws.weights)
+    biases = list(ws.biases)
+    weights[1], biases[1] = weights[1][perm], biases[1][perm]
+    broken = WeightSpace(tuple(weights), tuple(biases))
+    x = inputs(arch)
+    assert (forward(arch, broken, x) - forward(arch, ws, x)).abs().max() > 1e-3
+
+
+def test_conv_to_linear_step_moves_whole_blocks(cnn, gen):
+    """The Linear after Flatten must move h*w features per channel; per-feature is wrong."""
+    arch, ws = cnn
+    spec = perm_spec(ws)
+    last = spec.axes[("w", 3)][1]
+    assert last.group == "h2" and last.block == 4  # 5 channels x (2 x 2) map
+    perm = random_permutation(spec, gen)
+    weights = list(apply_permutation(ws, perm).weights)
+    weights[3] = ws.weights[3][:, perm["h2"].repeat(4)[:20]]  # plausible but wrong expansion
+    broken = WeightSpace(tuple(weights), apply_permutation(ws, perm).biases)
+    x = inputs(arch)
+    assert (forward(arch, broken, x) - forward(arch, ws, x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_invert_round_trip_is_exact(net, request, gen):
+    _, ws = request.getfixturevalue(net)
+    perm = random_permutation(perm_spec(ws), gen)
+    assert same_tensors(apply_permutation(apply_permutation(ws, perm), invert(perm)), ws)
+    assert same_tensors(apply_permutation(ws, identity(perm_spec(ws))), ws)
+
+
+def test_compose_matches_sequential_application(mlp, gen):
+    _, ws = mlp
+    spec = perm_spec(ws)
+    p, q = random_permutation(spec, gen), random_permutation(spec, gen)
+    twice = apply_permutation(apply_permutation(ws, p), q)
+    assert same_tensors(twice, apply_permutation(ws, compose(p, q)))
+    assert not same_tensors(twice, apply_permutation(ws, compose(q, p)))
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_state_dict_round_trip_is_exact(net, request):
+    arch, ws = request.getfixturevalue(net)
+    model = arch.build()
+    state = model.state_dict()
+    back = state_dict_from_weightspace(arch, weightspace_from_state_dict(arch, state))
+    assert list(back) == list(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_functional_forward_matches_module(net, request):
+    arch, ws = request.getfixturevalue(net)
+    model = arch.build()
+    model.load_state_dict(state_dict_from_weightspace(arch, ws))
+    x = inputs(arch)
+    assert torch.allclose(model(x), forward(arch, ws, x), atol=1e-6)
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_batched_forms_match_per_network(net, request, gen):
+    arch, _ = request.getfixturevalue(net)
+    nets = [init_network(arch, s) for s in range(3)]
+    batch = stack(nets)
+    spec = perm_spec(batch)
+    perms = random_permutation(spec, gen, batch=3)
+    permuted = apply_permutation(batch, perms)
+    x = inputs(arch)
+    out = forward_batched(arch, batch, x)  # (3, N, 10)
+    for b, ws in enumerate(nets):
+        one = {g: p[b] for g, p in perms.items()}
+        assert same_tensors(permuted[b], apply_permutation(ws, one))
+        assert torch.allclose(out[b], forward(arch, ws, x), atol=1e-6)
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_soft_permutation_with_hard_matrices_matches_index_form(net, request, gen):
+    _, ws = request.getfixturevalue(net)
+    perm = random_permutation(perm_spec(ws), gen)
+    soft = apply_soft_permutation(ws, perm_to_matrix(perm))
+    hard = apply_permutation(ws, perm)
+    assert all(torch.allclose(a, b) for a, b in zip(soft.tensors(), hard.tensors(), strict=True))
+
+
+def test_lerp_endpoints_and_shape_check(mlp):
+    arch, ws = mlp
+    other = init_network(arch, 1)
+    assert same_tensors(lerp(ws, other, 0.0), ws)
+    assert all(
+        torch.allclose(a, b) for a, b in zip(lerp(ws, other, 1.0).tensors(), other.tensors())
+    )
+    wider = init_network(mlp_arch(64, [12, 11, 8], 10, "relu"), 0)
+    with pytest.raises(DeepAlignError, match=r"layer 1 weight: a \(10, 12\) vs b \(11, 12\)"):
+        check_same_shapes(ws, wider)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_mlp_permutation_invariance_any_shape(widths, seed):
+    arch = mlp_arch(5, widths, 3, "tanh")
+    ws = init_network(arch, seed)
+    gen = torch.Generator().manual_seed(seed)
+    perm = random_permutation(perm_spec(ws), gen)
+    permuted = apply_permutation(ws, perm)
+    x = torch.randn(8, 5, generator=gen)
+    assert (forward(arch, permuted, x) - forward(arch, ws, x)).abs().max() <= 1e-5
+    assert same_tensors(apply_permutation(permuted, invert(perm)), ws)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    channels=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    strides=st.lists(st.sampled_from([1, 2]), min_size=3, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_cnn_permutation_invariance_any_shape(channels, strides, seed):
+    arch = cnn_arch((2, 8, 8), channels, strides[: len(channels)], 4, "relu")
+    ws = init_network(arch, seed)
+    gen = torch.Generator().manual_seed(seed)
+    perm = random_permutation(perm_spec(ws), gen)
+    x = torch.randn(4, 2, 8, 8, generator=gen)
+    out = forward(arch, apply_permutation(ws, perm), x)
+    assert (out - forward(arch, ws, x)).abs().max() <= 1e-5

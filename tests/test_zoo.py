@@ -1,0 +1,119 @@
+"""Zoo training: batched equals one-by-one, seeds reproduce, reruns resume."""
+
+import pytest
+import torch
+
+from deepalign.data import DataCfg, Split, load_dataset
+from deepalign.errors import DeepAlignError
+from deepalign.weightspace import stack
+from deepalign.zoo import (
+    NetCfg,
+    evaluate,
+    fingerprint,
+    init_network,
+    is_done,
+    make_arch,
+    plan,
+    train_batched,
+    train_chunk,
+    train_one,
+)
+
+CPU = torch.device("cpu")
+
+
+def small_net(kind="mlp", epochs=2, n=(3, 1, 1)):
+    hidden, strides = ([8, 8], []) if kind == "mlp" else ([4, 4], [1, 2])
+    return NetCfg(
+        kind, hidden, strides, "relu", *n, epochs=epochs, batch_size=32, lr=3e-3, weight_decay=0.0
+    )
+
+
+def subset(split: Split, n: int) -> Split:
+    return Split(split.x[:n], split.y[:n])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_batched_training_matches_one_by_one(digits, kind):
+    net = small_net(kind)
+    arch, data = make_arch(net, digits), subset(digits.train, 200)
+    seeds = [5, 6, 7]
+    start = [init_network(arch, s) for s in seeds]
+    batched = train_batched(arch, stack(start), data, net, seeds, CPU, progress=False)
+    for b, seed in enumerate(seeds):
+        alone = train_one(arch, start[b], data, net, seed)
+        for x, y in zip(batched[b].tensors(), alone.tensors(), strict=True):
+            assert torch.allclose(x, y, atol=1e-4)
+    moved = max((x - y).abs().max() for x, y in zip(batched[0].tensors(), start[0].tensors()))
+    assert moved > 1e-2  # training did something
+
+
+def test_same_seeds_give_the_same_networks(digits):
+    net = small_net()
+    arch, data = make_arch(net, digits), subset(digits.train, 200)
+    runs = [
+        train_batched(
+            arch,
+            stack([init_network(arch, s) for s in (1, 2)]),
+            data,
+            net,
+            [1, 2],
+            CPU,
+            progress=False,
+        )
+        for _ in range(2)
+    ]
+    assert all(torch.equal(x, y) for x, y in zip(runs[0].tensors(), runs[1].tensors()))
+    other = init_network(arch, 3)
+    assert not torch.equal(other.weights[0], init_network(arch, 1).weights[0])
+
+
+def test_trained_networks_learn_digits(digits):
+    net = small_net(epochs=15)
+    arch = make_arch(net, digits)
+    trained = train_batched(
+        arch,
+        stack([init_network(arch, s) for s in (0, 1)]),
+        digits.train,
+        net,
+        [0, 1],
+        CPU,
+        progress=False,
+    )
+    _, acc = evaluate(arch, trained, digits.test)
+    assert acc.min() > 0.85
+
+
+def test_rerun_trains_only_missing_networks(tmp_path, digits):
+    net = small_net(epochs=1)
+    arch, jobs = make_arch(net, digits), plan(tmp_path, net, seed=10)
+    cfg = DataCfg("digits", "data", False, 0, 0.1, 0.2)
+    fps = {j.index: fingerprint(arch, net, cfg, j.seed) for j in jobs}
+    records = train_chunk(arch, jobs, digits, net, fps, CPU, progress=False)
+    assert [r["split"] for r in records] == ["train", "train", "train", "val", "test"]
+    assert all(is_done(j, fps[j.index]) for j in jobs)
+    jobs[2].path.unlink()
+    jobs[3].path.write_bytes(b"interrupted")
+    assert [j.index for j in jobs if not is_done(j, fps[j.index])] == [2, 3]
+    changed = fingerprint(arch, small_net(epochs=2), cfg, jobs[0].seed)
+    assert not is_done(jobs[0], changed)  # other settings -> retrain
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    cfg = DataCfg("digits", "data", False, 0, 0.1, 0.2)
+    a, b = load_dataset(cfg), load_dataset(cfg)
+    assert torch.equal(a.test.x, b.test.x)
+    assert len(a.train.y) + len(a.val.y) + len(a.test.y) == 1797
+    other = load_dataset(DataCfg("digits", "data", False, 1, 0.1, 0.2))
+    assert not torch.equal(a.test.y, other.test.y)
+
+
+def test_missing_torchvision_folder_is_named(tmp_path):
+    cfg = DataCfg("mnist", str(tmp_path / "nowhere"), False, 0, 0.1, 0.0)
+    with pytest.raises(DeepAlignError, match="nowhere.*missing.*download: true"):
+        load_dataset(cfg)
+
+
+def test_unknown_dataset_lists_known():
+    with pytest.raises(DeepAlignError, match="known: digits, mnist"):
+        load_dataset(DataCfg("svhn", "data", False, 0, 0.1, 0.2))
