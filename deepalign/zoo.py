@@ -245,19 +245,20 @@ def write_manifest(out_dir: Path, name: str, arch: Arch, records: list[dict]) ->
     return path
 
 
-def summarize(records: list[dict], seconds: float, trained: int) -> dict[str, float]:
-    """Zoo metrics: test accuracy statistics and training throughput of this run."""
+def summarize(records: list[dict], trained_this_run: int) -> dict[str, float]:
+    """Zoo metrics: test accuracy statistics and training throughput (over all networks)."""
     acc = torch.tensor([r["test_acc"] for r in records])
     loss = torch.tensor([r["test_loss"] for r in records])
+    seconds = sum(r["train_seconds"] for r in records)
     return {
         "n_networks": len(records),
         "test_acc_mean": acc.mean().item(),
         "test_acc_std": acc.std().item() if len(acc) > 1 else 0.0,
         "test_acc_min": acc.min().item(),
         "test_loss_mean": loss.mean().item(),
-        "trained_this_run": trained,
+        "trained_this_run": trained_this_run,
         "train_seconds": seconds,
-        "networks_per_second": trained / seconds if seconds > 0 else 0.0,
+        "networks_per_second": len(records) / seconds if seconds > 0 else 0.0,
     }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import mlflow
@@ -79,12 +78,11 @@ def zoo(
     with stage_run("zoo", data_cfg, cfg):
         for name, net in cfg.archs.items():
             todo = pending(name, net, data, data_cfg, cfg, out)
-            start = time.perf_counter()
             groups = [todo[i : i + cfg.chunk_size] for i in range(0, len(todo), cfg.chunk_size)]
             for group in groups:
                 train_group(name, net, data, data_cfg, cfg, group, out)
             records = finish(name, net, data, cfg, out)
-            summary[name] = summarize(records, time.perf_counter() - start, len(todo))
+            summary[name] = summarize(records, len(todo))
         log_metrics_file(metrics, summary)
     return summary
 
