@@ -257,15 +257,25 @@ def _inferred_modules(state: dict[str, Tensor], i: int, before: list[Module], la
     return mods if last else [*mods, Module("relu")]
 
 
-def forward(arch: Arch, ws: WeightSpace, x: Tensor) -> Tensor:
-    """Functional forward of one (unbatched) network: x (N, *input_shape) -> logits (N, out)."""
-    layer = 0
+def as_input(arch: Arch, x: Tensor) -> Tensor:
+    """Images (N, C, H, W) reshaped to the architecture's input: (N, *input_shape)."""
+    return x.reshape(x.shape[0], *arch.input_shape)
+
+
+def forward(arch: Arch, ws: WeightSpace, x: Tensor, taps: list[Tensor] | None = None) -> Tensor:
+    """Functional forward of one (unbatched) network: x (N, *input_shape) -> logits (N, out).
+
+    With `taps`, appends each hidden layer's activations (after its nonlinearity), one per
+    permutation group: (N, units) or (N, channels, h, w).
+    """
+    layer, tapped = 0, 0
     for m in arch.modules:
-        if m.kind == "linear":
-            x = F.linear(x, ws.weights[layer], ws.biases[layer])
-            layer += 1
-        elif m.kind == "conv":
-            x = F.conv2d(x, ws.weights[layer], ws.biases[layer], stride=m.stride, padding=m.padding)
+        if m.kind in PARAM_KINDS:
+            w, b = ws.weights[layer], ws.biases[layer]
+            if m.kind == "linear":
+                x = F.linear(x, w, b)
+            else:
+                x = F.conv2d(x, w, b, stride=m.stride, padding=m.padding)
             layer += 1
         elif m.kind == "flatten":
             x = x.flatten(1)
@@ -275,6 +285,9 @@ def forward(arch: Arch, ws: WeightSpace, x: Tensor) -> Tensor:
             x = F.avg_pool2d(x, m.kernel)
         else:
             x = ACTIVATIONS[m.kind](x)
+            if taps is not None and tapped < layer < ws.n_layers:
+                taps.append(x)
+                tapped = layer
     return x
 
 

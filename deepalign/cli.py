@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -13,13 +15,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from deepalign import lmc
+from deepalign.align import MethodsCfg, Problem, parse_method
+from deepalign.align import align as align_pair
+from deepalign.arch import Arch
+from deepalign.config import load_section
+from deepalign.data import DataCfg, Dataset, load_dataset
 from deepalign.errors import DeepAlignError
-from deepalign.io import load_checkpoint, save_like
+from deepalign.io import Checkpoint, load_checkpoint, save_like
 from deepalign.permspec import apply_permutation, perm_spec, random_permutation
+from deepalign.weightspace import check_same_shapes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
 _state = {"debug": False}
+DEFAULT_DATA = DataCfg("digits", "data", False, 0, 0.1, 0.2)  # the split params.yaml ships
 
 
 @app.callback()
@@ -79,3 +89,81 @@ def permute(
     meta = {"permuted_from": str(checkpoint), "permutation_seed": seed}
     save_like(out, ckpt, apply_permutation(ckpt.ws, perm, spec), meta)
     console.print(f"wrote {out} ({', '.join(f'{g}: {n}' for g, n in spec.sizes.items())} units)")
+
+
+def _data(name: str | None, params: Path):
+    """The named data set with the split settings of params.yaml (defaults if it is absent)."""
+    if name is None:
+        return None
+    cfg = load_section("data", DataCfg, params) if params.is_file() else DEFAULT_DATA
+    return load_dataset(dataclasses.replace(cfg, name=name))
+
+
+def _pair(ref: Path, other: Path, data: Dataset | None) -> tuple[Checkpoint, Checkpoint, Arch]:
+    a, b = load_checkpoint(ref), load_checkpoint(other)
+    check_same_shapes(a.ws, b.ws, (str(ref), str(other)))
+    arch = a.arch
+    if a.arch_inferred and data is not None and len(arch.input_shape) == 3:
+        arch = dataclasses.replace(arch, input_shape=data.image_shape)
+    return a, b, arch
+
+
+@app.command("align")
+@friendly
+def align_cmd(
+    ref: Path,
+    other: Path,
+    method: str = typer.Option("weight_matching", help="Registry name; 'a+b' refines a with b."),
+    out: Path = typer.Option(..., "-o", "--out", help="OTHER permuted into REF's basis."),
+    data: str | None = typer.Option(None, help="Data set for data-driven methods (digits)."),
+    params: Path = typer.Option(Path("params.yaml"), help="Method settings: section `align`."),
+) -> None:
+    """Permute OTHER's hidden units to match REF; the output computes OTHER's function."""
+    parse_method(method)
+    cfg = load_section("align", MethodsCfg, params, allow_extra=True)
+    dataset = _data(data, params)
+    a, b, arch = _pair(ref, other, dataset)
+    problem = Problem.of(a.ws, b.ws, arch, dataset.train if dataset else None)
+    result = align_pair(method, problem, cfg)
+    aligned = apply_permutation(b.ws, result.perm, problem.spec)
+    save_like(out, b, aligned, {"aligned_to": str(ref), "method": method})
+    before = (a.ws.flatten() - b.ws.flatten()).norm().item()
+    after = (a.ws.flatten() - aligned.flatten()).norm().item()
+    console.print(
+        f"{method}: objective {result.objective:.4f}, {result.seconds * 1e3:.1f} ms; "
+        f"L2 distance to REF {before:.3f} -> {after:.3f}; wrote {out}"
+    )
+
+
+@app.command()
+@friendly
+def interpolate(
+    ref: Path,
+    other: Path,
+    data: str = typer.Option("digits", help="Data set whose test split is scored."),
+    points: int = typer.Option(25, help="Lambda grid size (odd, both ends included)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    params: Path = typer.Option(Path("params.yaml"), help="Data split settings."),
+) -> None:
+    """Loss and accuracy barriers along the straight line from REF to OTHER."""
+    dataset = _data(data, params)
+    a, b, arch = _pair(ref, other, dataset)
+    curve = lmc.interpolate(arch, a.ws, b.ws, dataset.test, points)
+    metrics = lmc.barriers(curve)
+    if as_json:
+        print(
+            json.dumps(
+                metrics
+                | {
+                    "lambda": curve.lambdas.tolist(),
+                    "loss": curve.loss.tolist(),
+                    "acc": curve.acc.tolist(),
+                },
+                indent=2,
+            )
+        )
+        return
+    table = Table("metric", "value", title=f"{ref.name} -> {other.name} on {data} test")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}")
+    console.print(table)

@@ -48,14 +48,18 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise DeepAlignError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-def build(cls: type[T], data: Any, where: str) -> T:
-    """Build dataclass `cls` from a mapping, naming the first missing or unknown key."""
+def build(cls: type[T], data: Any, where: str, allow_extra: bool = False) -> T:
+    """Build dataclass `cls` from a mapping, naming the first missing or unknown key.
+
+    `allow_extra` lets a reader take the part of a section it needs (the CLI reads only the
+    method settings of `align`); stages never set it.
+    """
     if not isinstance(data, dict):
         raise DeepAlignError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
-        if key not in names:
+        if key not in names and not allow_extra:
             raise DeepAlignError(f"{where}.{key}: unknown key{_suggest(str(key), names)}")
     missing = [n for n in names if n not in data]
     if missing:
@@ -76,11 +80,13 @@ def read_params(path: Path | str = "params.yaml") -> dict[str, Any]:
     return data
 
 
-def load_section(section: str, cls: type[T], path: Path | str = "params.yaml") -> T:
+def load_section(
+    section: str, cls: type[T], path: Path | str = "params.yaml", allow_extra: bool = False
+) -> T:
     """Load one section of params.yaml into `cls`; errors name the file and the key."""
     params = read_params(path)
     if section not in params:
         raise DeepAlignError(
             f"{path}: missing section '{section}'{_suggest(section, list(params))}"
         )
-    return build(cls, params[section], f"{path}: {section}")
+    return build(cls, params[section], f"{path}: {section}", allow_extra)

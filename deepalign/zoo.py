@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from deepalign.arch import (
     Arch,
+    as_input,
     cnn_arch,
     forward_batched,
     mlp_arch,
@@ -31,9 +32,11 @@ from deepalign.arch import (
 from deepalign.data import DataCfg, Dataset, Split
 from deepalign.errors import DeepAlignError
 from deepalign.io import load_checkpoint, save_checkpoint, write_json
+from deepalign.lmc import evaluate_networks
 from deepalign.weightspace import WeightSpace, stack
 
 SPLITS = ("train", "val", "test")
+TRAINING_VERSION = 1  # bump when a change to the training code should retrain resumed zoos
 
 
 @dataclass(frozen=True)
@@ -88,14 +91,15 @@ def make_arch(net: NetCfg, data: Dataset) -> Arch:
     raise DeepAlignError(f"unknown network kind '{net.kind}' (known: mlp, cnn)")
 
 
-def as_input(arch: Arch, x: Tensor) -> Tensor:
-    """Images (N, C, H, W) reshaped to the architecture's input: (N, *input_shape)."""
-    return x.reshape(x.shape[0], *arch.input_shape)
-
-
 def fingerprint(arch: Arch, net: NetCfg, data: DataCfg, seed: int) -> str:
     """Hash of everything that determines a trained network."""
-    record = {"arch": arch.to_dict(), "net": asdict(net), "data": asdict(data), "seed": seed}
+    record = {
+        "arch": arch.to_dict(),
+        "net": asdict(net),
+        "data": asdict(data),
+        "seed": seed,
+        "version": TRAINING_VERSION,
+    }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -184,23 +188,6 @@ def train_one(arch: Arch, ws: WeightSpace, data: Split, net: NetCfg, seed: int) 
     return weightspace_from_state_dict(arch, state)
 
 
-@torch.no_grad()
-def evaluate(arch: Arch, ws: WeightSpace, data: Split, chunk: int = 64) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy and accuracy of each network on a split: (B,), (B,)."""
-    ws = ws if ws.is_batched else stack([ws])
-    x = as_input(arch, data.x).to(ws.weights[0].device)
-    y = data.y.to(x.device)
-    losses, accs = [], []
-    for start in range(0, ws.batch_size, chunk):
-        logits = forward_batched(arch, ws[start : start + chunk], x)  # (b, N, C)
-        ce = F.cross_entropy(
-            logits.transpose(1, 2), y.expand(logits.shape[0], -1), reduction="none"
-        )
-        losses.append(ce.mean(1))
-        accs.append((logits.argmax(-1) == y).float().mean(1))
-    return torch.cat(losses).cpu(), torch.cat(accs).cpu()
-
-
 def train_chunk(
     arch: Arch,
     jobs: list[Job],
@@ -216,7 +203,7 @@ def train_chunk(
     start = time.perf_counter()
     trained = train_batched(arch, ws, data.train, net, seeds, device, progress)
     seconds = time.perf_counter() - start
-    loss, acc = evaluate(arch, trained, data.test)
+    loss, acc = evaluate_networks(arch, trained, data.test)
     records = []
     for b, job in enumerate(jobs):
         meta = {
@@ -260,18 +247,3 @@ def summarize(records: list[dict], trained_this_run: int) -> dict[str, float]:
         "train_seconds": seconds,
         "networks_per_second": len(records) / seconds if seconds > 0 else 0.0,
     }
-
-
-def benchmark_training(
-    arch: Arch, data: Split, net: NetCfg, seeds_one: list[int], seeds_batched: list[int]
-) -> dict[str, float]:
-    """Networks per second of both training paths, timed in one process."""
-    t0 = time.perf_counter()
-    for seed in seeds_one:
-        train_one(arch, init_network(arch, seed), data, net, seed)
-    t1 = time.perf_counter()
-    start = stack([init_network(arch, s) for s in seeds_batched])
-    train_batched(arch, start, data, net, seeds_batched, torch.device("cpu"), progress=False)
-    t2 = time.perf_counter()
-    one, batched = len(seeds_one) / (t1 - t0), len(seeds_batched) / (t2 - t1)
-    return {"one_by_one_nets_per_s": one, "batched_nets_per_s": batched, "speedup": batched / one}

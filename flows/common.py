@@ -61,11 +61,22 @@ def stage_run(stage: str, *sections: Any) -> Iterator[mlflow.ActiveRun]:
         yield run
 
 
-def log_metrics_file(path: Path, metrics: dict[str, dict[str, float]]) -> None:
+def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Nested metrics as MLflow names 'a/b/c' ('+' in method names becomes '-')."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}".replace("+", "-")
+        if isinstance(value, dict):
+            out |= flat_metrics(value, f"{name}/")
+        else:
+            out[name] = float(value)
+    return out
+
+
+def log_metrics_file(path: Path, metrics: dict) -> None:
     """Write a DVC metrics file and log the same numbers to MLflow as 'group/metric'."""
     write_json(path, metrics)
-    flat = {f"{g}/{k}": float(v) for g, values in metrics.items() for k, v in values.items()}
-    mlflow.log_metrics(flat)
+    mlflow.log_metrics(flat_metrics(metrics))
     mlflow.log_artifact(str(path))
 
 

@@ -1,11 +1,18 @@
 """The `deepalign` command line on real checkpoints."""
 
+import json
+from pathlib import Path
+
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
-from deepalign.arch import forward
+from deepalign.arch import forward, mlp_arch
 from deepalign.cli import app
 from deepalign.io import load_checkpoint, save_checkpoint
+from deepalign.zoo import init_network
+
+ROOT = Path(__file__).resolve().parents[1]
 
 runner = CliRunner()
 
@@ -38,3 +45,77 @@ def test_bad_file_gives_one_line_and_nonzero_exit(tmp_path):
     assert result.output.strip().startswith("error:") and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_align_writes_other_in_ref_basis(tmp_path, mlp):
+    arch, ref = mlp
+    other_ws = init_network(arch, 7)
+    save_checkpoint(tmp_path / "ref.pt", arch, ref)
+    save_checkpoint(tmp_path / "other.pt", arch, other_ws)
+    out = tmp_path / "aligned.pt"
+    args = [
+        "align",
+        str(tmp_path / "ref.pt"),
+        str(tmp_path / "other.pt"),
+        "--method",
+        "weight_matching",
+        "-o",
+        str(out),
+        "--params",
+        str(ROOT / "params.yaml"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "objective" in result.output and "L2 distance" in result.output
+    aligned = load_checkpoint(out).ws
+    x = torch.randn(32, 64)
+    assert (forward(arch, aligned, x) - forward(arch, other_ws, x)).abs().max() <= 1e-5
+    dist = lambda ws: (ws.flatten() - ref.flatten()).norm()  # noqa: E731
+    assert dist(aligned) < dist(other_ws)
+
+
+def test_align_rejects_mismatch_and_unknown_method(tmp_path, mlp, cnn):
+    save_checkpoint(tmp_path / "a.pt", *mlp)
+    narrower = mlp_arch(64, [12, 9, 8], 10, "relu")
+    save_checkpoint(tmp_path / "b.pt", narrower, init_network(narrower, 0))
+    base = [
+        "align",
+        str(tmp_path / "a.pt"),
+        str(tmp_path / "b.pt"),
+        "-o",
+        str(tmp_path / "o.pt"),
+        "--params",
+        str(ROOT / "params.yaml"),
+    ]
+    result = runner.invoke(app, base)
+    assert result.exit_code == 1
+    assert (
+        "layer 1 weight" in result.output
+        and "(10, 12)" in result.output
+        and "(9, 12)" in result.output
+    )
+    result = runner.invoke(app, [*base, "--method", "magic"])
+    assert result.exit_code == 1 and "known: naive, weight_matching" in result.output
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_interpolate_json_on_plain_state_dicts(tmp_path):
+    nets = [nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)) for _ in range(2)]
+    for i, net in enumerate(nets):
+        torch.save(net.state_dict(), tmp_path / f"n{i}.pt")
+    result = runner.invoke(
+        app,
+        [
+            "interpolate",
+            str(tmp_path / "n0.pt"),
+            str(tmp_path / "n1.pt"),
+            "--points",
+            "5",
+            "--json",
+            "--params",
+            str(ROOT / "params.yaml"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)
+    assert len(metrics["loss"]) == 5 and metrics["loss_barrier"] >= 0

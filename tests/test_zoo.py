@@ -5,10 +5,10 @@ import torch
 
 from deepalign.data import DataCfg, Split, load_dataset
 from deepalign.errors import DeepAlignError
+from deepalign.lmc import evaluate_networks
 from deepalign.weightspace import stack
 from deepalign.zoo import (
     NetCfg,
-    evaluate,
     fingerprint,
     init_network,
     is_done,
@@ -80,7 +80,7 @@ def test_trained_networks_learn_digits(digits):
         CPU,
         progress=False,
     )
-    _, acc = evaluate(arch, trained, digits.test)
+    _, acc = evaluate_networks(arch, trained, digits.test)
     assert acc.min() > 0.85
 
 

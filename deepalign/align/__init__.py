@@ -1,0 +1,83 @@
+"""One aligner signature, one registry.
+
+Every method is `fn(problem, cfg, init) -> Perm`: it brings `problem.other` into
+`problem.ref`'s basis, optionally starting from `init`. "a+b" runs b from a's answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from deepalign.align.activation_matching import ActivationMatchingCfg, activation_matching
+from deepalign.align.problem import Problem, solve_lap
+from deepalign.align.sinkhorn import SinkhornCfg, sinkhorn, sinkhorn_rebasin
+from deepalign.align.ste import SteCfg, ste
+from deepalign.align.weight_matching import WeightMatchingCfg, objective, weight_matching
+from deepalign.errors import DeepAlignError
+from deepalign.permspec import Perm, apply_permutation, identity
+
+__all__ = [
+    "ALIGNERS",
+    "AlignResult",
+    "MethodsCfg",
+    "Problem",
+    "align",
+    "parse_method",
+    "sinkhorn",
+    "solve_lap",
+]
+
+
+@dataclass(frozen=True)
+class MethodsCfg:
+    """Settings of every method, one sub-section each in params.yaml."""
+
+    weight_matching: WeightMatchingCfg
+    activation_matching: ActivationMatchingCfg
+    ste: SteCfg
+    sinkhorn: SinkhornCfg
+
+
+def naive(problem: Problem, cfg: Any, init: Perm | None = None) -> Perm:
+    """No alignment: the identity (or the given start)."""
+    return init or identity(problem.spec)
+
+
+Aligner = Callable[[Problem, Any, Perm | None], Perm]
+ALIGNERS: dict[str, Aligner] = {
+    "naive": naive,
+    "weight_matching": weight_matching,
+    "activation_matching": activation_matching,
+    "ste": ste,
+    "sinkhorn": sinkhorn_rebasin,
+}
+
+
+def parse_method(method: str) -> list[str]:
+    """'weight_matching+sinkhorn' -> its steps, each a known method."""
+    steps = method.split("+")
+    for step in steps:
+        if step not in ALIGNERS:
+            raise DeepAlignError(f"unknown method '{step}' (known: {', '.join(ALIGNERS)})")
+    return steps
+
+
+@dataclass(frozen=True)
+class AlignResult:
+    perm: Perm
+    seconds: float  # wall time of the alignment alone
+    objective: float  # <ref, aligned other>, the weight-matching objective
+
+
+def align(method: str, problem: Problem, cfg: MethodsCfg) -> AlignResult:
+    """Run one (possibly chained) method on one pair and time it."""
+    perm = None
+    start = time.perf_counter()
+    for step in parse_method(method):
+        perm = ALIGNERS[step](problem, getattr(cfg, step, None), perm)
+    seconds = time.perf_counter() - start
+    value = objective(problem.ref, apply_permutation(problem.other, perm, problem.spec))
+    return AlignResult(perm, seconds, value)

@@ -1,0 +1,112 @@
+"""Log-domain Sinkhorn, and Sinkhorn re-basin (Pena et al. 2023): learn soft permutations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from deepalign.align.problem import Problem, solve_lap
+from deepalign.arch import as_input, forward
+from deepalign.errors import DeepAlignError
+from deepalign.permspec import Perm, apply_soft_permutation, identity
+from deepalign.weightspace import lerp
+
+LOSSES = ("l2", "random_lambda", "midpoint")
+
+
+def _normalise(log_p: Tensor, iterations: int, rows_first: bool) -> Tensor:
+    dims = (-1, -2) if rows_first else (-2, -1)
+    for _ in range(iterations):
+        for dim in dims:
+            log_p = log_p - torch.logsumexp(log_p, dim=dim, keepdim=True)
+    return log_p
+
+
+def sinkhorn(logits: Tensor, iterations: int, tau: float = 1.0) -> Tensor:
+    """Doubly-stochastic matrix from scores: (..., n, n) -> (..., n, n).
+
+    Averages the row-first and the column-first schedules, so that
+    sinkhorn(x.mT) == sinkhorn(x).mT exactly (swapping two networks transposes the result).
+    """
+    log_p = logits / tau
+    rows = _normalise(log_p, iterations, rows_first=True).exp()
+    cols = _normalise(log_p, iterations, rows_first=False).exp()
+    return 0.5 * (rows + cols)
+
+
+@dataclass(frozen=True)
+class SinkhornCfg:
+    loss: str  # l2 | random_lambda | midpoint (task loss along the interpolation)
+    steps: int
+    lr: float
+    tau: float  # temperature of the Sinkhorn projection
+    iterations: int  # Sinkhorn iterations per projection
+    init_scale: float  # refining: logits start at init_scale * one-hot(init); else all zero
+    batch_size: int  # training images per step for task losses
+    seed: int
+
+
+def l2_loss(problem: Problem, soft: dict[str, Tensor]) -> Tensor:
+    aligned = apply_soft_permutation(problem.other, soft, problem.spec)
+    return sum(((a - b) ** 2).sum() for a, b in zip(problem.ref.tensors(), aligned.tensors()))
+
+
+def task_loss(
+    problem: Problem, mats: dict[str, Tensor], lam: float, x: Tensor, y: Tensor
+) -> Tensor:
+    """Cross-entropy of (1 - lam) * ref + lam * P#other on a batch."""
+    aligned = apply_soft_permutation(problem.other, mats, problem.spec)
+    return F.cross_entropy(forward(problem.arch, lerp(problem.ref, aligned, lam), x), y)
+
+
+def _loss(
+    problem: Problem, cfg: SinkhornCfg, soft: dict[str, Tensor], gen: torch.Generator
+) -> Tensor:
+    if cfg.loss == "l2":
+        return l2_loss(problem, soft)
+    arch, data = problem.needs_data(f"sinkhorn ({cfg.loss})")
+    idx = torch.randint(len(data.y), (cfg.batch_size,), generator=gen)
+    lam = 0.5 if cfg.loss == "midpoint" else float(torch.rand((), generator=gen))
+    return task_loss(problem, soft, lam, as_input(arch, data.x[idx]), data.y[idx])
+
+
+def _initial_logits(problem: Problem, cfg: SinkhornCfg, init: Perm | None) -> dict[int, Tensor]:
+    """Logits stacked per group size, (groups, n, n), so one Sinkhorn call serves them all."""
+    start, scale = (init, cfg.init_scale) if init else (identity(problem.spec), 0.0)
+    sizes = sorted(set(problem.spec.sizes.values()))
+    return {
+        n: torch.stack(
+            [scale * F.one_hot(start[g], n).float() for g in _groups_of(problem, n)]
+        ).requires_grad_()
+        for n in sizes
+    }
+
+
+def _groups_of(problem: Problem, n: int) -> list[str]:
+    return [g for g, size in problem.spec.sizes.items() if size == n]
+
+
+def _per_group(problem: Problem, stacked: dict[int, Tensor]) -> dict[str, Tensor]:
+    return {g: stacked[n][k] for n in stacked for k, g in enumerate(_groups_of(problem, n))}
+
+
+def sinkhorn_rebasin(problem: Problem, cfg: SinkhornCfg, init: Perm | None = None) -> Perm:
+    """Adam on per-group logits through Sinkhorn; Hungarian on the final logits."""
+    if cfg.loss not in LOSSES:
+        raise DeepAlignError(f"unknown sinkhorn loss '{cfg.loss}' (known: {', '.join(LOSSES)})")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    logits = _initial_logits(problem, cfg, init)
+    opt = torch.optim.Adam(logits.values(), lr=cfg.lr)
+    problem = Problem(
+        problem.spec, problem.ref.detach(), problem.other.detach(), problem.arch, problem.data
+    )
+    for _ in range(cfg.steps):
+        soft = {n: sinkhorn(lg, cfg.iterations, cfg.tau) for n, lg in logits.items()}
+        loss = _loss(problem, cfg, _per_group(problem, soft), gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {g: solve_lap(lg) for g, lg in _per_group(problem, logits).items()}

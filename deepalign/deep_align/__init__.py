@@ -1,0 +1,1 @@
+"""DEEP-ALIGN (Navon et al., ICML 2024): a learned, permutation-equivariant aligner."""

@@ -1,0 +1,164 @@
+"""The equivariant encoder over weight space and the pair head.
+
+Every neuron is a node. A network's layer m (weights (out, in, *kernel)) becomes edge
+features E_m of shape (B, out, in_units, e): e = kh*kw for convs, h*w for the Linear after
+Flatten (one channel owns a block of features), 1 otherwise. Input and output neurons are
+never permuted, so they carry learned position embeddings; hidden neurons start from an
+embedding of their bias. Each block updates one layer's nodes from
+  its own state, the forward message  sum_j E_m[i, j] (.) A h_{m-1, j},
+  the backward message sum_i E_{m+1}[i, j] (.) B h_{m+1, i}, and the layer mean,
+all of which commute with permutations of the hidden nodes (sums over neighbours, per-node
+MLPs, LayerNorm over features). Blocks sweep forward 1..M then backward M-1..0, `rounds`
+times. The head compares two networks' hidden-node features by cosine with a learnable scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deepalign.permspec import perm_spec
+from deepalign.weightspace import WeightSpace
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    dim: int  # node feature width D
+    rounds: int  # forward + backward sweeps over the layers
+    mlp_ratio: int  # hidden width of each block's update MLP, in units of D
+    head_dim: int  # width of the features compared by cosine
+    scale_init: float  # initial cosine scale (learned)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Node counts per layer (input .. output) and edge feature sizes per weight layer."""
+
+    nodes: tuple[int, ...]  # (n_0, ..., n_M)
+    edge_dims: tuple[int, ...]  # (e_1, ..., e_M)
+
+    @classmethod
+    def of(cls, shapes: tuple[tuple[int, ...], ...]) -> Layout:
+        spec = perm_spec(shapes)
+        nodes, edges = [shapes[0][1]], []
+        for i, shape in enumerate(shapes):
+            block = spec.axes[("w", i)][1].block if i > 0 else 1
+            nodes.append(shape[0])
+            edges.append(math.prod(shape[2:]) * block)
+        return cls(tuple(nodes), tuple(edges))
+
+
+def edge_features(ws: WeightSpace, layout: Layout) -> list[Tensor]:
+    """Batched weights -> [(B, out, in_units, e)] per layer."""
+    out = []
+    for m, w in enumerate(ws.weights):
+        out.append(w.reshape(w.shape[0], w.shape[1], layout.nodes[m], layout.edge_dims[m]))
+    return out
+
+
+class Block(nn.Module):
+    """Update one layer's nodes from their neighbours in the layers before and after."""
+
+    def __init__(self, dim: int, ratio: int, e_in: int | None, e_out: int | None) -> None:
+        super().__init__()
+        self.fwd = nn.Linear(dim, dim) if e_in else None
+        self.fwd_edge = nn.Parameter(torch.randn(e_in, dim) / math.sqrt(e_in)) if e_in else None
+        self.bwd = nn.Linear(dim, dim) if e_out else None
+        self.bwd_edge = nn.Parameter(torch.randn(e_out, dim) / math.sqrt(e_out)) if e_out else None
+        self.norm = nn.LayerNorm(4 * dim)
+        self.update = nn.Sequential(
+            nn.Linear(4 * dim, ratio * dim), nn.GELU(), nn.Linear(ratio * dim, dim)
+        )
+
+    def forward(
+        self,
+        h: Tensor,
+        prev: Tensor | None,
+        e_in: Tensor | None,
+        nxt: Tensor | None,
+        e_out: Tensor | None,
+    ) -> Tensor:  # h: (B, n, D)
+        zeros = torch.zeros_like(h)
+        fwd = bwd = zeros
+        if self.fwd is not None:  # e_in: (B, n, n_prev, e), prev: (B, n_prev, D)
+            msg = torch.einsum("boic,bid->bocd", e_in, self.fwd(prev)) / math.sqrt(prev.shape[1])
+            fwd = torch.einsum("bocd,cd->bod", msg, self.fwd_edge)
+        if self.bwd is not None:  # e_out: (B, n_next, n, e), nxt: (B, n_next, D)
+            msg = torch.einsum("boic,bod->bicd", e_out, self.bwd(nxt)) / math.sqrt(nxt.shape[1])
+            bwd = torch.einsum("bicd,cd->bid", msg, self.bwd_edge)
+        mean = h.mean(1, keepdim=True).expand_as(h)
+        return h + self.update(self.norm(torch.cat([h, fwd, bwd, mean], dim=-1)))
+
+
+class Encoder(nn.Module):
+    """Per-hidden-neuron features of a batch of networks: [(B, n_m, D)] for m = 1..M-1."""
+
+    def __init__(self, layout: Layout, cfg: ModelCfg, tensor_std: Tensor) -> None:
+        super().__init__()
+        self.layout, self.cfg = layout, cfg
+        m_last = len(layout.nodes) - 1
+        self.register_buffer("tensor_std", tensor_std)  # (2M,) zoo std per weight and bias
+        self.pos_in = nn.Parameter(torch.randn(layout.nodes[0], cfg.dim))
+        self.pos_out = nn.Parameter(torch.randn(layout.nodes[-1], cfg.dim))
+        self.bias_embed = nn.ModuleList(nn.Linear(1, cfg.dim) for _ in range(m_last))
+        order = [*range(1, m_last + 1), *range(m_last - 1, -1, -1)] * cfg.rounds
+        self.order = order
+        self.blocks = nn.ModuleList(
+            Block(
+                cfg.dim,
+                cfg.mlp_ratio,
+                layout.edge_dims[m - 1] if m > 0 else None,
+                layout.edge_dims[m] if m < m_last else None,
+            )
+            for m in order
+        )
+
+    def normalise(self, ws: WeightSpace) -> WeightSpace:
+        """Divide every tensor by the zoo's std of that tensor."""
+        std = self.tensor_std
+        return WeightSpace.from_tensors([t / std[k] for k, t in enumerate(ws.tensors())])
+
+    def forward(self, ws: WeightSpace) -> list[Tensor]:
+        ws = self.normalise(ws)
+        edges = edge_features(ws, self.layout)
+        batch = ws.batch_size
+        h = [self.pos_in.expand(batch, -1, -1)]
+        h += [emb(b.unsqueeze(-1)) for emb, b in zip(self.bias_embed, ws.biases)]
+        h[-1] = h[-1] + self.pos_out
+        last = len(h) - 1
+        for m, block in zip(self.order, self.blocks):
+            prev, e_in = (h[m - 1], edges[m - 1]) if m > 0 else (None, None)
+            nxt, e_out = (h[m + 1], edges[m]) if m < last else (None, None)
+            h[m] = block(h[m], prev, e_in, nxt, e_out)
+        return h[1:last]
+
+
+class DeepAlign(nn.Module):
+    """Siamese encoder + cosine head: per hidden group, logits[i, j] = sim(ref i, other j)."""
+
+    def __init__(
+        self, layout: Layout, cfg: ModelCfg, tensor_std: Tensor, groups: list[str]
+    ) -> None:
+        super().__init__()
+        self.groups = groups
+        self.encoder = Encoder(layout, cfg, tensor_std)
+        self.head = nn.ModuleList(nn.Linear(cfg.dim, cfg.head_dim) for _ in groups)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(cfg.scale_init)))
+
+    def features(self, ws: WeightSpace) -> list[Tensor]:
+        """Unit-norm head features per hidden group: [(B, n, head_dim)]."""
+        return [
+            F.normalize(head(h), dim=-1, eps=1e-6) for head, h in zip(self.head, self.encoder(ws))
+        ]
+
+    def logits(self, feats_ref: list[Tensor], feats_other: list[Tensor]) -> dict[str, Tensor]:
+        """{group: (B, n, n)} similarity logits; swapping the inputs transposes them."""
+        scale = self.log_scale.exp()
+        return {g: scale * a @ b.mT for g, a, b in zip(self.groups, feats_ref, feats_other)}
+
+    def forward(self, ref: WeightSpace, other: WeightSpace) -> dict[str, Tensor]:
+        return self.logits(self.features(ref), self.features(other))

@@ -1,0 +1,313 @@
+"""Training DEEP-ALIGN without labels, validation, and its checkpoints.
+
+Each step draws `pairs_per_step` anchor networks A from the zoo's train split and scores
+  (a) A against an augmented, permuted copy of itself: cross-entropy of the logits' rows
+      and columns against the planted permutation (`supervised`);
+  (b) A against another train network B, softly aligned by Sinkhorn: the weight-L2 distance
+      in zoo-normalised units (`l2`) and the task loss of (1 - l) A + l P#B at a random l
+      per pair on training images (`lmc`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from deepalign.align.problem import solve_lap
+from deepalign.align.sinkhorn import sinkhorn
+from deepalign.arch import Arch, as_input, forward_batched
+from deepalign.data import Dataset
+from deepalign.deep_align.augment import AugmentCfg, planted_copies
+from deepalign.deep_align.model import DeepAlign, Layout, ModelCfg
+from deepalign.errors import DeepAlignError
+from deepalign.io import write_atomic
+from deepalign.lmc import barriers, interpolate, recovery
+from deepalign.pairs import Zoo, ring_pairs
+from deepalign.permspec import Perm, apply_permutation, apply_soft_permutation, invert, perm_spec
+from deepalign.weightspace import WeightSpace, lerp
+
+FORMAT = "deepalign-aligner/1"
+
+
+@dataclass(frozen=True)
+class LossCfg:
+    supervised: float
+    l2: float
+    lmc: float
+
+
+@dataclass(frozen=True)
+class AlignerCfg:
+    """Section `aligner` of params.yaml."""
+
+    archs: list[str]  # zoo architectures to train an aligner for
+    device: str  # auto | cpu | cuda
+    seed: int
+    epochs: int  # one epoch: every train network once as anchor
+    pairs_per_step: int
+    lr: float
+    weight_decay: float
+    grad_clip: float
+    sinkhorn_iterations: int
+    tau: float
+    images_per_step: int  # training images for the interpolation (task) loss
+    val_every: int  # epochs between validations (barrier on val pairs, hard permutations)
+    val_pairs: int
+    val_points: int  # lambda grid of the validation barrier
+    model: ModelCfg
+    augment: AugmentCfg
+    loss: LossCfg
+
+
+def build_model(zoo: Zoo, cfg: ModelCfg) -> DeepAlign:
+    """A fresh aligner for the zoo's architecture, normalised by the train split's stds."""
+    train = zoo.nets[torch.tensor(zoo.indices("train"))]
+    std = torch.stack([t.std() for t in train.tensors()]).clamp_min(1e-8)
+    spec = perm_spec(train)
+    return DeepAlign(Layout.of(train.layer_shapes()), cfg, std, list(spec.groups))
+
+
+@torch.no_grad()
+def predict(model: DeepAlign, ref: WeightSpace, other: WeightSpace) -> Perm:
+    """Hard permutations for a batch of pairs: one forward, Hungarian per pair: {g: (K, n)}."""
+    logits = model(ref, other)
+    return {g: torch.stack([solve_lap(m) for m in lg]) for g, lg in logits.items()}
+
+
+def _supervised(logits: dict[str, Tensor], target: Perm) -> Tensor:
+    """Cross-entropy over rows (target[i]) and columns (inverse target) of each group."""
+    inverse = invert(target)
+    total = 0.0
+    for g, lg in logits.items():
+        n = lg.shape[-1]
+        total = total + F.cross_entropy(lg.reshape(-1, n), target[g].reshape(-1))
+        total = total + F.cross_entropy(lg.mT.reshape(-1, n), inverse[g].reshape(-1))
+    return total / (2 * len(logits))
+
+
+def _l2(model: DeepAlign, a: WeightSpace, aligned: WeightSpace) -> Tensor:
+    """Mean over tensors of the mean squared difference, in zoo-normalised units."""
+    a, aligned = model.encoder.normalise(a), model.encoder.normalise(aligned)
+    diffs = [((x - y) ** 2).flatten(1).mean(1) for x, y in zip(a.tensors(), aligned.tensors())]
+    return torch.stack(diffs).mean()
+
+
+def training_step(
+    model: DeepAlign,
+    arch: Arch,
+    train: WeightSpace,
+    x: Tensor,
+    y: Tensor,
+    cfg: AlignerCfg,
+    gen: torch.Generator,
+) -> dict[str, Tensor]:
+    """The three losses on one batch of pairs."""
+    n, k = train.batch_size, cfg.pairs_per_step
+    anchors = torch.randint(n, (k,), generator=gen)
+    partners = (anchors + torch.randint(1, n, (k,), generator=gen)) % n  # never the anchor
+    a, b = train[anchors.to(x.device)], train[partners.to(x.device)]
+    spec = perm_spec(a)
+    copy, target = planted_copies(a, spec, cfg.augment, gen)
+    feats = model.features(
+        WeightSpace.from_tensors(
+            [torch.cat(ts) for ts in zip(a.tensors(), b.tensors(), copy.tensors())]
+        )
+    )
+    fa, fb, fc = zip(*(f.split(k) for f in feats))
+    supervised = _supervised(model.logits(list(fa), list(fc)), target)
+    soft = {
+        g: sinkhorn(lg, cfg.sinkhorn_iterations, cfg.tau)
+        for g, lg in model.logits(list(fa), list(fb)).items()
+    }
+    aligned = apply_soft_permutation(b, soft, spec)
+    lam = torch.rand(k, generator=gen).to(x.device)
+    idx = torch.randint(len(y), (cfg.images_per_step,), generator=gen).to(x.device)
+    logits = forward_batched(arch, lerp(a, aligned, lam), as_input(arch, x[idx]))  # (k, I, C)
+    lmc = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(k))
+    l2 = _l2(model, a, aligned)
+    total = cfg.loss.supervised * supervised + cfg.loss.l2 * l2 + cfg.loss.lmc * lmc
+    return {"loss": total, "supervised": supervised, "l2": l2, "lmc": lmc}
+
+
+@torch.no_grad()
+def validate(
+    model: DeepAlign, zoo: Zoo, data: Dataset, cfg: AlignerCfg, device: torch.device
+) -> dict[str, float]:
+    """Barrier of hard alignments on val pairs (val images), and planted recovery on val nets."""
+    model.eval()
+    pairs = ring_pairs(zoo.indices("val"), cfg.val_pairs)
+    ref = zoo.nets[torch.tensor([i for i, _ in pairs])].to(device)
+    other = zoo.nets[torch.tensor([j for _, j in pairs])].to(device)
+    perms = predict(model, ref, other)
+    aligned = apply_permutation(other, {g: p.to(device) for g, p in perms.items()})
+    split = type(data.val)(data.val.x.to(device), data.val.y.to(device))
+    found = [
+        barriers(interpolate(zoo.arch, ref[k], aligned[k], split, cfg.val_points))["loss_barrier"]
+        for k in range(len(pairs))
+    ]
+    copies, truth = planted_copies(
+        ref, perm_spec(ref), cfg.augment, torch.Generator().manual_seed(0)
+    )
+    planted = predict(model, ref, copies)
+    rec = recovery({g: p.cpu() for g, p in planted.items()}, {g: t.cpu() for g, t in truth.items()})
+    model.train()
+    return {"val_loss_barrier": sum(found) / len(found), "val_planted_recovery": rec}
+
+
+def fingerprint(cfg: AlignerCfg, arch: Arch, manifest: Path, data: Dataset) -> str:
+    record = {
+        "cfg": asdict(cfg),
+        "arch": arch.to_dict(),
+        "data": data.name,
+        "zoo": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_aligner(path: Path, model: DeepAlign, arch: Arch, meta: dict) -> None:
+    blob = {
+        "format": FORMAT,
+        "arch": arch.to_dict(),
+        "model": asdict(model.encoder.cfg),
+        "layout": asdict(model.encoder.layout),
+        "groups": model.groups,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": meta,
+    }
+    write_atomic(path, lambda tmp: torch.save(blob, tmp))
+
+
+def load_aligner(path: Path) -> tuple[DeepAlign, Arch, dict]:
+    """A trained aligner, the architecture it serves and its metadata."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise DeepAlignError(
+            f"{path}: no such aligner checkpoint (run dvc repro train_aligner)"
+        ) from e
+    except Exception as e:  # truncated, foreign or pickled objects
+        raise DeepAlignError(
+            f"{path}: not a readable aligner checkpoint ({type(e).__name__})"
+        ) from e
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise DeepAlignError(f"{path}: not a deepalign aligner checkpoint")
+    layout = Layout(tuple(blob["layout"]["nodes"]), tuple(blob["layout"]["edge_dims"]))
+    std = blob["state_dict"]["encoder.tensor_std"]
+    model = DeepAlign(layout, ModelCfg(**blob["model"]), std, list(blob["groups"]))
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), Arch.from_dict(blob["arch"]), blob["meta"]
+
+
+OnEpoch = Callable[[int, dict[str, float]], None]
+
+
+def train(
+    zoo: Zoo,
+    data: Dataset,
+    cfg: AlignerCfg,
+    device: torch.device,
+    state: Path,
+    fp: str,
+    on_epoch: OnEpoch | None = None,
+    progress: bool = True,
+) -> tuple[DeepAlign, dict]:
+    """Train with AdamW, validate every `val_every` epochs, keep the best; resumable via `state`."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(zoo, cfg.model).to(device)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    run = _resume(state, fp, model, opt, gen)
+    train_nets = zoo.nets[torch.tensor(zoo.indices("train"))].to(device)
+    x, y = data.train.x.to(device), data.train.y.to(device)
+    steps = max(1, train_nets.batch_size // cfg.pairs_per_step)
+    bar = tqdm(
+        range(run["epoch"], cfg.epochs),
+        desc="train_aligner",
+        disable=not progress,
+        mininterval=2.0,
+        unit="epoch",
+        initial=run["epoch"],
+        total=cfg.epochs,
+    )
+    for epoch in bar:
+        start, sums = time.perf_counter(), {}
+        for _ in range(steps):
+            losses = training_step(model, zoo.arch, train_nets, x, y, cfg, gen)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sums = {k: sums.get(k, 0.0) + v.item() / steps for k, v in losses.items()}
+        run["train_seconds"] += time.perf_counter() - start
+        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+            sums |= validate(model, zoo, data, cfg, device)
+            _keep_best(run, model, sums, epoch)
+            _save_state(state, fp, model, opt, gen, run, epoch + 1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if k != "loss"})
+        if on_epoch:
+            on_epoch(epoch, sums)
+    model.load_state_dict(run["best_state"])
+    return model.eval(), {k: v for k, v in run.items() if k != "best_state"}
+
+
+def _keep_best(run: dict, model: DeepAlign, metrics: dict, epoch: int) -> None:
+    if metrics["val_loss_barrier"] < run["best_val_loss_barrier"]:
+        run["best_val_loss_barrier"] = metrics["val_loss_barrier"]
+        run["best_val_planted_recovery"] = metrics["val_planted_recovery"]
+        run["best_epoch"] = epoch
+        run["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _save_state(
+    path: Path,
+    fp: str,
+    model: DeepAlign,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    run: dict,
+    epoch: int,
+) -> None:
+    blob = {
+        "fingerprint": fp,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "opt": opt.state_dict(),
+        "gen": gen.get_state(),
+        "run": run,
+    }
+    write_atomic(path, lambda tmp: torch.save(blob, tmp))
+
+
+def _resume(
+    path: Path, fp: str, model: DeepAlign, opt: torch.optim.Optimizer, gen: torch.Generator
+) -> dict:
+    """Training progress saved by an interrupted run with the same settings, else a fresh one."""
+    fresh = {
+        "epoch": 0,
+        "train_seconds": 0.0,
+        "best_val_loss_barrier": float("inf"),
+        "best_val_planted_recovery": 0.0,
+        "best_epoch": -1,
+        "best_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # no state, or a truncated one: start over
+        return fresh
+    if blob.get("fingerprint") != fp:
+        return fresh
+    model.load_state_dict(blob["model"])
+    opt.load_state_dict(blob["opt"])
+    gen.set_state(blob["gen"])
+    return blob["run"] | {"epoch": blob["epoch"]}

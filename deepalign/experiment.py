@@ -1,0 +1,83 @@
+"""The align and evaluate stages' work, as library calls the flows sequence."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from deepalign.align import MethodsCfg, parse_method
+from deepalign.data import DataCfg, Dataset
+from deepalign.lmc import Curve, barriers, interpolate
+from deepalign.pairs import MethodRun, Zoo, align_pairs, planted_recoveries, ring_pairs
+from deepalign.permspec import apply_permutation
+from deepalign.report import summarize_pairs
+
+BARRIER_KEYS = (
+    "loss_barrier",
+    "loss_barrier_mean",
+    "loss_auc",
+    "acc_barrier",
+    "acc_auc",
+    "merged_acc",
+)
+
+
+@dataclass(frozen=True)
+class AlignCfg(MethodsCfg):
+    """Section `align`: which methods run on which zoo pairs, plus each method's settings."""
+
+    archs: list[str]  # zoo architectures to align
+    methods: list[str]  # registry names; "a+b" refines a's answer with b
+    pairs: int  # test pairs (i, i+1) of the zoo's test split
+    planted_pairs: int  # test networks aligned to a permuted, perturbed copy of themselves
+    planted_noise: float  # noise std of the copy, relative to each tensor's std
+    seed: int
+
+
+@dataclass(frozen=True)
+class EvaluateCfg:
+    points: int  # lambda grid, both ends included (odd, so 0.5 is on it)
+
+
+def run_fingerprint(method: str, cfg: AlignCfg, data: DataCfg, manifest: Path) -> str:
+    """Everything that determines a method's saved alignment."""
+    settings = {s: asdict(getattr(cfg, s)) for s in parse_method(method) if hasattr(cfg, s)}
+    record = {
+        "method": method,
+        "settings": settings,
+        "pairs": cfg.pairs,
+        "planted": [cfg.planted_pairs, cfg.planted_noise, cfg.seed],
+        "data": asdict(data),
+        "zoo": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_method(method: str, zoo: Zoo, data: Dataset, cfg: AlignCfg) -> MethodRun:
+    """Align the test pairs and the planted copies with one method."""
+    test = zoo.indices("test")
+    pairs = ring_pairs(test, cfg.pairs)
+    perms, seconds, objective = align_pairs(method, zoo, pairs, data.train, cfg)
+    planted = planted_recoveries(
+        method, zoo, test[: cfg.planted_pairs], data.train, cfg, cfg.planted_noise, cfg.seed
+    )
+    return MethodRun(method, pairs, perms, seconds, objective, planted)
+
+
+def pair_curves(run: MethodRun, zoo: Zoo, data: Dataset, points: int) -> list[Curve]:
+    """Test-split interpolation curve of every aligned pair."""
+    curves = []
+    for k, (i, j) in enumerate(run.pairs):
+        aligned = apply_permutation(zoo.nets[j], run.perm(k))
+        curves.append(interpolate(zoo.arch, zoo.nets[i], aligned, data.test, points))
+    return curves
+
+
+def method_metrics(run: MethodRun, curves: list[Curve]) -> tuple[dict[str, float], list[dict]]:
+    """Mean/std over pairs of every barrier metric, timing and recovery; and per-pair rows."""
+    rows = [barriers(c) | {"seconds_per_pair": float(s)} for c, s in zip(curves, run.seconds)]
+    per_metric = {k: [r[k] for r in rows] for k in (*BARRIER_KEYS, "seconds_per_pair")}
+    per_metric["planted_recovery"] = run.planted_recovery.tolist()
+    return summarize_pairs(per_metric), rows

@@ -1,0 +1,104 @@
+"""Linear mode connectivity: loss and accuracy along the line between two networks.
+
+Barriers (Frankle et al. 2020; Entezari et al. 2022; Git Re-Basin Def. 2.2), on a lambda grid
+that holds both ends and 0.5:
+  loss_barrier      max_l [L(l) - ((1-l) L(0) + l L(1))], clipped at 0
+  loss_barrier_mean max_l L(l) - (L(0) + L(1)) / 2
+  loss_auc          trapezoid of the first gap, clipped at 0 per point
+and the same for accuracy with the gap taken below the line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from deepalign.arch import Arch, as_input, forward_batched
+from deepalign.data import Split
+from deepalign.errors import DeepAlignError
+from deepalign.permspec import Perm, PermSpec, apply_permutation, invert, random_permutation
+from deepalign.weightspace import WeightSpace, lerp, stack
+
+
+@dataclass(frozen=True)
+class Curve:
+    lambdas: Tensor  # (L,)
+    loss: Tensor  # (L,)
+    acc: Tensor  # (L,)
+
+
+def lambda_grid(points: int) -> Tensor:
+    if points < 3 or points % 2 == 0:
+        raise DeepAlignError(f"lambda grid needs an odd number >= 3 of points (got {points})")
+    return torch.linspace(0, 1, points)
+
+
+@torch.no_grad()
+def evaluate_networks(
+    arch: Arch, nets: WeightSpace, split: Split, chunk: int = 32
+) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy and accuracy of each of B networks on a whole split: (B,), (B,)."""
+    x, y = as_input(arch, split.x), split.y
+    losses, accs = [], []
+    for start in range(0, nets.batch_size, chunk):
+        logits = forward_batched(arch, nets[start : start + chunk], x)  # (b, N, C)
+        ce = F.cross_entropy(
+            logits.transpose(1, 2), y.expand(logits.shape[0], -1), reduction="none"
+        )
+        losses.append(ce.mean(1))
+        accs.append((logits.argmax(-1) == y).double().mean(1))
+    return torch.cat(losses), torch.cat(accs)
+
+
+def interpolate(
+    arch: Arch, a: WeightSpace, b: WeightSpace, split: Split, points: int = 25
+) -> Curve:
+    """Loss and accuracy of (1 - l) a + l b on a split, l on an evenly spaced grid."""
+    lambdas = lambda_grid(points)
+    nets = lerp(stack([a] * points), stack([b] * points), lambdas)
+    loss, acc = evaluate_networks(arch, nets, split)
+    return Curve(lambdas, loss, acc)
+
+
+def _gap(values: Tensor, lambdas: Tensor) -> Tensor:
+    """values minus the straight line between the endpoint values: (L,)."""
+    return values - ((1 - lambdas) * values[0] + lambdas * values[-1])
+
+
+def barriers(curve: Curve) -> dict[str, float]:
+    """Barrier metrics of one interpolation curve (loss and accuracy)."""
+    lam = curve.lambdas
+    loss_gap, acc_gap = _gap(curve.loss, lam), -_gap(curve.acc, lam)
+    mid = int(torch.argmin((lam - 0.5).abs()))
+    return {
+        "loss_barrier": loss_gap.max().clamp_min(0).item(),
+        "loss_barrier_mean": (curve.loss.max() - 0.5 * (curve.loss[0] + curve.loss[-1])).item(),
+        "loss_auc": torch.trapezoid(loss_gap.clamp_min(0), lam).item(),
+        "acc_barrier": acc_gap.max().clamp_min(0).item(),
+        "acc_barrier_mean": (0.5 * (curve.acc[0] + curve.acc[-1]) - curve.acc.min()).item(),
+        "acc_auc": torch.trapezoid(acc_gap.clamp_min(0), lam).item(),
+        "merged_acc": curve.acc[mid].item(),
+        "merged_loss": curve.loss[mid].item(),
+    }
+
+
+def perturb(ws: WeightSpace, noise: float, gen: torch.Generator) -> WeightSpace:
+    """Add Gaussian noise of `noise` times each tensor's std."""
+    return ws.map(lambda t: t + noise * t.std() * torch.randn(t.shape, generator=gen))
+
+
+def planted_pair(
+    ws: WeightSpace, spec: PermSpec, noise: float, gen: torch.Generator
+) -> tuple[WeightSpace, Perm]:
+    """A permuted, perturbed copy of `ws`, and the permutation that aligns it back."""
+    planted = random_permutation(spec, gen)
+    return apply_permutation(perturb(ws, noise, gen), planted, spec), invert(planted)
+
+
+def recovery(found: Perm, truth: Perm) -> float:
+    """Fraction of hidden units matched as in `truth`."""
+    hits = sum(int((found[g] == truth[g]).sum()) for g in truth)
+    return hits / sum(t.numel() for t in truth.values())

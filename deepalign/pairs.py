@@ -1,0 +1,134 @@
+"""Aligning many zoo pairs with one method: pairing, planted copies, results on disk."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from deepalign.align import MethodsCfg, Problem, align
+from deepalign.arch import Arch
+from deepalign.data import Split
+from deepalign.errors import DeepAlignError
+from deepalign.io import load_checkpoint, write_atomic
+from deepalign.lmc import planted_pair, recovery
+from deepalign.permspec import Perm, perm_spec
+from deepalign.weightspace import WeightSpace, stack
+
+
+@dataclass(frozen=True)
+class Zoo:
+    """The networks of one architecture, as listed by its manifest."""
+
+    arch: Arch
+    records: list[dict]
+    nets: WeightSpace  # batched, in manifest order
+
+    def indices(self, split: str) -> list[int]:
+        return [i for i, r in enumerate(self.records) if r["split"] == split]
+
+
+def load_zoo(folder: Path) -> Zoo:
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        raise DeepAlignError(f"{manifest}: missing; run the zoo stage first (dvc repro zoo)")
+    records = json.loads(manifest.read_text())["networks"]
+    ckpts = [load_checkpoint(folder / r["path"]) for r in records]
+    return Zoo(ckpts[0].arch, records, stack([c.ws for c in ckpts]))
+
+
+def ring_pairs(indices: list[int], k: int) -> list[tuple[int, int]]:
+    """(i, i+1 mod n) over the given networks, at most k pairs; each network is in two pairs."""
+    if len(indices) < 2:
+        raise DeepAlignError(f"need at least 2 networks to pair, got {len(indices)}")
+    n = len(indices)
+    return [(indices[i], indices[(i + 1) % n]) for i in range(min(k, n))]
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One method on a list of pairs: permutations (group -> (K, n)), timings, objectives."""
+
+    method: str
+    pairs: list[tuple[int, int]]
+    perms: dict[str, Tensor]
+    seconds: Tensor  # (K,)
+    objective: Tensor  # (K,)
+    planted_recovery: Tensor  # (P,) fraction of units recovered on planted copies
+
+    def perm(self, k: int) -> Perm:
+        return {g: p[k] for g, p in self.perms.items()}
+
+
+def align_pairs(
+    method: str,
+    zoo: Zoo,
+    pairs: list[tuple[int, int]],
+    data: Split | None,
+    cfg: MethodsCfg,
+    progress: bool = True,
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Run `method` on every pair: stacked perms, seconds and objectives."""
+    results = []
+    for i, j in tqdm(pairs, desc=method, disable=not progress, mininterval=2.0):
+        problem = Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch, data)
+        results.append(align(method, problem, cfg))
+    perms = {g: torch.stack([r.perm[g] for r in results]) for g in results[0].perm}
+    seconds = torch.tensor([r.seconds for r in results], dtype=torch.float64)
+    return perms, seconds, torch.tensor([r.objective for r in results], dtype=torch.float64)
+
+
+def planted_recoveries(
+    method: str,
+    zoo: Zoo,
+    indices: list[int],
+    data: Split | None,
+    cfg: MethodsCfg,
+    noise: float,
+    seed: int,
+) -> Tensor:
+    """Recovery of planted permutations of perturbed copies of the given networks: (P,)."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = perm_spec(zoo.nets[indices[0]])
+    out = []
+    for i in indices:
+        copy, truth = planted_pair(zoo.nets[i], spec, noise, gen)
+        found = align(method, Problem.of(zoo.nets[i], copy, zoo.arch, data), cfg).perm
+        out.append(recovery(found, truth))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def save_run(path: Path, run: MethodRun, fingerprint: str) -> None:
+    blob = {
+        "method": run.method,
+        "pairs": [list(p) for p in run.pairs],
+        "perms": run.perms,
+        "seconds": run.seconds,
+        "objective": run.objective,
+        "planted_recovery": run.planted_recovery,
+        "fingerprint": fingerprint,
+    }
+    write_atomic(path, lambda tmp: torch.save(blob, tmp))
+
+
+def load_run(path: Path, fingerprint: str | None = None) -> MethodRun | None:
+    """A saved run, or None when missing, unreadable or made with other settings."""
+    try:
+        blob = torch.load(path, weights_only=True)
+    except Exception:  # missing, truncated or foreign: recompute
+        return None
+    if fingerprint is not None and blob.get("fingerprint") != fingerprint:
+        return None
+    pairs = [tuple(p) for p in blob["pairs"]]
+    return MethodRun(
+        blob["method"],
+        pairs,
+        blob["perms"],
+        blob["seconds"],
+        blob["objective"],
+        blob["planted_recovery"],
+    )

@@ -1,0 +1,78 @@
+"""Summaries over pairs, CSV curves for `dvc plots`, and figures."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from deepalign.io import write_atomic  # noqa: E402
+from deepalign.lmc import Curve  # noqa: E402
+
+
+def mean_std(values: Tensor | list[float]) -> tuple[float, float]:
+    t = torch.as_tensor(values, dtype=torch.float64)
+    return t.mean().item(), (t.std().item() if len(t) > 1 else 0.0)
+
+
+def summarize_pairs(per_pair: dict[str, list[float]]) -> dict[str, float]:
+    """{'loss_barrier': [..], ...} -> {'loss_barrier_mean': .., 'loss_barrier_std': .., ...}."""
+    out = {}
+    for name, values in per_pair.items():
+        out[f"{name}_mean"], out[f"{name}_std"] = mean_std(values)
+    return out
+
+
+def paired_bootstrap(
+    a: list[float], b: list[float], samples: int = 10_000, seed: int = 0
+) -> dict[str, float]:
+    """Mean of a - b over pairs with a 95% bootstrap interval (resampling pairs)."""
+    diff = torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(diff), (samples, len(diff)), generator=gen)
+    means = diff[idx].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {
+        "mean_diff": diff.mean().item(),
+        "ci_low": lo,
+        "ci_high": hi,
+        "frac_pairs_a_le_b": (diff <= 0).double().mean().item(),
+    }
+
+
+def write_curves_csv(path: Path, curves: dict[str, list[Curve]]) -> None:
+    """Mean curve per method: rows (method, lambda, loss, acc) for `dvc plots`."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["method", "lambda", "test_loss", "test_acc"])
+    for method, cs in curves.items():
+        loss = torch.stack([c.loss for c in cs]).mean(0)
+        acc = torch.stack([c.acc for c in cs]).mean(0)
+        for lam, lo, ac in zip(cs[0].lambdas.tolist(), loss.tolist(), acc.tolist()):
+            writer.writerow([method, f"{lam:.4f}", f"{lo:.6f}", f"{ac:.6f}"])
+    write_atomic(path, lambda tmp: tmp.write_text(buf.getvalue()))
+
+
+def plot_curves(path: Path, curves: dict[str, list[Curve]], title: str) -> None:
+    """Test loss and accuracy along the line, mean over pairs with a 1-std band per method."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method, cs in curves.items():
+        lam = cs[0].lambdas
+        for ax, key in zip(axes, ("loss", "acc")):
+            values = torch.stack([getattr(c, key) for c in cs]).double()
+            mean, std = values.mean(0), values.std(0) if len(cs) > 1 else torch.zeros_like(lam)
+            ax.plot(lam, mean, label=method)
+            ax.fill_between(lam, mean - std, mean + std, alpha=0.15)
+    axes[0].set(xlabel="lambda", ylabel="test loss", yscale="log", title=f"{title}: loss")
+    axes[1].set(xlabel="lambda", ylabel="test accuracy", title=f"{title}: accuracy")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)

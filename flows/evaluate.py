@@ -1,0 +1,93 @@
+"""Stage `evaluate`: barriers, merged accuracy, timings and recovery of every method."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import mlflow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+import flows  # noqa: F401  (offline defaults first)
+from deepalign.config import load_section
+from deepalign.data import DataCfg, Dataset, load_dataset
+from deepalign.errors import DeepAlignError
+from deepalign.experiment import AlignCfg, EvaluateCfg, method_metrics, pair_curves
+from deepalign.io import write_atomic
+from deepalign.pairs import load_run, load_zoo
+from deepalign.report import plot_curves, write_curves_csv
+from flows.common import cli, log_metrics_file, stage_run
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_arch(
+    arch: str,
+    methods: list[str],
+    zoo_dir: Path,
+    aligned: Path,
+    plots: Path,
+    data: Dataset,
+    cfg: EvaluateCfg,
+    parent: str,
+) -> tuple[dict, list[dict]]:
+    """Curves and metrics of every method on one architecture's pairs."""
+    zoo = load_zoo(zoo_dir / arch)
+    summary, rows, curves = {}, [], {}
+    for method in methods:
+        run = load_run(aligned / arch / f"{method}.pt")
+        if run is None:
+            raise DeepAlignError(f"{aligned / arch / method}.pt: missing; run the align stage")
+        curves[method] = pair_curves(run, zoo, data, cfg.points)
+        summary[method], pair_rows = method_metrics(run, curves[method])
+        rows += [
+            {"arch": arch, "method": method, "pair": f"{i}-{j}"} | r
+            for (i, j), r in zip(run.pairs, pair_rows)
+        ]
+        with mlflow.start_run(run_name=f"{arch}/{method}", nested=True, parent_run_id=parent):
+            mlflow.log_params({"arch": arch, "method": method})
+            mlflow.log_metrics(summary[method])
+    write_curves_csv(plots / f"interpolation_{arch}.csv", curves)
+    plot_curves(plots / f"interpolation_{arch}.png", curves, f"digits {arch}")
+    return summary, rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, lambda tmp: tmp.write_text(buf.getvalue()))
+
+
+@flow(name="evaluate")
+def evaluate(
+    params: Path = Path("params.yaml"),
+    zoo: Path = Path("zoo"),
+    aligned: Path = Path("aligned"),
+    plots: Path = Path("plots"),
+    metrics: Path = Path("metrics/evaluate.json"),
+) -> dict:
+    """Score every aligned pair along the linear path and log the comparison."""
+    data_cfg, align_cfg = (
+        load_section("data", DataCfg, params),
+        load_section("align", AlignCfg, params),
+    )
+    cfg = load_section("evaluate", EvaluateCfg, params)
+    data = load_dataset(data_cfg)
+    summary, rows = {}, []
+    with stage_run("evaluate", cfg, align_cfg) as run:
+        for arch in align_cfg.archs:
+            summary[arch], arch_rows = evaluate_arch(
+                arch, align_cfg.methods, zoo, aligned, plots, data, cfg, run.info.run_id
+            )
+            rows += arch_rows
+        write_rows(plots / "pairs.csv", rows)
+        log_metrics_file(metrics, summary)
+        mlflow.log_artifacts(str(plots), artifact_path="plots")
+    return summary
+
+
+if __name__ == "__main__":
+    cli(evaluate)

@@ -1,0 +1,184 @@
+"""Aligners: planted permutations recovered, function preserved, cross-checks vs brute force."""
+
+import itertools
+
+import pytest
+import torch
+
+from deepalign.align import ALIGNERS, MethodsCfg, Problem, align, parse_method, sinkhorn, solve_lap
+from deepalign.align.activation_matching import ActivationMatchingCfg
+from deepalign.align.sinkhorn import SinkhornCfg
+from deepalign.align.ste import SteCfg
+from deepalign.align.weight_matching import WeightMatchingCfg, objective, weight_matching_trace
+from deepalign.arch import as_input, forward, mlp_arch
+from deepalign.data import Split
+from deepalign.errors import DeepAlignError
+from deepalign.lmc import barriers, interpolate, planted_pair, recovery
+from deepalign.permspec import apply_permutation, perm_spec, random_permutation
+from deepalign.weightspace import stack
+from deepalign.zoo import NetCfg, init_network, make_arch, train_batched
+
+CFG = MethodsCfg(
+    weight_matching=WeightMatchingCfg(max_iter=100, restarts=0, seed=0),
+    activation_matching=ActivationMatchingCfg("correlation", 256, 0),
+    ste=SteCfg("midpoint", steps=5, lr=1e-3, batch_size=64, wm_max_iter=20, seed=0),
+    sinkhorn=SinkhornCfg(
+        "random_lambda",
+        steps=5,
+        lr=0.1,
+        tau=1.0,
+        iterations=10,
+        init_scale=1.0,
+        batch_size=64,
+        seed=0,
+    ),
+)
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """Two small trained MLPs and two CNNs on digits (a few epochs)."""
+    out = {}
+    for kind, hidden, strides in (("mlp", [16, 12], []), ("cnn", [4, 6], [1, 2])):
+        net = NetCfg(
+            kind,
+            hidden,
+            strides,
+            "relu",
+            2,
+            0,
+            0,
+            epochs=4,
+            batch_size=64,
+            lr=3e-3,
+            weight_decay=0.0,
+        )
+        arch = make_arch(net, digits)
+        ws = train_batched(
+            arch,
+            stack([init_network(arch, s) for s in (0, 1)]),
+            digits.train,
+            net,
+            [0, 1],
+            torch.device("cpu"),
+            progress=False,
+        )
+        out[kind] = (arch, ws[0], ws[1])
+    return out
+
+
+def small_split(digits, n=256):
+    return Split(digits.train.x[:n], digits.train.y[:n])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_weight_matching_recovers_planted_permutation_exactly(trained, digits, kind):
+    arch, ws, _ = trained[kind]
+    copy, truth = planted_pair(ws, perm_spec(ws), 0.0, torch.Generator().manual_seed(3))
+    found = align("weight_matching", Problem.of(ws, copy, arch), CFG).perm
+    assert recovery(found, truth) == 1.0
+    aligned = apply_permutation(copy, found)
+    assert all(torch.equal(a, b) for a, b in zip(aligned.tensors(), ws.tensors()))
+    assert barriers(interpolate(arch, ws, aligned, digits.test, 5))["loss_barrier"] == 0.0
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_activation_matching_recovers_planted_permutation(trained, digits, kind):
+    arch, ws, _ = trained[kind]
+    copy, truth = planted_pair(ws, perm_spec(ws), 0.0, torch.Generator().manual_seed(4))
+    found = align("activation_matching", Problem.of(ws, copy, arch, small_split(digits)), CFG).perm
+    assert recovery(found, truth) == 1.0
+
+
+def test_weight_matching_objective_never_decreases(trained):
+    arch, a, b = trained["mlp"]
+    cfg = WeightMatchingCfg(max_iter=100, restarts=3, seed=1)
+    perm, traces = weight_matching_trace(Problem.of(a, b, arch), cfg)
+    for trace in traces:
+        assert all(y >= x - 1e-9 for x, y in zip(trace, trace[1:]))
+    best = objective(a, apply_permutation(b, perm))
+    assert best == pytest.approx(max(t[-1] for t in traces))
+    assert best > objective(a, b)  # better than no alignment
+
+
+def test_weight_matching_is_exact_for_one_hidden_layer():
+    """With one hidden group the LAP is the whole problem: compare with all 6! permutations."""
+    arch = mlp_arch(4, [6], 3, "relu")
+    a, b = init_network(arch, 0), init_network(arch, 1)
+    spec = perm_spec(a)
+    found = align("weight_matching", Problem.of(a, b, arch), CFG).perm
+    best = max(
+        objective(a, apply_permutation(b, {"h0": torch.tensor(p)}, spec))
+        for p in itertools.permutations(range(6))
+    )
+    assert objective(a, apply_permutation(b, found)) == pytest.approx(best, rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [2, 4, 6])
+def test_lap_matches_brute_force(n):
+    score = torch.randn(n, n, generator=torch.Generator().manual_seed(n))
+    perm = solve_lap(score)
+    brute = max(
+        sum(score[i, p[i]].item() for i in range(n)) for p in itertools.permutations(range(n))
+    )
+    assert sum(score[i, perm[i]].item() for i in range(n)) == pytest.approx(brute)
+
+
+@pytest.mark.parametrize("method", [*ALIGNERS, "weight_matching+sinkhorn", "weight_matching+ste"])
+def test_aligned_network_computes_the_same_function(trained, digits, method):
+    arch, a, b = trained["mlp"]
+    result = align(method, Problem.of(a, b, arch, small_split(digits)), CFG)
+    aligned = apply_permutation(b, result.perm)
+    x = as_input(arch, digits.test.x)
+    assert (forward(arch, aligned, x) - forward(arch, b, x)).abs().max() <= 1e-5
+    assert result.seconds >= 0
+
+
+def test_alignment_lowers_the_barrier(trained, digits):
+    arch, a, b = trained["mlp"]
+    problem = Problem.of(a, b, arch, small_split(digits))
+    naive = barriers(interpolate(arch, a, b, digits.test))["loss_barrier"]
+    wm = align("weight_matching", problem, CFG).perm
+    assert (
+        barriers(interpolate(arch, a, apply_permutation(b, wm), digits.test))["loss_barrier"]
+        < naive
+    )
+
+
+def test_sinkhorn_marginals_and_swap_symmetry():
+    logits = torch.randn(3, 7, 7, generator=torch.Generator().manual_seed(0)) * 3
+    p = sinkhorn(logits, iterations=300)
+    assert torch.allclose(p.sum(-1), torch.ones(3, 7), atol=1e-4)
+    assert torch.allclose(p.sum(-2), torch.ones(3, 7), atol=1e-4)
+    assert torch.allclose(sinkhorn(logits.mT, 300), p.mT, atol=1e-6)
+    one_sided = (logits - logits.logsumexp(-1, keepdim=True)).exp()  # rows only: negative twin
+    assert not torch.allclose(one_sided.sum(-2), torch.ones(3, 7), atol=1e-2)
+
+
+def test_different_architectures_name_the_tensor(trained):
+    _, a, _ = trained["mlp"]
+    wider = init_network(mlp_arch(64, [16, 13], 10, "relu"), 0)
+    with pytest.raises(
+        DeepAlignError, match=r"layer 1 weight: reference \(12, 16\) vs other \(13, 16\)"
+    ):
+        Problem.of(a, wider)
+
+
+def test_unknown_method_lists_known():
+    with pytest.raises(DeepAlignError, match="unknown method 'wm'.*known: naive, weight_matching"):
+        parse_method("weight_matching+wm")
+
+
+def test_data_methods_without_data_say_so(trained):
+    arch, a, b = trained["mlp"]
+    with pytest.raises(DeepAlignError, match="needs data"):
+        align("activation_matching", Problem.of(a, b, arch), CFG)
+
+
+def test_recovery_counts_units():
+    spec = perm_spec(init_network(mlp_arch(3, [4, 4], 2, "relu"), 0))
+    truth = random_permutation(spec, torch.Generator().manual_seed(0))
+    assert recovery(truth, truth) == 1.0
+    swapped = {g: p.clone() for g, p in truth.items()}
+    swapped["h0"][[0, 1]] = swapped["h0"][[1, 0]]  # two of eight units wrong
+    assert recovery(swapped, truth) == 0.75
