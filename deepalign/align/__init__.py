@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deepalign.align.activation_matching import ActivationMatchingCfg, activation_matching
+from deepalign.align.deep_align import DeepAlignCfg, deep_align, deep_align_batch
 from deepalign.align.problem import Problem, solve_lap
 from deepalign.align.sinkhorn import SinkhornCfg, sinkhorn, sinkhorn_rebasin
 from deepalign.align.ste import SteCfg, ste
@@ -39,6 +40,7 @@ class MethodsCfg:
     activation_matching: ActivationMatchingCfg
     ste: SteCfg
     sinkhorn: SinkhornCfg
+    deep_align: DeepAlignCfg
 
 
 def naive(problem: Problem, cfg: Any, init: Perm | None = None) -> Perm:
@@ -53,7 +55,10 @@ ALIGNERS: dict[str, Aligner] = {
     "activation_matching": activation_matching,
     "ste": ste,
     "sinkhorn": sinkhorn_rebasin,
+    "deep_align": deep_align,
 }
+# Methods that can align a whole batch of pairs in one call: fn(refs, others, cfg) -> {g: (K, n)}
+BATCHED = {"deep_align": deep_align_batch}
 
 
 def parse_method(method: str) -> list[str]:
@@ -72,9 +77,9 @@ class AlignResult:
     objective: float  # <ref, aligned other>, the weight-matching objective
 
 
-def align(method: str, problem: Problem, cfg: MethodsCfg) -> AlignResult:
-    """Run one (possibly chained) method on one pair and time it."""
-    perm = None
+def align(method: str, problem: Problem, cfg: MethodsCfg, init: Perm | None = None) -> AlignResult:
+    """Run one (possibly chained) method on one pair and time it; `init` seeds the first step."""
+    perm = init
     start = time.perf_counter()
     for step in parse_method(method):
         perm = ALIGNERS[step](problem, getattr(cfg, step, None), perm)

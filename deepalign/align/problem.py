@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-from scipy.optimize import linear_sum_assignment
-from torch import Tensor
-
 from deepalign.arch import Arch
+from deepalign.assignment import solve_lap  # noqa: F401  (re-exported for aligners)
 from deepalign.data import Split
 from deepalign.errors import DeepAlignError
 from deepalign.permspec import PermSpec, perm_spec
@@ -42,12 +38,3 @@ class Problem:
         if self.arch is None or self.data is None:
             raise DeepAlignError(f"method '{method}' needs data: pass --data (e.g. digits)")
         return self.arch, self.data
-
-
-def solve_lap(score: Tensor) -> Tensor:
-    """Hungarian: the permutation maximising sum_i score[i, perm[i]]; (n, n) -> (n,)."""
-    matrix = score.detach().to("cpu", torch.float64).numpy()
-    if not np.isfinite(matrix).all():
-        raise DeepAlignError("assignment scores hold NaN or inf")
-    _, cols = linear_sum_assignment(matrix, maximize=True)
-    return torch.as_tensor(cols, dtype=torch.long)

@@ -22,20 +22,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from deepalign.align.problem import solve_lap
 from deepalign.align.sinkhorn import sinkhorn
 from deepalign.arch import Arch, as_input, forward_batched
 from deepalign.data import Dataset
 from deepalign.deep_align.augment import AugmentCfg, planted_copies
+from deepalign.deep_align.checkpoint import predict
 from deepalign.deep_align.model import DeepAlign, Layout, ModelCfg
-from deepalign.errors import DeepAlignError
 from deepalign.io import write_atomic
 from deepalign.lmc import barriers, interpolate, recovery
 from deepalign.pairs import Zoo, ring_pairs
 from deepalign.permspec import Perm, apply_permutation, apply_soft_permutation, invert, perm_spec
 from deepalign.weightspace import WeightSpace, lerp
-
-FORMAT = "deepalign-aligner/1"
 
 
 @dataclass(frozen=True)
@@ -74,13 +71,6 @@ def build_model(zoo: Zoo, cfg: ModelCfg) -> DeepAlign:
     std = torch.stack([t.std() for t in train.tensors()]).clamp_min(1e-8)
     spec = perm_spec(train)
     return DeepAlign(Layout.of(train.layer_shapes()), cfg, std, list(spec.groups))
-
-
-@torch.no_grad()
-def predict(model: DeepAlign, ref: WeightSpace, other: WeightSpace) -> Perm:
-    """Hard permutations for a batch of pairs: one forward, Hungarian per pair: {g: (K, n)}."""
-    logits = model(ref, other)
-    return {g: torch.stack([solve_lap(m) for m in lg]) for g, lg in logits.items()}
 
 
 def _supervised(logits: dict[str, Tensor], target: Perm) -> Tensor:
@@ -171,40 +161,6 @@ def fingerprint(cfg: AlignerCfg, arch: Arch, manifest: Path, data: Dataset) -> s
         "zoo": hashlib.sha256(manifest.read_bytes()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def save_aligner(path: Path, model: DeepAlign, arch: Arch, meta: dict) -> None:
-    blob = {
-        "format": FORMAT,
-        "arch": arch.to_dict(),
-        "model": asdict(model.encoder.cfg),
-        "layout": asdict(model.encoder.layout),
-        "groups": model.groups,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "meta": meta,
-    }
-    write_atomic(path, lambda tmp: torch.save(blob, tmp))
-
-
-def load_aligner(path: Path) -> tuple[DeepAlign, Arch, dict]:
-    """A trained aligner, the architecture it serves and its metadata."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise DeepAlignError(
-            f"{path}: no such aligner checkpoint (run dvc repro train_aligner)"
-        ) from e
-    except Exception as e:  # truncated, foreign or pickled objects
-        raise DeepAlignError(
-            f"{path}: not a readable aligner checkpoint ({type(e).__name__})"
-        ) from e
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise DeepAlignError(f"{path}: not a deepalign aligner checkpoint")
-    layout = Layout(tuple(blob["layout"]["nodes"]), tuple(blob["layout"]["edge_dims"]))
-    std = blob["state_dict"]["encoder.tensor_std"]
-    model = DeepAlign(layout, ModelCfg(**blob["model"]), std, list(blob["groups"]))
-    model.load_state_dict(blob["state_dict"])
-    return model.eval(), Arch.from_dict(blob["arch"]), blob["meta"]
 
 
 OnEpoch = Callable[[int, dict[str, float]], None]

@@ -1,0 +1,50 @@
+"""DEEP-ALIGN as a registered aligner: a trained checkpoint predicts the permutations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from deepalign.align.problem import Problem
+from deepalign.deep_align.checkpoint import load_aligner, predict
+from deepalign.deep_align.model import DeepAlign
+from deepalign.errors import DeepAlignError
+from deepalign.permspec import Perm
+from deepalign.weightspace import WeightSpace, stack
+
+
+@dataclass(frozen=True)
+class DeepAlignCfg:
+    checkpoints: list[str]  # trained aligners; the one for the pair's architecture is used
+
+
+@lru_cache(maxsize=8)
+def _load(path: str) -> tuple[DeepAlign, tuple]:
+    model, arch, _ = load_aligner(Path(path))
+    return model, arch.weight_shapes()
+
+
+def model_for(shapes: tuple, cfg: DeepAlignCfg) -> DeepAlign:
+    """The checkpoint trained for networks of these weight shapes, or a clear error."""
+    seen = []
+    for path in cfg.checkpoints:
+        model, trained_for = _load(str(path))
+        if trained_for == shapes:
+            return model
+        seen.append(f"{path} (layers {[s[0] for s in trained_for]})")
+    raise DeepAlignError(
+        f"no aligner checkpoint fits networks with layers {[s[0] for s in shapes]}: "
+        f"{', '.join(seen) or 'none given'} trained for another architecture"
+    )
+
+
+def deep_align_batch(ref: WeightSpace, other: WeightSpace, cfg: DeepAlignCfg) -> Perm:
+    """Batched pairs in one forward pass, Hungarian per pair: {g: (K, n)}."""
+    return predict(model_for(ref.layer_shapes(), cfg), ref, other)
+
+
+def deep_align(problem: Problem, cfg: DeepAlignCfg, init: Perm | None = None) -> Perm:
+    """One pair (`init` is ignored: the model predicts from the weights alone)."""
+    perms = deep_align_batch(stack([problem.ref]), stack([problem.other]), cfg)
+    return {g: p[0] for g, p in perms.items()}

@@ -1,0 +1,59 @@
+"""Trained aligners on disk, and their batched inference."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from deepalign.arch import Arch
+from deepalign.assignment import solve_lap
+from deepalign.deep_align.model import DeepAlign, Layout, ModelCfg
+from deepalign.errors import DeepAlignError
+from deepalign.io import write_atomic
+from deepalign.permspec import Perm
+from deepalign.weightspace import WeightSpace
+
+FORMAT = "deepalign-aligner/1"
+
+
+@torch.no_grad()
+def predict(model: DeepAlign, ref: WeightSpace, other: WeightSpace) -> Perm:
+    """Hard permutations for a batch of pairs: one forward, Hungarian per pair: {g: (K, n)}."""
+    logits = model(ref, other)
+    return {g: torch.stack([solve_lap(m) for m in lg]) for g, lg in logits.items()}
+
+
+def save_aligner(path: Path, model: DeepAlign, arch: Arch, meta: dict) -> None:
+    blob = {
+        "format": FORMAT,
+        "arch": arch.to_dict(),
+        "model": asdict(model.encoder.cfg),
+        "layout": asdict(model.encoder.layout),
+        "groups": model.groups,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": meta,
+    }
+    write_atomic(path, lambda tmp: torch.save(blob, tmp))
+
+
+def load_aligner(path: Path) -> tuple[DeepAlign, Arch, dict]:
+    """A trained aligner, the architecture it serves and its metadata."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise DeepAlignError(
+            f"{path}: no such aligner checkpoint (run dvc repro train_aligner)"
+        ) from e
+    except Exception as e:  # truncated, foreign or pickled objects
+        raise DeepAlignError(
+            f"{path}: not a readable aligner checkpoint ({type(e).__name__})"
+        ) from e
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise DeepAlignError(f"{path}: not a deepalign aligner checkpoint")
+    layout = Layout(tuple(blob["layout"]["nodes"]), tuple(blob["layout"]["edge_dims"]))
+    std = blob["state_dict"]["encoder.tensor_std"]
+    model = DeepAlign(layout, ModelCfg(**blob["model"]), std, list(blob["groups"]))
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), Arch.from_dict(blob["arch"]), blob["meta"]

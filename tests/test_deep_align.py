@@ -1,0 +1,197 @@
+"""DEEP-ALIGN: equivariance, swap symmetry, augmentations, training smoke test, registry."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepalign.align import MethodsCfg, Problem, align
+from deepalign.align.deep_align import DeepAlignCfg
+from deepalign.arch import as_input, cnn_arch, forward, mlp_arch
+from deepalign.deep_align.augment import AugmentCfg, augment, rescale_units
+from deepalign.deep_align.checkpoint import load_aligner, predict, save_aligner
+from deepalign.deep_align.model import DeepAlign, Layout, ModelCfg
+from deepalign.deep_align.train import AlignerCfg, LossCfg, train, validate
+from deepalign.errors import DeepAlignError
+from deepalign.lmc import recovery
+from deepalign.pairs import Zoo
+from deepalign.permspec import apply_permutation, compose, invert, perm_spec, random_permutation
+from deepalign.weightspace import stack
+from deepalign.zoo import NetCfg, init_network, make_arch, train_batched
+
+MODEL = ModelCfg(dim=16, rounds=1, mlp_ratio=2, head_dim=16, scale_init=10.0)
+ARCHS = {
+    "mlp": mlp_arch(64, [12, 10, 8], 10, "relu"),
+    "cnn": cnn_arch((1, 8, 8), [4, 6, 5], [1, 2, 2], 10, "relu"),
+}
+
+
+def batch_of(arch, n=4, start=0):
+    return stack([init_network(arch, s) for s in range(start, start + n)])
+
+
+def model_for(ws):
+    spec = perm_spec(ws)
+    torch.manual_seed(0)
+    return DeepAlign(
+        Layout.of(ws.layer_shapes()), MODEL, torch.ones(2 * ws.n_layers), list(spec.groups)
+    )
+
+
+def gather_rows(feat, perm):  # feat (B, n, D), perm (B, n) -> feat[b, perm[b]]
+    return torch.gather(feat, 1, perm.unsqueeze(-1).expand_as(feat))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_encoder_is_equivariant(kind):
+    ws = batch_of(ARCHS[kind])
+    model = model_for(ws)
+    perm = random_permutation(perm_spec(ws), torch.Generator().manual_seed(1), batch=4)
+    feats, permuted = model.features(ws), model.features(apply_permutation(ws, perm))
+    for g, f, fp in zip(model.groups, feats, permuted):
+        assert torch.allclose(fp, gather_rows(f, perm[g]), atol=1e-5)
+        assert not torch.allclose(fp, f, atol=1e-3)  # negative twin: features do move
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_aligner_is_equivariant_in_both_inputs_and_swap_symmetric(kind):
+    ref, other = batch_of(ARCHS[kind], 3, 0), batch_of(ARCHS[kind], 3, 10)
+    model = model_for(ref)
+    gen = torch.Generator().manual_seed(2)
+    g_ref, g_other = (random_permutation(perm_spec(ref), gen, batch=3) for _ in range(2))
+    base = predict(model, ref, other)
+    moved_ref = predict(model, apply_permutation(ref, g_ref), other)
+    moved_other = predict(model, ref, apply_permutation(other, g_other))
+    for g in model.groups:
+        assert torch.equal(moved_ref[g], compose(base, g_ref)[g])
+        assert torch.equal(moved_other[g], compose(invert(g_other), base)[g])
+    logits, swapped = model(ref, other), model(other, ref)
+    assert all(torch.allclose(swapped[g], logits[g].mT) for g in model.groups)
+    assert not torch.equal(moved_ref[model.groups[0]], base[model.groups[0]])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_relu_rescaling_preserves_function(kind):
+    arch = ARCHS[kind]
+    ws = batch_of(arch, 2)
+    spec = perm_spec(ws)
+    gen = torch.Generator().manual_seed(3)
+    scales = {g: 0.5 + torch.rand(2, n, generator=gen) for g, n in spec.sizes.items()}
+    scaled = rescale_units(ws, spec, scales)
+    x = torch.randn(8, *arch.input_shape, generator=gen)
+    for b in range(2):
+        assert torch.allclose(forward(arch, scaled[b], x), forward(arch, ws[b], x), atol=1e-5)
+    one_sided = ws.map(lambda t: t)  # negative twin: scale incoming weights only
+    weights = list(one_sided.weights)
+    weights[0] = weights[0] * scales["h0"].view(2, -1, *[1] * (weights[0].ndim - 2))
+    broken = type(ws)(tuple(weights), ws.biases)
+    assert not torch.allclose(forward(arch, broken[0], x), forward(arch, ws[0], x), atol=1e-3)
+
+
+def test_augment_changes_weights_mildly():
+    ws = batch_of(ARCHS["mlp"], 2)
+    aug = augment(
+        ws, perm_spec(ws), AugmentCfg(0.01, 0.05, 0.1, 0.1), torch.Generator().manual_seed(0)
+    )
+    rel = (aug.flatten() - ws.flatten()).norm(dim=1) / ws.flatten().norm(dim=1)
+    assert ((rel > 0.01) & (rel < 0.6)).all()
+
+
+def small_cfg(epochs: int) -> AlignerCfg:
+    return AlignerCfg(
+        archs=["mlp"],
+        device="cpu",
+        seed=0,
+        epochs=epochs,
+        pairs_per_step=8,
+        lr=3e-3,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        sinkhorn_iterations=10,
+        tau=1.0,
+        images_per_step=64,
+        val_every=epochs,
+        val_pairs=4,
+        val_points=5,
+        model=MODEL,
+        augment=AugmentCfg(0.01, 0.05, 0.1, 0.0),
+        loss=LossCfg(1.0, 0.2, 1.0),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(digits):
+    net = NetCfg(
+        "mlp", [16, 16], [], "relu", 16, 4, 4, epochs=5, batch_size=64, lr=3e-3, weight_decay=0.0
+    )
+    arch = make_arch(net, digits)
+    seeds = list(range(24))
+    nets = train_batched(
+        arch,
+        stack([init_network(arch, s) for s in seeds]),
+        digits.train,
+        net,
+        seeds,
+        torch.device("cpu"),
+        progress=False,
+    )
+    records = [{"split": "train"}] * 16 + [{"split": "val"}] * 4 + [{"split": "test"}] * 4
+    return Zoo(arch, records, nets)
+
+
+def test_tiny_training_recovers_planted_permutations(tmp_path, tiny_zoo, digits):
+    torch.manual_seed(0)
+    cfg = small_cfg(epochs=30)
+    history = []
+    model, run = train(
+        tiny_zoo,
+        digits,
+        cfg,
+        torch.device("cpu"),
+        tmp_path / "state.pt",
+        "fp",
+        on_epoch=lambda e, m: history.append(m["supervised"]),
+        progress=False,
+    )
+    assert history[-1] < 0.5 * history[0]
+    metrics = validate(model, tiny_zoo, digits, cfg, torch.device("cpu"))
+    assert metrics["val_planted_recovery"] >= 0.95  # chance is 1/16
+    assert run["best_epoch"] == 29 and (tmp_path / "state.pt").is_file()
+
+    resumed, again = train(
+        tiny_zoo, digits, cfg, torch.device("cpu"), tmp_path / "state.pt", "fp", progress=False
+    )
+    assert again["best_val_loss_barrier"] == run["best_val_loss_barrier"]  # nothing retrained
+
+    path = tmp_path / "aligner.pt"
+    save_aligner(path, model, tiny_zoo.arch, {"note": "test"})
+    loaded, arch, meta = load_aligner(path)
+    test = tiny_zoo.nets[torch.tensor([20, 21])]
+    other = tiny_zoo.nets[torch.tensor([22, 23])]
+    assert arch == tiny_zoo.arch and meta == {"note": "test"}
+    first, second = predict(model, test, other), predict(loaded, test, other)
+    assert all(torch.equal(first[g], second[g]) for g in first)
+
+    methods = MethodsCfg(None, None, None, None, DeepAlignCfg([str(path)]))
+    problem = Problem.of(tiny_zoo.nets[20], tiny_zoo.nets[22], tiny_zoo.arch)
+    perm = align("deep_align", problem, methods).perm
+    x = as_input(tiny_zoo.arch, digits.test.x)
+    out = forward(tiny_zoo.arch, apply_permutation(tiny_zoo.nets[22], perm), x)
+    assert torch.allclose(out, forward(tiny_zoo.arch, tiny_zoo.nets[22], x), atol=1e-5)
+    planted = random_permutation(perm_spec(problem.ref), torch.Generator().manual_seed(5))
+    copy = apply_permutation(tiny_zoo.nets[20], planted)
+    found = align("deep_align", Problem.of(tiny_zoo.nets[20], copy), methods).perm
+    assert recovery(found, invert(planted)) >= 0.95
+
+    wrong = Problem.of(*[init_network(mlp_arch(64, [16, 12], 10, "relu"), s) for s in (0, 1)])
+    with pytest.raises(DeepAlignError, match="trained for another architecture"):
+        align("deep_align", wrong, methods)
+
+
+def test_corrupt_aligner_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "aligner.pt"
+    bad.write_text("nope")
+    with pytest.raises(DeepAlignError, match="aligner.pt: not a readable aligner checkpoint"):
+        load_aligner(bad)
+    with pytest.raises(DeepAlignError, match="no such aligner checkpoint"):
+        load_aligner(Path(tmp_path / "missing.pt"))
