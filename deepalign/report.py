@@ -76,3 +76,21 @@ def plot_curves(path: Path, curves: dict[str, list[Curve]], title: str) -> None:
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+def plot_curve_accuracy(path: Path, results: dict, title: str) -> None:
+    """Test accuracy vs t along each method's curve (solid) and straight line (dashed)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, (method, r) in enumerate(results.items()):
+        color = f"C{k}"
+        ax.plot(r.curve.t, r.curve.acc.mean(0), color=color, label=f"{method} curve")
+        ax.plot(r.linear.t, r.linear.acc.mean(0), color=color, linestyle="--", alpha=0.7)
+    ax.set(
+        xlabel="t",
+        ylabel="test accuracy (mean over pairs)",
+        title=f"{title}: Bezier curves (solid) vs straight lines (dashed)",
+    )
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)

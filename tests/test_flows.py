@@ -51,7 +51,14 @@ def test_zoo_flow_writes_zoo_metrics_and_mlflow_run(workdir):
         metrics=workdir / "metrics" / "zoo.json",
     )
     manifest = json.loads((workdir / "zoo" / "mlp" / "manifest.json").read_text())
-    assert [n["split"] for n in manifest["networks"]] == ["train", "train", "val", "val", "test", "test"]
+    assert [n["split"] for n in manifest["networks"]] == [
+        "train",
+        "train",
+        "val",
+        "val",
+        "test",
+        "test",
+    ]
     assert len(list((workdir / "zoo" / "cnn").glob("net-*.pt"))) == 6
     metrics = json.loads((workdir / "metrics" / "zoo.json").read_text())
     assert metrics == json.loads(json.dumps(summary))

@@ -1,0 +1,293 @@
+"""Mode-connectivity curves between aligned networks (Garipov et al. 2018; Tatro et al. 2020).
+
+A curve phi(t), t in [0, 1], joins two fixed endpoints A and B through one trainable control
+point theta:
+  bezier:   phi(t) = (1-t)^2 A + 2t(1-t) theta + t^2 B
+  polyline: phi(t) = A + 2t (theta - A) for t <= 1/2, theta + (2t-1)(B - theta) after
+With theta = (A + B) / 2 both are the straight line. Many pairs train at once: every tensor
+has a leading pair dimension, and the forward pass is vmapped.
+
+PAM (proximal alternating minimisation, Tatro et al.) alternates fitting theta with
+re-aligning B to the curve: weight matching of B against theta + rho * (current B), the
+proximal term keeping the permutation near the current one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from deepalign.align import Problem
+from deepalign.align.weight_matching import WeightMatchingCfg, weight_matching
+from deepalign.arch import Arch, as_input, forward_batched
+from deepalign.data import Split
+from deepalign.errors import DeepAlignError
+from deepalign.lmc import evaluate_networks
+from deepalign.permspec import Perm, apply_permutation, perm_spec
+from deepalign.weightspace import WeightSpace, lerp
+
+KINDS = ("bezier", "polyline")
+
+
+@dataclass(frozen=True)
+class CurveFitCfg:
+    kind: str  # bezier | polyline
+    epochs: int  # passes over the training split
+    batch_size: int
+    lr: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class PamCfg:
+    rounds: int  # curve fit / re-alignment alternations at most
+    rho: float  # proximal weight: how strongly the permutation stays put
+    eval_examples: int  # training images for the objective that accepts a round
+
+
+def _coefficients(kind: str, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Weights of A, theta and B at t: each (K,)."""
+    if kind == "bezier":
+        return (1 - t) ** 2, 2 * t * (1 - t), t**2
+    if kind == "polyline":
+        first = t <= 0.5
+        a = torch.where(first, 1 - 2 * t, torch.zeros_like(t))
+        b = torch.where(first, torch.zeros_like(t), 2 * t - 1)
+        return a, 1 - a - b, b
+    raise DeepAlignError(f"unknown curve kind '{kind}' (known: {', '.join(KINDS)})")
+
+
+def point(kind: str, a: WeightSpace, theta: WeightSpace, b: WeightSpace, t: Tensor) -> WeightSpace:
+    """phi(t) for K pairs at once: t (K,), every WeightSpace batched (K, ...)."""
+    ca, ct, cb = _coefficients(kind, t)
+
+    def mix(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+        shape = (-1, *[1] * (x.ndim - 1))
+        return ca.view(shape) * x + ct.view(shape) * y + cb.view(shape) * z
+
+    return WeightSpace.from_tensors(
+        [mix(*ts) for ts in zip(a.tensors(), theta.tensors(), b.tensors())]
+    )
+
+
+def midpoint(a: WeightSpace, b: WeightSpace) -> WeightSpace:
+    return lerp(a, b, 0.5)
+
+
+def fit(
+    arch: Arch,
+    a: WeightSpace,
+    b: WeightSpace,
+    data: Split,
+    cfg: CurveFitCfg,
+    theta: WeightSpace | None = None,
+) -> WeightSpace:
+    """Train the control points of K curves (endpoints fixed); one t per batch and pair."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    params = [t.detach().clone().requires_grad_() for t in (theta or midpoint(a, b)).tensors()]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    a, b = a.detach(), b.detach()
+    x, y = as_input(arch, data.x), data.y
+    for _ in range(cfg.epochs):
+        for idx in torch.randperm(len(y), generator=gen).split(cfg.batch_size):
+            t = torch.rand(a.batch_size, generator=gen)
+            phi = point(cfg.kind, a, WeightSpace.from_tensors(params), b, t)
+            logits = forward_batched(arch, phi, x[idx])  # (K, b, C)
+            loss = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(a.batch_size))
+            opt.zero_grad(set_to_none=True)
+            (loss * a.batch_size).backward()  # each pair's own mean loss
+            opt.step()
+    return WeightSpace.from_tensors([p.detach() for p in params])
+
+
+@dataclass(frozen=True)
+class CurveEval:
+    t: Tensor  # (T,)
+    loss: Tensor  # (K, T)
+    acc: Tensor  # (K, T)
+
+
+@torch.no_grad()
+def evaluate(
+    arch: Arch,
+    kind: str,
+    a: WeightSpace,
+    theta: WeightSpace,
+    b: WeightSpace,
+    split: Split,
+    points: int,
+) -> CurveEval:
+    """Loss and accuracy of every pair's curve on a grid of t."""
+    ts = torch.linspace(0, 1, points)
+    k = a.batch_size
+    losses, accs = [], []
+    for t in ts:
+        phi = point(kind, a, theta, b, t.expand(k))
+        loss, acc = evaluate_networks(arch, phi, split)
+        losses.append(loss)
+        accs.append(acc)
+    return CurveEval(ts, torch.stack(losses, 1), torch.stack(accs, 1))
+
+
+def curve_metrics(ev: CurveEval) -> dict[str, Tensor]:
+    """Per pair: mean/min accuracy and max loss along the curve, and its loss barrier."""
+    line = (1 - ev.t) * ev.loss[:, :1] + ev.t * ev.loss[:, -1:]
+    return {
+        "mean_acc": ev.acc.mean(1),
+        "min_acc": ev.acc.min(1).values,
+        "max_loss": ev.loss.max(1).values,
+        "curve_barrier": (ev.loss - line).max(1).values.clamp_min(0),
+    }
+
+
+@torch.no_grad()
+def objective(
+    arch: Arch,
+    kind: str,
+    a: WeightSpace,
+    theta: WeightSpace,
+    b: WeightSpace,
+    split: Split,
+    points: int = 9,
+) -> Tensor:
+    """Mean training loss along each curve on a fixed t grid: (K,)."""
+    return evaluate(arch, kind, a, theta, b, split, points).loss.mean(1)
+
+
+def _realign(a: WeightSpace, theta: WeightSpace, b: WeightSpace, perm: Perm, rho: float) -> Perm:
+    """Weight matching of B against theta + rho * (B as currently aligned), for one pair."""
+    spec = perm_spec(b)
+    current = apply_permutation(b, perm, spec)
+    target = WeightSpace.from_tensors(
+        [t + rho * c for t, c in zip(theta.tensors(), current.tensors())]
+    )
+    cfg = WeightMatchingCfg(max_iter=100, restarts=0, seed=0)
+    return weight_matching(Problem(spec, target, b), cfg, perm)
+
+
+def pam(
+    arch: Arch,
+    a: WeightSpace,
+    b_raw: WeightSpace,
+    perms: Perm,
+    data: Split,
+    fit_cfg: CurveFitCfg,
+    cfg: PamCfg,
+) -> tuple[Perm, WeightSpace, list[float]]:
+    """PAM for K pairs; a round is kept only if it lowers the training objective.
+
+    Returns the final permutations of B ((K, n) per group), control points, and the mean
+    objective after each accepted step (never increasing).
+    """
+    probe = Split(data.x[: cfg.eval_examples], data.y[: cfg.eval_examples])
+    b = apply_permutation(b_raw, perms)
+    theta = fit(arch, a, b, data, fit_cfg)
+    best = objective(arch, fit_cfg.kind, a, theta, b, probe)
+    history = [best.mean().item()]
+    for _ in range(cfg.rounds):
+        new = [
+            _realign(a[k], theta[k], b_raw[k], {g: p[k] for g, p in perms.items()}, cfg.rho)
+            for k in range(a.batch_size)
+        ]
+        new_perms = {g: torch.stack([p[g] for p in new]) for g in perms}
+        if all(torch.equal(new_perms[g], perms[g]) for g in perms):
+            break
+        new_b = apply_permutation(b_raw, new_perms)
+        new_theta = fit(arch, a, new_b, data, fit_cfg, theta=_carry(theta))
+        value = objective(arch, fit_cfg.kind, a, new_theta, new_b, probe)
+        better = value < best  # (K,): accept per pair
+        perms = {g: torch.where(better[:, None], new_perms[g], perms[g]) for g in perms}
+        theta = _select(better, new_theta, theta)
+        best = torch.minimum(value, best)
+        history.append(best.mean().item())
+        if not better.any():
+            break
+    return perms, theta, history
+
+
+def _carry(theta: WeightSpace) -> WeightSpace:
+    return theta.map(torch.clone)
+
+
+def _select(mask: Tensor, x: WeightSpace, y: WeightSpace) -> WeightSpace:
+    """Per pair, x where mask else y."""
+
+    def pick(a: Tensor, b: Tensor) -> Tensor:
+        return torch.where(mask.view(-1, *[1] * (a.ndim - 1)), a, b)
+
+    return WeightSpace.from_tensors([pick(a, b) for a, b in zip(x.tensors(), y.tensors())])
+
+
+@dataclass(frozen=True)
+class CurvesCfg:
+    """Section `curves` of params.yaml."""
+
+    archs: list[str]
+    methods: list[str]  # alignments (from the align stage) whose endpoints curves join
+    pam_from: str  # method whose alignment PAM starts from; "" skips PAM
+    pairs: int  # first K of the align stage's test pairs
+    points: int  # t grid of the evaluation
+    fit: CurveFitCfg
+    pam: PamCfg
+
+
+@dataclass(frozen=True)
+class CurveResult:
+    curve: CurveEval
+    linear: CurveEval
+    seconds: float  # fitting time for all K pairs
+
+
+def endpoints(
+    nets: WeightSpace, pairs: list[tuple[int, int]], perms: dict[str, Tensor]
+) -> tuple[WeightSpace, WeightSpace, WeightSpace]:
+    """A, B before alignment, and B aligned, for the first K pairs: batched (K, ...)."""
+    a = nets[torch.tensor([i for i, _ in pairs])]
+    b = nets[torch.tensor([j for _, j in pairs])]
+    k = len(pairs)
+    return a, b, apply_permutation(b, {g: p[:k] for g, p in perms.items()})
+
+
+def fit_and_evaluate(
+    arch: Arch, a: WeightSpace, b: WeightSpace, data_train: Split, data_test: Split, cfg: CurvesCfg
+) -> CurveResult:
+    """A curve per pair, scored against the straight line on the same t grid."""
+    start = time.perf_counter()
+    theta = fit(arch, a, b, data_train, cfg.fit)
+    seconds = time.perf_counter() - start
+    curve = evaluate(arch, cfg.fit.kind, a, theta, b, data_test, cfg.points)
+    linear = evaluate(arch, cfg.fit.kind, a, midpoint(a, b), b, data_test, cfg.points)
+    return CurveResult(curve, linear, seconds)
+
+
+def pam_and_evaluate(
+    arch: Arch,
+    a: WeightSpace,
+    b_raw: WeightSpace,
+    perms: Perm,
+    data_train: Split,
+    data_test: Split,
+    cfg: CurvesCfg,
+) -> tuple[CurveResult, list]:
+    """PAM from the given alignment, then the same scoring as `fit_and_evaluate`."""
+    start = time.perf_counter()
+    perms, theta, history = pam(arch, a, b_raw, perms, data_train, cfg.fit, cfg.pam)
+    seconds = time.perf_counter() - start
+    b = apply_permutation(b_raw, perms)
+    curve = evaluate(arch, cfg.fit.kind, a, theta, b, data_test, cfg.points)
+    linear = evaluate(arch, cfg.fit.kind, a, midpoint(a, b), b, data_test, cfg.points)
+    return CurveResult(curve, linear, seconds), history
+
+
+def summarize_curves(result: CurveResult) -> dict[str, float]:
+    """Mean over pairs of the curve's and the straight line's metrics."""
+    curve, linear = curve_metrics(result.curve), curve_metrics(result.linear)
+    out = {k: v.mean().item() for k, v in curve.items()}
+    out |= {f"linear_{k}": v.mean().item() for k, v in linear.items()}
+    out["min_acc_worst_pair"] = curve["min_acc"].min().item()
+    out["seconds_to_fit"] = result.seconds
+    return out
