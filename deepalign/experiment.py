@@ -12,7 +12,7 @@ from deepalign.data import DataCfg, Dataset
 from deepalign.lmc import Curve, barriers, interpolate
 from deepalign.pairs import MethodRun, Zoo, align_pairs, planted_recoveries, ring_pairs
 from deepalign.permspec import apply_permutation
-from deepalign.report import summarize_pairs
+from deepalign.report import paired_bootstrap, summarize_pairs
 
 BARRIER_KEYS = (
     "loss_barrier",
@@ -39,14 +39,43 @@ class AlignCfg(MethodsCfg):
 @dataclass(frozen=True)
 class EvaluateCfg:
     points: int  # lambda grid, both ends included (odd, so 0.5 is on it)
+    compare: list[list[str]]  # [a, b]: paired difference of loss barriers a - b over pairs
+    bootstrap: int  # resamples of the pairs for the 95% interval
+
+
+def paired_comparisons(rows: list[dict], cfg: EvaluateCfg) -> dict[str, dict]:
+    """Per architecture and [a, b] in cfg.compare: mean of a - b with a bootstrap interval.
+
+    Pairs share networks (ring pairs), so the intervals are somewhat optimistic.
+    """
+    out: dict[str, dict] = {}
+    for arch in dict.fromkeys(r["arch"] for r in rows):
+        by_method: dict[str, list[float]] = {}
+        for r in rows:
+            if r["arch"] == arch:
+                by_method.setdefault(r["method"], []).append(r["loss_barrier"])
+        out[arch] = {
+            f"{a} - {b}": paired_bootstrap(by_method[a], by_method[b], cfg.bootstrap)
+            for a, b in cfg.compare
+            if a in by_method and b in by_method
+        }
+    return out
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
 
 
 def run_fingerprint(method: str, cfg: AlignCfg, data: DataCfg, manifest: Path) -> str:
     """Everything that determines a method's saved alignment."""
-    settings = {s: asdict(getattr(cfg, s)) for s in parse_method(method) if hasattr(cfg, s)}
+    steps = parse_method(method)
+    settings = {s: asdict(getattr(cfg, s)) for s in steps if hasattr(cfg, s)}
+    files = [Path(p) for p in cfg.deep_align.checkpoints] if "deep_align" in steps else []
+    files += sorted(Path(__file__).parent.joinpath("align").glob("*.py"))  # the aligners' code
     record = {
         "method": method,
         "settings": settings,
+        "files": {str(f): _sha(f) for f in files},
         "pairs": cfg.pairs,
         "planted": [cfg.planted_pairs, cfg.planted_noise, cfg.seed],
         "data": asdict(data),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import io
 from pathlib import Path
 
@@ -94,3 +96,99 @@ def plot_curve_accuracy(path: Path, results: dict, title: str) -> None:
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+def _table(rows: dict[str, dict[str, float]], columns: list[str]) -> str:
+    """An HTML table: one row per key, the given metric columns (missing ones blank)."""
+    head = "".join(f"<th>{c}</th>" for c in ["", *columns])
+    body = ""
+    for name, values in rows.items():
+        cells = "".join(
+            f"<td>{values[c]:.4g}</td>" if c in values else "<td></td>" for c in columns
+        )
+        body += f"<tr><th>{html.escape(name)}</th>{cells}</tr>"
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _image(path: Path) -> str:
+    if not path.is_file():
+        return f"<p><em>{html.escape(path.name)} missing</em></p>"
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
+
+
+BARRIER_COLUMNS = [
+    "loss_barrier_mean",
+    "loss_barrier_std",
+    "acc_barrier_mean",
+    "loss_auc_mean",
+    "merged_acc_mean",
+    "seconds_per_pair_mean",
+    "planted_recovery_mean",
+]
+CURVE_COLUMNS = [
+    "mean_acc",
+    "min_acc",
+    "max_loss",
+    "curve_barrier",
+    "linear_mean_acc",
+    "linear_min_acc",
+    "linear_curve_barrier",
+    "seconds_to_fit",
+]
+ZOO_COLUMNS = [
+    "n_networks",
+    "test_acc_mean",
+    "test_acc_std",
+    "test_acc_min",
+    "train_seconds",
+    "networks_per_second",
+]
+
+
+def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign report") -> str:
+    """A self-contained page (inline CSS, embedded PNGs) of every stage's results."""
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        "<h2>Model zoo</h2>",
+        _table(metrics.get("zoo", {}), ZOO_COLUMNS),
+    ]
+    for arch, methods in metrics.get("evaluate", {}).items():
+        parts += [
+            f"<h2>Linear interpolation: {arch} (test pairs, mean over pairs)</h2>",
+            _table(methods, BARRIER_COLUMNS),
+            _image(plots / f"interpolation_{arch}.png"),
+        ]
+    for arch, methods in metrics.get("curves", {}).items():
+        parts += [
+            f"<h2>Bezier curves: {arch}</h2>",
+            _table(methods, CURVE_COLUMNS),
+            _image(plots / f"curves_{arch}.png"),
+        ]
+    if "train_aligner" in metrics:
+        parts += [
+            "<h2>DEEP-ALIGN training</h2>",
+            _table(
+                metrics["train_aligner"],
+                ["train_seconds", "best_epoch", "best_val_loss_barrier", "device_cuda"],
+            ),
+        ]
+    bench = metrics.get("bench", {})
+    if bench:
+        parts += [
+            "<h2>Timings</h2>",
+            _table(
+                {k: v for k, v in bench.items() if k.startswith("train_")},
+                ["one_by_one_nets_per_s", "batched_nets_per_s", "speedup"],
+            ),
+            _table(bench.get("weight_matching", {}), ["seconds_per_pair", "sweeps"]),
+        ]
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:"
+        "collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "img{max-width:100%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+    )

@@ -5,13 +5,15 @@ Importing this package sets offline, quiet defaults before Prefect or MLflow loa
 
 import logging
 import os
+from pathlib import Path
 
 _DEFAULTS = {
     "DO_NOT_TRACK": "true",  # Prefect SDK and MLflow telemetry (MLflow wants the literal "true")
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # Prefect server telemetry
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DVC_NO_ANALYTICS": "1",
-    "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
+    # absolute, so Dask workers and `dvc exp run --temp` copies log to the project's store
+    "MLFLOW_TRACKING_URI": f"sqlite:///{Path.cwd() / 'mlflow.db'}",
     "PREFECT_LOGGING_LEVEL": "WARNING",  # otherwise ~6 INFO lines per flow inside `dvc repro`
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",

@@ -55,9 +55,12 @@ def align(
         parse_method(method)  # unknown names fail before any work
     data = load_dataset(data_cfg)
     with stage_run("align", data_cfg, cfg) as run:
-        for arch in cfg.archs:
-            for method in cfg.methods:
-                align_method(method, arch, zoo, out, data, data_cfg, cfg, run.info.run_id)
+        futures = [
+            align_method.submit(method, arch, zoo, out, data, data_cfg, cfg, run.info.run_id)
+            for arch in cfg.archs
+            for method in cfg.methods
+        ]
+        [f.result() for f in futures]  # fan-out: one task per architecture and method
 
 
 if __name__ == "__main__":

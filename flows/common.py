@@ -10,12 +10,16 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
 import typer
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from deepalign.config import load_section
 from deepalign.errors import DeepAlignError
 from deepalign.io import write_json
 
@@ -80,6 +84,39 @@ def log_metrics_file(path: Path, metrics: dict) -> None:
     mlflow.log_artifact(str(path))
 
 
+@dataclass(frozen=True)
+class RunnerCfg:
+    """Section `runner`: where the stages' tasks (groups of networks, methods) run."""
+
+    kind: str  # threads | dask
+    workers: int  # threads, or local Dask worker processes
+    address: str  # a Dask scheduler (tcp://host:8786); "" starts a local cluster
+
+
+def task_runner(cfg: RunnerCfg) -> TaskRunner:
+    """Prefect's thread pool, or a DaskTaskRunner on a given or a local 127.0.0.1 cluster."""
+    if cfg.kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=cfg.workers)
+    if cfg.kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if cfg.address:
+            return DaskTaskRunner(address=cfg.address)
+        threads = str(torch.get_num_threads())
+        local = {
+            "n_workers": cfg.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": None,
+            # Dask pins workers to 1 BLAS thread; use this process's count so the float
+            # arithmetic, and hence the trained networks, match the thread runner's
+            "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+        }
+        return DaskTaskRunner(cluster_kwargs=local)
+    raise DeepAlignError(f"runner.kind '{cfg.kind}' is unknown (known: threads, dask)")
+
+
 def cli(flow: Callable[..., Any]) -> None:
     """Run a flow from the command line: its parameters become options, plus --debug.
 
@@ -88,7 +125,10 @@ def cli(flow: Callable[..., Any]) -> None:
 
     def main(debug: bool = typer.Option(False, help="Show tracebacks."), **kwargs: Any) -> None:
         try:
-            flow(**kwargs)
+            runner = task_runner(
+                load_section("runner", RunnerCfg, kwargs.get("params", "params.yaml"))
+            )
+            flow.with_options(task_runner=runner)(**kwargs)
         except DeepAlignError as e:
             if debug:
                 raise

@@ -14,7 +14,13 @@ import flows  # noqa: F401  (offline defaults first)
 from deepalign.config import load_section
 from deepalign.data import DataCfg, Dataset, load_dataset
 from deepalign.errors import DeepAlignError
-from deepalign.experiment import AlignCfg, EvaluateCfg, method_metrics, pair_curves
+from deepalign.experiment import (
+    AlignCfg,
+    EvaluateCfg,
+    method_metrics,
+    pair_curves,
+    paired_comparisons,
+)
 from deepalign.io import write_atomic
 from deepalign.pairs import load_run, load_zoo
 from deepalign.report import plot_curves, write_curves_csv
@@ -78,13 +84,18 @@ def evaluate(
     data = load_dataset(data_cfg)
     summary, rows = {}, []
     with stage_run("evaluate", cfg, align_cfg) as run:
-        for arch in align_cfg.archs:
-            summary[arch], arch_rows = evaluate_arch(
+        futures = {
+            arch: evaluate_arch.submit(
                 arch, align_cfg.methods, zoo, aligned, plots, data, cfg, run.info.run_id
             )
+            for arch in align_cfg.archs
+        }
+        for arch, future in futures.items():  # fan-out: one task per architecture
+            summary[arch], arch_rows = future.result()
             rows += arch_rows
         write_rows(plots / "pairs.csv", rows)
         log_metrics_file(metrics, summary)
+        log_metrics_file(metrics.with_name("compare.json"), paired_comparisons(rows, cfg))
         mlflow.log_artifacts(str(plots), artifact_path="plots")
     return summary
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -12,7 +13,7 @@ import flows  # noqa: F401  (offline defaults first)
 from deepalign.config import load_section
 from deepalign.data import DataCfg, Dataset, load_dataset
 from deepalign.deep_align.checkpoint import save_aligner
-from deepalign.deep_align.train import AlignerCfg, fingerprint, train
+from deepalign.deep_align.train import AlignerCfg, augmented_recovery, fingerprint, train
 from deepalign.pairs import load_zoo
 from deepalign.zoo import resolve_device
 from flows.common import cli, log_metrics_file, stage_run
@@ -36,6 +37,10 @@ def train_one_arch(
             out / f"{arch}.state.pt",
             fp,
             on_epoch=lambda epoch, m: mlflow.log_metrics(m, step=epoch),
+        )
+        test = zoo.nets[torch.tensor(zoo.indices("test"))].to(device)
+        run["test_planted_recovery_augmented"] = augmented_recovery(
+            model, test, cfg.augment, seed=1
         )
         path = out / f"{arch}.pt"
         meta = {"fingerprint": fp, "device": str(device)} | run

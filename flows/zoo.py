@@ -79,8 +79,8 @@ def zoo(
         for name, net in cfg.archs.items():
             todo = pending(name, net, data, data_cfg, cfg, out)
             groups = [todo[i : i + cfg.chunk_size] for i in range(0, len(todo), cfg.chunk_size)]
-            for group in groups:
-                train_group(name, net, data, data_cfg, cfg, group, out)
+            futures = [train_group.submit(name, net, data, data_cfg, cfg, g, out) for g in groups]
+            [f.result() for f in futures]  # fan-out: one task per group of networks
             records = finish(name, net, data, cfg, out)
             summary[name] = summarize(records, len(todo))
         log_metrics_file(metrics, summary)

@@ -2,14 +2,21 @@
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import mlflow
 import pytest
+import torch
 import yaml
 from prefect.testing.utilities import prefect_test_harness
+
+from tests.tiny import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,20 +30,7 @@ def prefect_server():
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A tiny params.yaml (both architectures) and an MLflow store in tmp_path."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for net in params["zoo"]["archs"].values():
-        net.update(n_train=2, n_val=2, n_test=2, epochs=1)
-        net["hidden"] = net["hidden"][:2]
-        net["strides"] = net["strides"][:2]
-    params["zoo"]["chunk_size"] = 3
-    params["aligner"].update(epochs=2, val_every=1, val_pairs=2, pairs_per_step=2)
-    params["aligner"]["model"].update(dim=8, head_dim=8, rounds=1)
-    params["align"].update(
-        pairs=2, planted_pairs=1, methods=["naive", "weight_matching", "deep_align+weight_matching"]
-    )
-    params["align"]["ste"]["steps"] = 2
-    params["align"]["sinkhorn"]["steps"] = 2
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -124,3 +118,108 @@ def test_train_align_evaluate_flows_chain(workdir):
     assert len((workdir / "plots" / "pairs.csv").read_text().splitlines()) == 1 + 2 * 3 * 2
     stages = set(mlflow.search_runs(experiment_names=["deepalign"])["tags.stage"].dropna())
     assert {"zoo", "train_aligner", "align", "evaluate"} <= stages
+
+
+def test_dask_runner_gives_the_same_zoo_and_alignment(workdir):
+    from flows.align import align
+    from flows.common import RunnerCfg, task_runner
+    from flows.zoo import zoo
+
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["align"].update(archs=["mlp"], methods=["naive", "weight_matching"])
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    results = {}
+    # the default runner (one thread: torch calls from two threads at once share its pool and
+    # can split reductions differently) against two local Dask worker processes
+    for kind, workers in (("threads", 1), ("dask", 2)):
+        runner = task_runner(RunnerCfg(kind=kind, workers=workers, address=""))
+        out = workdir / kind
+        metrics = zoo.with_options(task_runner=runner)(
+            params=workdir / "params.yaml", out=out / "zoo", metrics=out / "zoo.json"
+        )
+        align.with_options(task_runner=task_runner(RunnerCfg(kind, workers, "")))(
+            params=workdir / "params.yaml", zoo=out / "zoo", out=out / "aligned"
+        )
+        run = torch.load(out / "aligned" / "mlp" / "weight_matching.pt", weights_only=True)
+        results[kind] = (metrics, run["perms"], run["objective"])
+    (m_threads, p_threads, o_threads), (m_dask, p_dask, o_dask) = results.values()
+    for arch in ("mlp", "cnn"):
+        assert m_dask[arch]["test_acc_mean"] == pytest.approx(
+            m_threads[arch]["test_acc_mean"], abs=1e-6
+        )
+    assert all(torch.equal(p_threads[g], p_dask[g]) for g in p_threads)
+    assert torch.allclose(o_threads, o_dask)
+
+
+def test_killed_zoo_stage_resumes_without_losing_work(workdir):
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["zoo"]["archs"]["mlp"].update(n_train=8, epochs=40)
+    params["zoo"]["chunk_size"] = 2
+    del params["zoo"]["archs"]["cnn"]
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.zoo",
+        "--params",
+        "params.yaml",
+        "--out",
+        "zoo",
+        "--metrics",
+        "zoo.json",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while len(list((workdir / "zoo" / "mlp").glob("net-*.pt"))) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = sorted((workdir / "zoo" / "mlp").glob("net-*.pt"))
+    assert 2 <= len(kept) < 12 and not list((workdir / "zoo" / "mlp").glob(".*.tmp"))
+    done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((workdir / "zoo.json").read_text())["mlp"]
+    assert metrics["n_networks"] == 12 and metrics["trained_this_run"] == 12 - len(kept)
+
+
+def test_report_renders_self_contained_html(workdir):
+    from flows.report import report
+
+    test_train_align_evaluate_flows_chain(workdir)
+    (workdir / "metrics").mkdir()
+    for name in ("zoo", "train_aligner", "evaluate"):
+        (workdir / "metrics" / f"{name}.json").write_text((workdir / f"{name}.json").read_text())
+    page_path = report(
+        params=workdir / "params.yaml",
+        metrics=workdir / "metrics",
+        plots=workdir / "plots",
+        out=workdir / "report" / "index.html",
+    )
+    page = page_path.read_text()
+    assert page.count("data:image/png;base64,") == 2 and "http" not in page
+    assert "weight_matching" in page and "Model zoo" in page
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no headless Chromium here (CI installs it)")
+    shot = workdir / "report.png"
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--no-first-run",
+            f"--user-data-dir={workdir / 'chrome'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,2000",
+            page_path.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+    pixels = plt.imread(shot)
+    assert pixels.shape[0] == 2000 and pixels.std() > 0.05  # something was drawn

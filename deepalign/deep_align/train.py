@@ -144,13 +144,21 @@ def validate(
         barriers(interpolate(zoo.arch, ref[k], aligned[k], split, cfg.val_points))["loss_barrier"]
         for k in range(len(pairs))
     ]
-    copies, truth = planted_copies(
-        ref, perm_spec(ref), cfg.augment, torch.Generator().manual_seed(0)
-    )
-    planted = predict(model, ref, copies)
-    rec = recovery({g: p.cpu() for g, p in planted.items()}, {g: t.cpu() for g, t in truth.items()})
+    rec = augmented_recovery(model, ref, cfg.augment, seed=0)
     model.train()
     return {"val_loss_barrier": sum(found) / len(found), "val_planted_recovery": rec}
+
+
+@torch.no_grad()
+def augmented_recovery(
+    model: DeepAlign, nets: WeightSpace, augment: AugmentCfg, seed: int
+) -> float:
+    """Fraction of hidden units recovered on augmented, permuted copies of `nets`."""
+    copies, truth = planted_copies(
+        nets, perm_spec(nets), augment, torch.Generator().manual_seed(seed)
+    )
+    found = predict(model, nets, copies)
+    return recovery({g: p.cpu() for g, p in found.items()}, {g: t.cpu() for g, t in truth.items()})
 
 
 def fingerprint(cfg: AlignerCfg, arch: Arch, manifest: Path, data: Dataset) -> str:

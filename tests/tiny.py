@@ -1,0 +1,29 @@
+"""A tiny configuration for flow tests: the repository's params.yaml, shrunk."""
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_params() -> dict:
+    """The repository's params.yaml shrunk to seconds of work (same keys, real code paths)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for net in params["zoo"]["archs"].values():
+        net.update(n_train=2, n_val=2, n_test=2, epochs=1)
+        net["hidden"] = net["hidden"][:2]
+        net["strides"] = net["strides"][:2]
+    params["zoo"]["chunk_size"] = 3
+    params["bench"].update(n_one_by_one=1, n_batched=2, wm_widths=[8], wm_pairs=1)
+    params["aligner"].update(epochs=2, val_every=1, val_pairs=2, pairs_per_step=2)
+    params["aligner"]["model"].update(dim=8, head_dim=8, rounds=1)
+    params["align"].update(
+        pairs=2, planted_pairs=1, methods=["naive", "weight_matching", "deep_align+weight_matching"]
+    )
+    params["align"]["ste"]["steps"] = 2
+    params["align"]["sinkhorn"]["steps"] = 2
+    params["curves"].update(methods=["naive", "weight_matching"], pairs=2)
+    params["curves"]["fit"]["epochs"] = 1
+    params["curves"]["pam"]["rounds"] = 1
+    return params
