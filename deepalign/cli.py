@@ -15,16 +15,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from deepalign import curves as mc
 from deepalign import lmc
 from deepalign.align import MethodsCfg, Problem, parse_method
 from deepalign.align import align as align_pair
-from deepalign.arch import Arch
+from deepalign.align.deep_align import DeepAlignCfg
+from deepalign.arch import Arch, state_dict_from_weightspace
 from deepalign.config import load_section
 from deepalign.data import DataCfg, Dataset, load_dataset
 from deepalign.errors import DeepAlignError
-from deepalign.io import Checkpoint, load_checkpoint, save_like
+from deepalign.io import Checkpoint, load_checkpoint, save_like, write_atomic
 from deepalign.permspec import apply_permutation, perm_spec, random_permutation
-from deepalign.weightspace import check_same_shapes
+from deepalign.weightspace import check_same_shapes, stack
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -108,6 +110,20 @@ def _pair(ref: Path, other: Path, data: Dataset | None) -> tuple[Checkpoint, Che
     return a, b, arch
 
 
+def _align(
+    ref: Path, other: Path, method: str, data: str | None, params: Path, aligner: Path | None
+):
+    """Load, check and align one pair with the settings of params.yaml."""
+    parse_method(method)
+    cfg = load_section("align", MethodsCfg, params, allow_extra=True)
+    if aligner is not None:
+        cfg = dataclasses.replace(cfg, deep_align=DeepAlignCfg([str(aligner)]))
+    dataset = _data(data, params)
+    a, b, arch = _pair(ref, other, dataset)
+    problem = Problem.of(a.ws, b.ws, arch, dataset.train if dataset else None)
+    return a, b, arch, problem, align_pair(method, problem, cfg)
+
+
 @app.command("align")
 @friendly
 def align_cmd(
@@ -117,14 +133,10 @@ def align_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="OTHER permuted into REF's basis."),
     data: str | None = typer.Option(None, help="Data set for data-driven methods (digits)."),
     params: Path = typer.Option(Path("params.yaml"), help="Method settings: section `align`."),
+    aligner: Path | None = typer.Option(None, help="DEEP-ALIGN checkpoint for deep_align."),
 ) -> None:
     """Permute OTHER's hidden units to match REF; the output computes OTHER's function."""
-    parse_method(method)
-    cfg = load_section("align", MethodsCfg, params, allow_extra=True)
-    dataset = _data(data, params)
-    a, b, arch = _pair(ref, other, dataset)
-    problem = Problem.of(a.ws, b.ws, arch, dataset.train if dataset else None)
-    result = align_pair(method, problem, cfg)
+    a, b, arch, problem, result = _align(ref, other, method, data, params, aligner)
     aligned = apply_permutation(b.ws, result.perm, problem.spec)
     save_like(out, b, aligned, {"aligned_to": str(ref), "method": method})
     before = (a.ws.flatten() - b.ws.flatten()).norm().item()
@@ -167,3 +179,38 @@ def interpolate(
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4f}")
     console.print(table)
+
+
+@app.command()
+@friendly
+def curve(
+    ref: Path,
+    other: Path,
+    method: str = typer.Option("weight_matching", help="Alignment of OTHER before the curve."),
+    data: str = typer.Option("digits", help="Train split fits the curve, test split scores it."),
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write the curve."),
+    params: Path = typer.Option(Path("params.yaml"), help="Sections `align` and `curves`."),
+    aligner: Path | None = typer.Option(None, help="DEEP-ALIGN checkpoint for deep_align."),
+) -> None:
+    """Fit a Bezier curve from REF to aligned OTHER and compare it with the straight line."""
+    cfg = load_section("curves", mc.CurvesCfg, params)
+    a, b, arch, problem, result = _align(ref, other, method, data, params, aligner)
+    dataset = _data(data, params)
+    ends = stack([a.ws]), stack([apply_permutation(b.ws, result.perm, problem.spec)])
+    fitted = mc.fit_and_evaluate(arch, *ends, dataset.train, dataset.test, cfg)
+    metrics = mc.summarize_curves(fitted)
+    theta = fitted.theta[0]
+    blob = {
+        "format": "deepalign-curve/1",
+        "kind": cfg.fit.kind,
+        "arch": arch.to_dict(),
+        "endpoints": [state_dict_from_weightspace(arch, w[0]) for w in ends],
+        "control": state_dict_from_weightspace(arch, theta),
+        "metrics": metrics,
+    }
+    write_atomic(out, lambda tmp: torch.save(blob, tmp))
+    table = Table("", "curve", "straight line", title=f"{method}-aligned, {data} test")
+    for key in ("mean_acc", "min_acc", "max_loss", "curve_barrier"):
+        table.add_row(key, f"{metrics[key]:.4f}", f"{metrics['linear_' + key]:.4f}")
+    console.print(table)
+    console.print(f"fitted in {metrics['seconds_to_fit']:.1f} s; wrote {out}")

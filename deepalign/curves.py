@@ -240,6 +240,7 @@ class CurveResult:
     curve: CurveEval
     linear: CurveEval
     seconds: float  # fitting time for all K pairs
+    theta: WeightSpace  # the fitted control points (K, ...)
 
 
 def endpoints(
@@ -261,7 +262,7 @@ def fit_and_evaluate(
     seconds = time.perf_counter() - start
     curve = evaluate(arch, cfg.fit.kind, a, theta, b, data_test, cfg.points)
     linear = evaluate(arch, cfg.fit.kind, a, midpoint(a, b), b, data_test, cfg.points)
-    return CurveResult(curve, linear, seconds)
+    return CurveResult(curve, linear, seconds, theta)
 
 
 def pam_and_evaluate(
@@ -280,7 +281,7 @@ def pam_and_evaluate(
     b = apply_permutation(b_raw, perms)
     curve = evaluate(arch, cfg.fit.kind, a, theta, b, data_test, cfg.points)
     linear = evaluate(arch, cfg.fit.kind, a, midpoint(a, b), b, data_test, cfg.points)
-    return CurveResult(curve, linear, seconds), history
+    return CurveResult(curve, linear, seconds, theta), history
 
 
 def summarize_curves(result: CurveResult) -> dict[str, float]:

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 from typer.testing import CliRunner
 
@@ -119,3 +120,28 @@ def test_interpolate_json_on_plain_state_dicts(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)
     assert len(metrics["loss"]) == 5 and metrics["loss_barrier"] >= 0
+
+
+def test_curve_command_fits_and_reports(tmp_path, mlp):
+    arch, ref = mlp
+    save_checkpoint(tmp_path / "ref.pt", arch, ref)
+    save_checkpoint(tmp_path / "other.pt", arch, init_network(arch, 3))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["curves"]["fit"]["epochs"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "curve.pt"
+    args = [
+        "curve",
+        str(tmp_path / "ref.pt"),
+        str(tmp_path / "other.pt"),
+        "-o",
+        str(out),
+        "--params",
+        str(tmp_path / "params.yaml"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "min_acc" in result.output and "curve_barrier" in result.output
+    blob = torch.load(out, weights_only=True)
+    assert blob["metrics"]["curve_barrier"] <= blob["metrics"]["linear_curve_barrier"] + 1e-6
+    assert torch.equal(blob["endpoints"][0]["0.weight"], ref.weights[0])
