@@ -102,15 +102,15 @@ def task_runner(cfg: RunnerCfg) -> TaskRunner:
 
         if cfg.address:
             return DaskTaskRunner(address=cfg.address)
-        threads = str(torch.get_num_threads())
+        threads = str(max(1, torch.get_num_threads() // cfg.workers))  # no oversubscription
         local = {
             "n_workers": cfg.workers,
             "threads_per_worker": 1,
             "processes": True,
             "host": "127.0.0.1",
             "dashboard_address": None,
-            # Dask pins workers to 1 BLAS thread; use this process's count so the float
-            # arithmetic, and hence the trained networks, match the thread runner's
+            # Dask pins workers to 1 BLAS thread; share this machine's cores instead (with one
+            # worker its arithmetic, hence its networks, match the thread runner's exactly)
             "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
         }
         return DaskTaskRunner(cluster_kwargs=local)

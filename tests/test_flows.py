@@ -130,8 +130,9 @@ def test_dask_runner_gives_the_same_zoo_and_alignment(workdir):
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     results = {}
     # the default runner (one thread: torch calls from two threads at once share its pool and
-    # can split reductions differently) against two local Dask worker processes
-    for kind, workers in (("threads", 1), ("dask", 2)):
+    # can split reductions differently) against a local Dask worker process with the same
+    # number of torch threads, so the float arithmetic is the same
+    for kind, workers in (("threads", 1), ("dask", 1)):
         runner = task_runner(RunnerCfg(kind=kind, workers=workers, address=""))
         out = workdir / kind
         metrics = zoo.with_options(task_runner=runner)(
