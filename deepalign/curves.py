@@ -292,3 +292,21 @@ def summarize_curves(result: CurveResult) -> dict[str, float]:
     out["min_acc_worst_pair"] = curve["min_acc"].min().item()
     out["seconds_to_fit"] = result.seconds
     return out
+
+
+def curve_rows(results: dict[str, CurveResult]) -> list[dict]:
+    """Mean test accuracy and loss along each method's curve and straight line, per t."""
+    rows = []
+    for method, r in results.items():
+        columns = {
+            "curve_acc": r.curve.acc.mean(0),
+            "linear_acc": r.linear.acc.mean(0),
+            "curve_loss": r.curve.loss.mean(0),
+            "linear_loss": r.linear.loss.mean(0),
+        }
+        for k, t in enumerate(r.curve.t.tolist()):
+            rows.append(
+                {"method": method, "t": round(t, 4)}
+                | {name: round(c[k].item(), 6) for name, c in columns.items()}
+            )
+    return rows

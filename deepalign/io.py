@@ -7,6 +7,8 @@ A bare `nn.Sequential` state_dict is accepted too; its architecture is inferred 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import pickle
@@ -65,6 +67,15 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows of equal keys as a CSV file (header from the first row), written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, lambda tmp: tmp.write_text(buf.getvalue()))
 
 
 def save_checkpoint(path: Path, arch: Arch, ws: WeightSpace, meta: dict | None = None) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import io
 from pathlib import Path
 
 import matplotlib
@@ -49,17 +47,22 @@ def paired_bootstrap(
     }
 
 
-def write_curves_csv(path: Path, curves: dict[str, list[Curve]]) -> None:
-    """Mean curve per method: rows (method, lambda, loss, acc) for `dvc plots`."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["method", "lambda", "test_loss", "test_acc"])
+def interpolation_rows(curves: dict[str, list[Curve]]) -> list[dict]:
+    """Mean curve per method: rows (method, lambda, test_loss, test_acc) for `dvc plots`."""
+    rows = []
     for method, cs in curves.items():
         loss = torch.stack([c.loss for c in cs]).mean(0)
         acc = torch.stack([c.acc for c in cs]).mean(0)
         for lam, lo, ac in zip(cs[0].lambdas.tolist(), loss.tolist(), acc.tolist()):
-            writer.writerow([method, f"{lam:.4f}", f"{lo:.6f}", f"{ac:.6f}"])
-    write_atomic(path, lambda tmp: tmp.write_text(buf.getvalue()))
+            rows.append(
+                {
+                    "method": method,
+                    "lambda": round(lam, 4),
+                    "test_loss": round(lo, 6),
+                    "test_acc": round(ac, 6),
+                }
+            )
+    return rows
 
 
 def plot_curves(path: Path, curves: dict[str, list[Curve]], title: str) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import mlflow
@@ -14,8 +12,8 @@ from prefect.cache_policies import NO_CACHE
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.config import load_section
 from deepalign.curves import (
-    CurveResult,
     CurvesCfg,
+    curve_rows,
     endpoints,
     fit_and_evaluate,
     pam_and_evaluate,
@@ -23,7 +21,7 @@ from deepalign.curves import (
 )
 from deepalign.data import DataCfg, Dataset, load_dataset
 from deepalign.errors import DeepAlignError
-from deepalign.io import write_atomic
+from deepalign.io import write_csv
 from deepalign.pairs import load_run, load_zoo
 from deepalign.report import plot_curve_accuracy
 from flows.common import cli, log_metrics_file, stage_run
@@ -60,26 +58,9 @@ def curves_for_arch(
         with mlflow.start_run(run_name=f"{arch}/{method}", nested=True, parent_run_id=parent):
             mlflow.log_params({"arch": arch, "method": method})
             mlflow.log_metrics(metrics)
-    write_csv(plots / f"curves_{arch}.csv", results)
+    write_csv(plots / f"curves_{arch}.csv", curve_rows(results))
     plot_curve_accuracy(plots / f"curves_{arch}.png", results, f"digits {arch}")
     return summary
-
-
-def write_csv(path: Path, results: dict[str, CurveResult]) -> None:
-    """Mean test accuracy and loss along each method's curve and straight line."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["method", "t", "curve_acc", "linear_acc", "curve_loss", "linear_loss"])
-    for method, r in results.items():
-        columns = [
-            r.curve.acc.mean(0),
-            r.linear.acc.mean(0),
-            r.curve.loss.mean(0),
-            r.linear.loss.mean(0),
-        ]
-        for k, t in enumerate(r.curve.t.tolist()):
-            writer.writerow([method, f"{t:.4f}", *(f"{c[k].item():.6f}" for c in columns)])
-    write_atomic(path, lambda tmp: tmp.write_text(buf.getvalue()))
 
 
 @flow(name="curves")

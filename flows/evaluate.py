@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import mlflow
@@ -21,9 +19,9 @@ from deepalign.experiment import (
     pair_curves,
     paired_comparisons,
 )
-from deepalign.io import write_atomic
+from deepalign.io import write_csv
 from deepalign.pairs import load_run, load_zoo
-from deepalign.report import plot_curves, write_curves_csv
+from deepalign.report import interpolation_rows, plot_curves
 from flows.common import cli, log_metrics_file, stage_run
 
 
@@ -54,17 +52,9 @@ def evaluate_arch(
         with mlflow.start_run(run_name=f"{arch}/{method}", nested=True, parent_run_id=parent):
             mlflow.log_params({"arch": arch, "method": method})
             mlflow.log_metrics(summary[method])
-    write_curves_csv(plots / f"interpolation_{arch}.csv", curves)
+    write_csv(plots / f"interpolation_{arch}.csv", interpolation_rows(curves))
     plot_curves(plots / f"interpolation_{arch}.png", curves, f"digits {arch}")
     return summary, rows
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, lambda tmp: tmp.write_text(buf.getvalue()))
 
 
 @flow(name="evaluate")
@@ -93,7 +83,7 @@ def evaluate(
         for arch, future in futures.items():  # fan-out: one task per architecture
             summary[arch], arch_rows = future.result()
             rows += arch_rows
-        write_rows(plots / "pairs.csv", rows)
+        write_csv(plots / "pairs.csv", rows)
         log_metrics_file(metrics, summary)
         log_metrics_file(metrics.with_name("compare.json"), paired_comparisons(rows, cfg))
         mlflow.log_artifacts(str(plots), artifact_path="plots")
