@@ -111,14 +111,18 @@ def _pair(ref: Path, other: Path, data: Dataset | None) -> tuple[Checkpoint, Che
 
 
 def _align(
-    ref: Path, other: Path, method: str, data: str | None, params: Path, aligner: Path | None
+    ref: Path,
+    other: Path,
+    method: str,
+    dataset: Dataset | None,
+    params: Path,
+    aligner: Path | None,
 ):
     """Load, check and align one pair with the settings of params.yaml."""
     parse_method(method)
     cfg = load_section("align", MethodsCfg, params, allow_extra=True)
     if aligner is not None:
         cfg = dataclasses.replace(cfg, deep_align=DeepAlignCfg([str(aligner)]))
-    dataset = _data(data, params)
     a, b, arch = _pair(ref, other, dataset)
     problem = Problem.of(a.ws, b.ws, arch, dataset.train if dataset else None)
     return a, b, arch, problem, align_pair(method, problem, cfg)
@@ -136,7 +140,7 @@ def align_cmd(
     aligner: Path | None = typer.Option(None, help="DEEP-ALIGN checkpoint for deep_align."),
 ) -> None:
     """Permute OTHER's hidden units to match REF; the output computes OTHER's function."""
-    a, b, arch, problem, result = _align(ref, other, method, data, params, aligner)
+    a, b, arch, problem, result = _align(ref, other, method, _data(data, params), params, aligner)
     aligned = apply_permutation(b.ws, result.perm, problem.spec)
     save_like(out, b, aligned, {"aligned_to": str(ref), "method": method})
     before = (a.ws.flatten() - b.ws.flatten()).norm().item()
@@ -194,8 +198,8 @@ def curve(
 ) -> None:
     """Fit a Bezier curve from REF to aligned OTHER and compare it with the straight line."""
     cfg = load_section("curves", mc.CurvesCfg, params)
-    a, b, arch, problem, result = _align(ref, other, method, data, params, aligner)
     dataset = _data(data, params)
+    a, b, arch, problem, result = _align(ref, other, method, dataset, params, aligner)
     ends = stack([a.ws]), stack([apply_permutation(b.ws, result.perm, problem.spec)])
     fitted = mc.fit_and_evaluate(arch, *ends, dataset.train, dataset.test, cfg)
     metrics = mc.summarize_curves(fitted)

@@ -12,7 +12,7 @@ import flows  # noqa: F401  (offline defaults first)
 from deepalign.errors import DeepAlignError
 from deepalign.io import write_atomic
 from deepalign.report import render_html
-from flows.common import cli, git_commit
+from flows.common import cli, git_commit, stage_run
 
 STAGES = ("zoo", "train_aligner", "evaluate", "curves", "bench")
 
@@ -39,8 +39,7 @@ def report(
     """Render the report and attach it to an MLflow run."""
     page = render_html(read_metrics(metrics), plots, f"deepalign report ({git_commit()[:8]})")
     write_atomic(out, lambda tmp: tmp.write_text(page))
-    mlflow.set_experiment("deepalign")
-    with mlflow.start_run(run_name="report", tags={"stage": "report", "git_commit": git_commit()}):
+    with stage_run("report"):
         mlflow.log_artifact(str(out))
     return out
 
