@@ -13,6 +13,7 @@ from deepalign.lmc import Curve, barriers, interpolate
 from deepalign.pairs import MethodRun, Zoo, align_pairs, planted_recoveries, ring_pairs
 from deepalign.permspec import apply_permutation
 from deepalign.report import paired_bootstrap, summarize_pairs
+from deepalign.zoo import manifest_digest
 
 BARRIER_KEYS = (
     "loss_barrier",
@@ -62,6 +63,15 @@ def paired_comparisons(rows: list[dict], cfg: EvaluateCfg) -> dict[str, dict]:
     return out
 
 
+# The code that decides a method's permutations: a change re-runs every method.
+_PKG = Path(__file__).parent
+ALIGNMENT_CODE = [
+    *sorted((_PKG / "align").glob("*.py")),
+    *(_PKG / f for f in ("assignment.py", "permspec.py", "arch.py")),
+    *(_PKG / "deep_align" / f for f in ("model.py", "checkpoint.py")),
+]
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
 
@@ -71,15 +81,15 @@ def run_fingerprint(method: str, cfg: AlignCfg, data: DataCfg, manifest: Path) -
     steps = parse_method(method)
     settings = {s: asdict(getattr(cfg, s)) for s in steps if hasattr(cfg, s)}
     files = [Path(p) for p in cfg.deep_align.checkpoints] if "deep_align" in steps else []
-    files += sorted(Path(__file__).parent.joinpath("align").glob("*.py"))  # the aligners' code
     record = {
         "method": method,
         "settings": settings,
         "files": {str(f): _sha(f) for f in files},
+        "code": {f.relative_to(_PKG).as_posix(): _sha(f) for f in ALIGNMENT_CODE},
         "pairs": cfg.pairs,
         "planted": [cfg.planted_pairs, cfg.planted_noise, cfg.seed],
         "data": asdict(data),
-        "zoo": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+        "zoo": manifest_digest(manifest),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 

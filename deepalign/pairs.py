@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from deepalign.align import BATCHED, MethodsCfg, Problem, align, parse_method
 from deepalign.arch import Arch
+from deepalign.assignment import Scores
 from deepalign.data import Split
 from deepalign.errors import DeepAlignError
 from deepalign.io import load_checkpoint, write_atomic
@@ -67,7 +68,7 @@ class MethodRun:
 
 def _batched_start(
     method: str, zoo: Zoo, pairs: list[tuple[int, int]], cfg: MethodsCfg
-) -> tuple[str, list[Perm | None], float]:
+) -> tuple[str, list[Perm | Scores | None], float]:
     """Run a batchable first step on all pairs at once: the rest of the chain, starts, time."""
     first, *rest = parse_method(method)
     if first not in BATCHED:
@@ -76,9 +77,9 @@ def _batched_start(
     others = zoo.nets[torch.tensor([j for _, j in pairs])]
     BATCHED[first](refs[:1], others[:1], getattr(cfg, first))  # warm-up: loads the model once
     start = time.perf_counter()
-    perms = BATCHED[first](refs, others, getattr(cfg, first))
+    answers = BATCHED[first](refs, others, getattr(cfg, first))
     seconds = (time.perf_counter() - start) / len(pairs)
-    inits = [{g: p[k] for g, p in perms.items()} for k in range(len(pairs))]
+    inits = [{g: a[k] for g, a in answers.items()} for k in range(len(pairs))]
     return "+".join(rest) or "naive", inits, seconds
 
 
@@ -92,7 +93,8 @@ def align_pairs(
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Run `method` on every pair: stacked perms, seconds and objectives.
 
-    A batchable first step (DEEP-ALIGN) runs once over all pairs; its time is shared evenly.
+    A batchable first step (DEEP-ALIGN) runs once over all pairs and its time is shared evenly;
+    the rest (the Hungarian algorithm at least) runs and is timed per pair.
     """
     rest, inits, shared = _batched_start(method, zoo, pairs, cfg)
     results = []

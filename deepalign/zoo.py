@@ -232,6 +232,19 @@ def write_manifest(out_dir: Path, name: str, arch: Arch, records: list[dict]) ->
     return path
 
 
+def manifest_digest(manifest: Path) -> str:
+    """A zoo's identity for downstream fingerprints: its manifest without the timings.
+
+    Each record keeps the network's training fingerprint and its exact test loss and
+    accuracy, so other weights change the digest; a zoo resumed under another load does not.
+    """
+    zoo = json.loads(manifest.read_text())
+    zoo["networks"] = [
+        {k: v for k, v in r.items() if k != "train_seconds"} for r in zoo["networks"]
+    ]
+    return hashlib.sha256(json.dumps(zoo, sort_keys=True).encode()).hexdigest()
+
+
 def summarize(records: list[dict], trained_this_run: int) -> dict[str, float]:
     """Zoo metrics: test accuracy statistics and training throughput (over all networks)."""
     acc = torch.tensor([r["test_acc"] for r in records])

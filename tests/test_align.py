@@ -1,17 +1,20 @@
 """Aligners: planted permutations recovered, function preserved, cross-checks vs brute force."""
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
 
+import deepalign.align as align_module
 from deepalign.align import ALIGNERS, MethodsCfg, Problem, align, parse_method, sinkhorn, solve_lap
 from deepalign.align.activation_matching import ActivationMatchingCfg
 from deepalign.align.deep_align import DeepAlignCfg
-from deepalign.align.sinkhorn import SinkhornCfg
+from deepalign.align.sinkhorn import SinkhornCfg, _initial_logits
 from deepalign.align.ste import SteCfg
 from deepalign.align.weight_matching import WeightMatchingCfg, objective, weight_matching_trace
 from deepalign.arch import as_input, forward, mlp_arch
+from deepalign.assignment import harden
 from deepalign.data import Split
 from deepalign.errors import DeepAlignError
 from deepalign.lmc import barriers, interpolate, planted_pair, recovery
@@ -162,6 +165,45 @@ def test_sinkhorn_marginals_and_swap_symmetry():
     assert torch.allclose(sinkhorn(logits.mT, 300), p.mT, atol=1e-6)
     one_sided = (logits - logits.logsumexp(-1, keepdim=True)).exp()  # rows only: negative twin
     assert not torch.allclose(one_sided.sum(-2), torch.ones(3, 7), atol=1e-2)
+
+
+def test_sinkhorn_starts_from_scores_as_they_are():
+    spec = perm_spec(init_network(mlp_arch(3, [5, 4], 2, "relu"), 0))
+    problem = Problem(spec, None, None)
+    gen = torch.Generator().manual_seed(0)
+    scores = {g: torch.randn(n, n, generator=gen) for g, n in spec.sizes.items()}
+    perm = random_permutation(spec, gen)
+    from_scores = _initial_logits(problem, CFG.sinkhorn, scores)
+    from_perm = _initial_logits(problem, replace(CFG.sinkhorn, init_scale=3.0), perm)
+    assert torch.equal(from_scores[5][0], scores["h0"])
+    assert torch.equal(from_scores[4][0], scores["h1"])
+    assert torch.equal(from_perm[5][0], 3.0 * torch.eye(5)[perm["h0"]])
+    assert not from_perm[4][0].equal(scores["h1"])  # twin: a permutation is not used as scores
+    assert torch.equal(_initial_logits(problem, CFG.sinkhorn, None)[4][0], torch.zeros(4, 4))
+
+
+def test_chain_gives_scores_only_to_methods_that_start_from_scores(trained, monkeypatch):
+    arch, a, b = trained["mlp"]
+    problem = Problem.of(a, b, arch)
+    gen = torch.Generator().manual_seed(1)
+    scores = {g: torch.randn(n, n, generator=gen) for g, n in problem.spec.sizes.items()}
+    seen = {}
+
+    def spy(name):
+        def method(problem, cfg, init):
+            seen[name] = init
+            return init
+
+        return method
+
+    monkeypatch.setitem(ALIGNERS, "soft_spy", spy("soft"))
+    monkeypatch.setitem(ALIGNERS, "hard_spy", spy("hard"))
+    monkeypatch.setattr(align_module, "SOFT_STARTS", {"soft_spy"})
+    result = align("soft_spy+hard_spy", problem, CFG, init=scores)
+    assert all(seen["soft"][g] is scores[g] for g in scores)  # scores passed as they are
+    assert all(torch.equal(seen["hard"][g], solve_lap(scores[g])) for g in scores)
+    assert all(torch.equal(result.perm[g], solve_lap(scores[g])) for g in scores)
+    assert harden(None) is None
 
 
 def test_different_architectures_name_the_tensor(trained):

@@ -1,5 +1,6 @@
 """DEEP-ALIGN: equivariance, swap symmetry, augmentations, training smoke test, registry."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from deepalign.align import MethodsCfg, Problem, align
 from deepalign.align.deep_align import DeepAlignCfg
+from deepalign.align.sinkhorn import SinkhornCfg
 from deepalign.arch import as_input, cnn_arch, forward, mlp_arch
 from deepalign.deep_align.augment import AugmentCfg, augment, rescale_units
 from deepalign.deep_align.checkpoint import load_aligner, predict, save_aligner
@@ -182,6 +184,16 @@ def test_tiny_training_recovers_planted_permutations(tmp_path, tiny_zoo, digits)
     copy = apply_permutation(tiny_zoo.nets[20], planted)
     found = align("deep_align", Problem.of(tiny_zoo.nets[20], copy), methods).perm
     assert recovery(found, invert(planted)) >= 0.95
+
+    steps0 = SinkhornCfg("l2", 0, 0.1, 1.0, 20, 1.0, 64, 0)  # no step: Hungarian on the scores
+    refine = MethodsCfg(None, None, None, steps0, DeepAlignCfg([str(path)]))
+    assert all(
+        torch.equal(align("deep_align+sinkhorn", problem, refine).perm[g], perm[g]) for g in perm
+    )
+    refine = MethodsCfg(None, None, None, replace(steps0, steps=5), DeepAlignCfg([str(path)]))
+    refined = align("deep_align+sinkhorn", problem, refine).perm
+    out = forward(tiny_zoo.arch, apply_permutation(tiny_zoo.nets[22], refined), x)
+    assert torch.allclose(out, forward(tiny_zoo.arch, tiny_zoo.nets[22], x), atol=1e-5)
 
     wrong = Problem.of(*[init_network(mlp_arch(64, [16, 12], 10, "relu"), s) for s in (0, 1)])
     with pytest.raises(DeepAlignError, match="trained for another architecture"):

@@ -13,10 +13,12 @@ from deepalign.zoo import (
     init_network,
     is_done,
     make_arch,
+    manifest_digest,
     plan,
     train_batched,
     train_chunk,
     train_one,
+    write_manifest,
 )
 
 CPU = torch.device("cpu")
@@ -97,6 +99,14 @@ def test_rerun_trains_only_missing_networks(tmp_path, digits):
     assert [j.index for j in jobs if not is_done(j, fps[j.index])] == [2, 3]
     changed = fingerprint(arch, small_net(epochs=2), cfg, jobs[0].seed)
     assert not is_done(jobs[0], changed)  # other settings -> retrain
+
+    manifest = write_manifest(tmp_path, "mlp", arch, records)
+    digest = manifest_digest(manifest)
+    for r in records:
+        r["train_seconds"] *= 3  # the same zoo, resumed under another load
+    assert manifest_digest(write_manifest(tmp_path, "mlp", arch, records)) == digest
+    records[1]["test_acc"] += 1e-6  # other weights: twin
+    assert manifest_digest(write_manifest(tmp_path, "mlp", arch, records)) != digest
 
 
 def test_digits_split_is_fixed_and_disjoint():

@@ -1,7 +1,8 @@
 """One aligner signature, one registry.
 
-Every method is `fn(problem, cfg, init) -> Perm`: it brings `problem.other` into
-`problem.ref`'s basis, optionally starting from `init`. "a+b" runs b from a's answer.
+Every method is `fn(problem, cfg, init) -> Perm | Scores`: it brings `problem.other` into
+`problem.ref`'s basis, optionally starting from `init`. "a+b" runs b from a's answer: as
+scores where b can start from scores (SOFT_STARTS), else hardened by the Hungarian algorithm.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from deepalign.align.problem import Problem, solve_lap
 from deepalign.align.sinkhorn import SinkhornCfg, sinkhorn, sinkhorn_rebasin
 from deepalign.align.ste import SteCfg, ste
 from deepalign.align.weight_matching import WeightMatchingCfg, objective, weight_matching
+from deepalign.assignment import Scores, harden
 from deepalign.errors import DeepAlignError
 from deepalign.permspec import Perm, apply_permutation, identity
 
 __all__ = [
     "ALIGNERS",
+    "SOFT_STARTS",
     "AlignResult",
     "MethodsCfg",
     "Problem",
@@ -48,7 +51,7 @@ def naive(problem: Problem, cfg: Any, init: Perm | None = None) -> Perm:
     return init or identity(problem.spec)
 
 
-Aligner = Callable[[Problem, Any, Perm | None], Perm]
+Aligner = Callable[[Problem, Any, Perm | None], Perm | Scores]
 ALIGNERS: dict[str, Aligner] = {
     "naive": naive,
     "weight_matching": weight_matching,
@@ -57,8 +60,10 @@ ALIGNERS: dict[str, Aligner] = {
     "sinkhorn": sinkhorn_rebasin,
     "deep_align": deep_align,
 }
-# Methods that can align a whole batch of pairs in one call: fn(refs, others, cfg) -> {g: (K, n)}
+# Methods that can align a whole batch of pairs in one call: fn(refs, others, cfg) -> {g: (K, n, n)}
 BATCHED = {"deep_align": deep_align_batch}
+# Methods that take a start given as scores (n, n), not only as a permutation (n,)
+SOFT_STARTS = {"sinkhorn"}
 
 
 def parse_method(method: str) -> list[str]:
@@ -77,12 +82,16 @@ class AlignResult:
     objective: float  # <ref, aligned other>, the weight-matching objective
 
 
-def align(method: str, problem: Problem, cfg: MethodsCfg, init: Perm | None = None) -> AlignResult:
+def align(
+    method: str, problem: Problem, cfg: MethodsCfg, init: Perm | Scores | None = None
+) -> AlignResult:
     """Run one (possibly chained) method on one pair and time it; `init` seeds the first step."""
-    perm = init
+    answer = init
     start = time.perf_counter()
     for step in parse_method(method):
-        perm = ALIGNERS[step](problem, getattr(cfg, step, None), perm)
+        given = answer if step in SOFT_STARTS else harden(answer)
+        answer = ALIGNERS[step](problem, getattr(cfg, step, None), given)
+    perm = harden(answer)
     seconds = time.perf_counter() - start
     value = objective(problem.ref, apply_permutation(problem.other, perm, problem.spec))
     return AlignResult(perm, seconds, value)

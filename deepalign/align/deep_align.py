@@ -6,8 +6,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 from deepalign.align.problem import Problem
-from deepalign.deep_align.checkpoint import load_aligner, predict
+from deepalign.assignment import Scores
+from deepalign.deep_align.checkpoint import load_aligner
 from deepalign.deep_align.model import DeepAlign
 from deepalign.errors import DeepAlignError
 from deepalign.permspec import Perm
@@ -39,12 +42,17 @@ def model_for(shapes: tuple, cfg: DeepAlignCfg) -> DeepAlign:
     )
 
 
-def deep_align_batch(ref: WeightSpace, other: WeightSpace, cfg: DeepAlignCfg) -> Perm:
-    """Batched pairs in one forward pass, Hungarian per pair: {g: (K, n)}."""
-    return predict(model_for(ref.layer_shapes(), cfg), ref, other)
+@torch.no_grad()
+def deep_align_batch(ref: WeightSpace, other: WeightSpace, cfg: DeepAlignCfg) -> Scores:
+    """Batched pairs in one forward pass: the model's scores {g: (K, n, n)}.
+
+    `align` hardens them with the Hungarian algorithm, or a refinement that can start from
+    scores (Sinkhorn) takes them as its initial logits, as in the paper's DEEP-ALIGN + Sinkhorn.
+    """
+    return model_for(ref.layer_shapes(), cfg)(ref, other)
 
 
-def deep_align(problem: Problem, cfg: DeepAlignCfg, init: Perm | None = None) -> Perm:
-    """One pair (`init` is ignored: the model predicts from the weights alone)."""
-    perms = deep_align_batch(stack([problem.ref]), stack([problem.other]), cfg)
-    return {g: p[0] for g, p in perms.items()}
+def deep_align(problem: Problem, cfg: DeepAlignCfg, init: Perm | None = None) -> Scores:
+    """One pair's scores {g: (n, n)} (`init` is ignored: the model reads the weights alone)."""
+    scores = deep_align_batch(stack([problem.ref]), stack([problem.other]), cfg)
+    return {g: s[0] for g, s in scores.items()}

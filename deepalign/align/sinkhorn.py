@@ -10,8 +10,9 @@ from torch import Tensor
 
 from deepalign.align.problem import Problem, solve_lap
 from deepalign.arch import as_input, forward
+from deepalign.assignment import Scores
 from deepalign.errors import DeepAlignError
-from deepalign.permspec import Perm, apply_soft_permutation, identity
+from deepalign.permspec import Perm, apply_soft_permutation
 from deepalign.weightspace import lerp
 
 LOSSES = ("l2", "random_lambda", "midpoint")
@@ -44,7 +45,7 @@ class SinkhornCfg:
     lr: float
     tau: float  # temperature of the Sinkhorn projection
     iterations: int  # Sinkhorn iterations per projection
-    init_scale: float  # refining: logits start at init_scale * one-hot(init); else all zero
+    init_scale: float  # from a permutation: logits start at init_scale * one-hot(init)
     batch_size: int  # training images per step for task losses
     seed: int
 
@@ -73,13 +74,25 @@ def _loss(
     return task_loss(problem, soft, lam, as_input(arch, data.x[idx]), data.y[idx])
 
 
-def _initial_logits(problem: Problem, cfg: SinkhornCfg, init: Perm | None) -> dict[int, Tensor]:
+def _start_logits(start: Tensor | None, n: int, init_scale: float) -> Tensor:
+    """(n, n) logits: zeros without a start, scores as they are, a permutation as a scaled
+    one-hot matrix."""
+    if start is None:
+        return torch.zeros(n, n)
+    if start.ndim == 2:
+        return start.detach().float().clone()
+    return init_scale * F.one_hot(start, n).float()
+
+
+def _initial_logits(
+    problem: Problem, cfg: SinkhornCfg, init: Perm | Scores | None
+) -> dict[int, Tensor]:
     """Logits stacked per group size, (groups, n, n), so one Sinkhorn call serves them all."""
-    start, scale = (init, cfg.init_scale) if init else (identity(problem.spec), 0.0)
     sizes = sorted(set(problem.spec.sizes.values()))
+    start = init or {}
     return {
         n: torch.stack(
-            [scale * F.one_hot(start[g], n).float() for g in _groups_of(problem, n)]
+            [_start_logits(start.get(g), n, cfg.init_scale) for g in _groups_of(problem, n)]
         ).requires_grad_()
         for n in sizes
     }
@@ -93,8 +106,12 @@ def _per_group(problem: Problem, stacked: dict[int, Tensor]) -> dict[str, Tensor
     return {g: stacked[n][k] for n in stacked for k, g in enumerate(_groups_of(problem, n))}
 
 
-def sinkhorn_rebasin(problem: Problem, cfg: SinkhornCfg, init: Perm | None = None) -> Perm:
-    """Adam on per-group logits through Sinkhorn; Hungarian on the final logits."""
+def sinkhorn_rebasin(problem: Problem, cfg: SinkhornCfg, init: Perm | Scores | None = None) -> Perm:
+    """Adam on per-group logits through Sinkhorn; Hungarian on the final logits.
+
+    A start given as scores (DEEP-ALIGN's, {g: (n, n)}) becomes the initial logits as it is;
+    one given as a permutation becomes init_scale times its one-hot matrix.
+    """
     if cfg.loss not in LOSSES:
         raise DeepAlignError(f"unknown sinkhorn loss '{cfg.loss}' (known: {', '.join(LOSSES)})")
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -33,6 +33,7 @@ from deepalign.lmc import barriers, interpolate, recovery
 from deepalign.pairs import Zoo, ring_pairs
 from deepalign.permspec import Perm, apply_permutation, apply_soft_permutation, invert, perm_spec
 from deepalign.weightspace import WeightSpace, lerp
+from deepalign.zoo import manifest_digest
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def fingerprint(cfg: AlignerCfg, arch: Arch, manifest: Path, data: Dataset) -> s
         "cfg": asdict(cfg),
         "arch": arch.to_dict(),
         "data": data.name,
-        "zoo": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+        "zoo": manifest_digest(manifest),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
