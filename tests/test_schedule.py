@@ -40,13 +40,16 @@ def tiny_repo(tmp_path: Path) -> Path:
     return repo
 
 
-def test_deployment_runs_on_schedule_and_to_completion(tmp_path):
+@pytest.fixture(scope="module")
+def scheduled(tmp_path_factory):
+    """The tiny project after one run of the deployment: (repo, env, cron read back, state)."""
     from prefect import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
 
     from flows.schedule import ScheduleCfg, deployment
 
+    tmp_path = tmp_path_factory.mktemp("scheduled")
     cfg = load_section("schedule", ScheduleCfg, ROOT / "params.yaml")
     repo = tiny_repo(tmp_path)
     dep_id = deployment(cfg, repo).apply()
@@ -57,9 +60,7 @@ def test_deployment_runs_on_schedule_and_to_completion(tmp_path):
 
     import asyncio
 
-    registered = asyncio.run(read())
-    assert registered.schedules[0].schedule.cron == cfg.cron == "0 3 * * *"
-
+    cron = asyncio.run(read()).schedules[0].schedule.cron
     env = {
         **os.environ,
         "PREFECT_API_URL": PREFECT_API_URL.value(),
@@ -86,9 +87,45 @@ def test_deployment_runs_on_schedule_and_to_completion(tmp_path):
     finally:
         server.terminate()
         server.wait(30)
-    assert run.state.is_completed(), run.state
+    return repo, env, cron, run.state
+
+
+def test_deployment_runs_on_schedule_and_to_completion(scheduled):
+    repo, env, cron, state = scheduled
+    assert cron == "0 3 * * *"
+    assert state.is_completed(), state
     assert (repo / "metrics" / "evaluate.json").is_file() and (repo / "dvc.lock").is_file()
     status = subprocess.run(
         [sys.executable, "-m", "dvc", "status"], cwd=repo, capture_output=True, text=True, env=env
     )
     assert "up to date" in status.stdout
+
+
+def test_sweep_runs_each_override_as_an_experiment_in_mlflow(scheduled, monkeypatch):
+    import mlflow
+
+    from flows.pipeline import sweep
+
+    repo, env, _, state = scheduled
+    assert state.is_completed(), state
+    ident = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
+    for key, value in {**env, **ident, "GIT_COMMITTER_EMAIL": "t@t"}.items():
+        monkeypatch.setenv(key, value)
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):  # experiments need HEAD
+        subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
+
+    results = sweep({"evaluate.points": [3, 5]}, workdir=str(repo))
+
+    assert [r["params"] for r in results] == [{"evaluate.points": 3}, {"evaluate.points": 5}]
+    coarse, fine = (r["metrics"]["mlp"] for r in results)
+    assert coarse != fine  # the override reached the evaluate stage
+    for method in coarse:  # 5 lambdas include the 3 (0, 0.5, 1): a max over more points
+        assert fine[method]["loss_barrier_mean"] >= coarse[method]["loss_barrier_mean"] - 1e-9
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("deepalign")
+    parent = client.search_runs([exp.experiment_id], "attributes.run_name = 'sweep'")[0]
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted(c.data.params["evaluate.points"] for c in children) == ["3", "5"]
+    assert all(c.data.metrics for c in children)
