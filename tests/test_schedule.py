@@ -104,6 +104,7 @@ def test_deployment_runs_on_schedule_and_to_completion(scheduled):
 def test_sweep_runs_each_override_as_an_experiment_in_mlflow(scheduled, monkeypatch):
     import mlflow
 
+    from flows.common import EXPERIMENT
     from flows.pipeline import sweep
 
     repo, env, _, state = scheduled
@@ -122,7 +123,7 @@ def test_sweep_runs_each_override_as_an_experiment_in_mlflow(scheduled, monkeypa
     for method in coarse:  # 5 lambdas include the 3 (0, 0.5, 1): a max over more points
         assert fine[method]["loss_barrier_mean"] >= coarse[method]["loss_barrier_mean"] - 1e-9
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("deepalign")
+    exp = client.get_experiment_by_name(EXPERIMENT)
     parent = client.search_runs([exp.experiment_id], "attributes.run_name = 'sweep'")[0]
     children = client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
