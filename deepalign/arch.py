@@ -8,7 +8,7 @@ channel, so hidden-unit permutations pass through them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ _MODULE_ACTIVATIONS = {
     nn.SiLU: "silu",
 }
 PARAM_KINDS = ("linear", "conv")
+MODULE_KINDS = (*PARAM_KINDS, "flatten", "maxpool", "avgpool", *ACTIVATIONS)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Module:
     in_dim: int = 0
     out_dim: int = 0
     kernel: int = 0
-    stride: int = 1
+    stride: int = 1  # 0: unknown (a conv read from a bare state_dict)
     padding: int = 0
 
 
@@ -62,9 +63,20 @@ class Arch:
     def from_dict(cls, d: dict) -> Arch:
         try:
             modules = tuple(Module(**m) for m in d["modules"])
-            return cls(modules=modules, input_shape=tuple(d["input_shape"]))
+            arch = cls(modules=modules, input_shape=tuple(d["input_shape"]))
         except (KeyError, TypeError) as e:
             raise DeepAlignError(f"malformed architecture record: {e}") from e
+        unknown = next((m.kind for m in modules if m.kind not in MODULE_KINDS), None)
+        if unknown is not None:
+            raise DeepAlignError(
+                f"architecture record: unknown module kind '{unknown}' "
+                f"(known: {', '.join(MODULE_KINDS)})"
+            )
+        return arch
+
+    @property
+    def strides_known(self) -> bool:
+        return all(m.stride > 0 for m in self.modules if m.kind == "conv")
 
     @property
     def param_indices(self) -> tuple[int, ...]:
@@ -93,7 +105,8 @@ def _describe(m: Module) -> str:
     if m.kind == "linear":
         return f"linear({m.in_dim}->{m.out_dim})"
     if m.kind == "conv":
-        return f"conv({m.in_dim}->{m.out_dim}, k{m.kernel} s{m.stride} p{m.padding})"
+        stride = m.stride or "?"
+        return f"conv({m.in_dim}->{m.out_dim}, k{m.kernel} s{stride} p{m.padding})"
     if m.kind in ("maxpool", "avgpool"):
         return f"{m.kind}({m.kernel})"
     return m.kind
@@ -216,15 +229,22 @@ def state_dict_from_weightspace(arch: Arch, ws: WeightSpace) -> dict[str, Tensor
     return state
 
 
+def reject_normalisation(state: dict[str, Tensor]) -> None:
+    """Raise on BatchNorm-style buffers, naming the first."""
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    norm = next((k for k in state if k.endswith(buffers)), None)
+    if norm:
+        raise DeepAlignError(f"state_dict key '{norm}': normalisation layers are unsupported")
+
+
 def infer_arch(state: dict[str, Tensor]) -> Arch:
     """Guess the architecture of a plain Sequential state_dict from its shapes.
 
-    Assumes ReLU between layers, 'same' padding and stride 1 for convs, Flatten before the
-    first Linear. Enough for permutations; forward passes need the real architecture.
+    Assumes ReLU between layers, 'same' padding for convs, Flatten before the first Linear.
+    Conv strides stay unknown (0) until `resolve_input` can deduce them: enough for
+    permutations; forward passes need them.
     """
-    norm = next((k for k in state if k.endswith(("running_mean", "running_var"))), None)
-    if norm:
-        raise DeepAlignError(f"state_dict key '{norm}': normalisation layers are unsupported")
+    reject_normalisation(state)
     layers = sorted({int(k.split(".")[0]) for k in state if k.split(".")[0].isdigit()})
     bad = [k for k in state if not k.split(".")[0].isdigit() or k.count(".") != 1]
     if bad or not layers:
@@ -246,7 +266,7 @@ def _inferred_modules(state: dict[str, Tensor], i: int, before: list[Module], la
         raise DeepAlignError(f"state_dict layer {i} lacks a weight or a bias")
     if w.ndim == 4:
         k = w.shape[-1]
-        mods = [Module("conv", w.shape[1], w.shape[0], k, 1, k // 2)]
+        mods = [Module("conv", w.shape[1], w.shape[0], k, 0, k // 2)]  # stride unknown
     elif w.ndim == 2:
         kinds = {m.kind for m in before}
         after_conv = "conv" in kinds and "linear" not in kinds
@@ -255,6 +275,29 @@ def _inferred_modules(state: dict[str, Tensor], i: int, before: list[Module], la
     else:
         raise DeepAlignError(f"state_dict '{i}.weight' has unsupported shape {tuple(w.shape)}")
     return mods if last else [*mods, Module("relu")]
+
+
+def resolve_input(arch: Arch, image_shape: tuple[int, ...]) -> Arch:
+    """An inferred architecture completed for images of `image_shape` (C, H, W).
+
+    Unknown conv strides are deduced only where the shapes leave no choice: the first Linear
+    sees channels * H * W features exactly when every 'same'-padded conv has stride 1.
+    Otherwise the architecture must be given (`--model`, or a deepalign checkpoint).
+    """
+    if len(arch.input_shape) != 3:
+        return arch
+    arch = replace(arch, input_shape=tuple(image_shape))
+    if arch.strides_known:
+        return arch
+    convs = [m for m in arch.modules if m.kind == "conv"]
+    linear = next((m for m in arch.modules if m.kind == "linear"), None)
+    if linear is None or linear.in_dim != convs[-1].out_dim * image_shape[1] * image_shape[2]:
+        raise DeepAlignError(
+            "conv strides cannot be read from a bare state_dict; give the architecture with "
+            "--model (a deepalign checkpoint of it), or save a deepalign checkpoint"
+        )
+    modules = tuple(replace(m, stride=1) if m.kind == "conv" else m for m in arch.modules)
+    return replace(arch, modules=modules)
 
 
 def as_input(arch: Arch, x: Tensor) -> Tensor:
@@ -274,8 +317,10 @@ def forward(arch: Arch, ws: WeightSpace, x: Tensor, taps: list[Tensor] | None = 
             w, b = ws.weights[layer], ws.biases[layer]
             if m.kind == "linear":
                 x = F.linear(x, w, b)
-            else:
+            elif m.stride > 0:
                 x = F.conv2d(x, w, b, stride=m.stride, padding=m.padding)
+            else:
+                raise DeepAlignError("conv stride unknown: give the architecture (--model)")
             layer += 1
         elif m.kind == "flatten":
             x = x.flatten(1)

@@ -20,11 +20,17 @@ from deepalign import lmc
 from deepalign.align import MethodsCfg, Problem, parse_method
 from deepalign.align import align as align_pair
 from deepalign.align.deep_align import DeepAlignCfg
-from deepalign.arch import Arch, state_dict_from_weightspace
+from deepalign.arch import Arch, resolve_input, state_dict_from_weightspace
 from deepalign.config import load_section
 from deepalign.data import DataCfg, Dataset, load_dataset
 from deepalign.errors import DeepAlignError
-from deepalign.io import Checkpoint, load_checkpoint, save_like, write_atomic
+from deepalign.io import (
+    Checkpoint,
+    check_not_input,
+    load_checkpoint,
+    save_permuted,
+    write_atomic,
+)
 from deepalign.permspec import apply_permutation, perm_spec, random_permutation
 from deepalign.weightspace import check_same_shapes, stack
 
@@ -55,13 +61,44 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def main() -> None:
+    """The console script: like `app`, but a bad option value is one line too (exit 2)."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as e:  # click's UsageError and BadParameter
+        if not hasattr(e, "format_message"):
+            raise
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx else ""
+        print(f"error: {e.format_message()}{hint}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+MAX_POINTS = 10_001  # a lambda grid beyond this costs minutes per pair and tells nothing new
+SEED = typer.Option(0, min=0, max=2**63 - 1, help="Seed of the random permutation.")
+FORCE = typer.Option(False, "--force", help="Overwrite an input file (still via a temp file).")
+MODEL = typer.Option(
+    None,
+    "--model",
+    help="A deepalign checkpoint whose architecture bare state_dicts have (conv strides).",
+)
+
+
+def _model(path: Path | None) -> Arch | None:
+    return load_checkpoint(path).arch if path is not None else None
+
+
 @app.command()
 @friendly
-def info(checkpoint: Path) -> None:
+def info(checkpoint: Path, model: Path | None = MODEL) -> None:
     """Print a checkpoint's architecture and the permutation groups derived from it."""
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, _model(model))
     spec = perm_spec(ckpt.ws)
-    note = " (inferred from shapes: ReLU, stride 1 assumed)" if ckpt.arch_inferred else ""
+    inferred = " (inferred from shapes: ReLU assumed, s?: stride unknown)"
+    note = inferred if ckpt.arch_inferred else ""
     console.print(f"[bold]{checkpoint}[/bold]: {ckpt.arch.describe()}{note}")
     console.print(f"parameters: {ckpt.ws.flatten().numel():,}")
     table = Table("group", "units", "acts on (tensor, axis, block)")
@@ -81,15 +118,17 @@ def info(checkpoint: Path) -> None:
 @friendly
 def permute(
     checkpoint: Path,
-    seed: int = typer.Option(0, help="Seed of the random permutation."),
+    seed: int = SEED,
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the permuted copy."),
+    force: bool = FORCE,
 ) -> None:
     """Write a randomly permuted copy of CHECKPOINT that computes the same function."""
+    check_not_input(out, [checkpoint], force)
     ckpt = load_checkpoint(checkpoint)
     spec = perm_spec(ckpt.ws)
     perm = random_permutation(spec, torch.Generator().manual_seed(seed))
     meta = {"permuted_from": str(checkpoint), "permutation_seed": seed}
-    save_like(out, ckpt, apply_permutation(ckpt.ws, perm, spec), meta)
+    save_permuted(out, ckpt, perm, spec, meta)
     console.print(f"wrote {out} ({', '.join(f'{g}: {n}' for g, n in spec.sizes.items())} units)")
 
 
@@ -101,12 +140,19 @@ def _data(name: str | None, params: Path):
     return load_dataset(dataclasses.replace(cfg, name=name))
 
 
-def _pair(ref: Path, other: Path, data: Dataset | None) -> tuple[Checkpoint, Checkpoint, Arch]:
-    a, b = load_checkpoint(ref), load_checkpoint(other)
+def _pair(
+    ref: Path, other: Path, data: Dataset | None, model: Path | None
+) -> tuple[Checkpoint, Checkpoint, Arch]:
+    """Both networks, checked alike; with data, an inferred architecture is completed."""
+    arch_given = _model(model)
+    a, b = load_checkpoint(ref, arch_given), load_checkpoint(other, arch_given)
     check_same_shapes(a.ws, b.ws, (str(ref), str(other)))
     arch = a.arch
-    if a.arch_inferred and data is not None and len(arch.input_shape) == 3:
-        arch = dataclasses.replace(arch, input_shape=data.image_shape)
+    if a.arch_inferred and data is not None:
+        try:
+            arch = resolve_input(arch, data.image_shape)
+        except DeepAlignError as e:
+            raise DeepAlignError(f"{ref}: {e}") from e
     return a, b, arch
 
 
@@ -117,13 +163,14 @@ def _align(
     dataset: Dataset | None,
     params: Path,
     aligner: Path | None,
+    model: Path | None,
 ):
     """Load, check and align one pair with the settings of params.yaml."""
     parse_method(method)
     cfg = load_section("align", MethodsCfg, params, allow_extra=True)
     if aligner is not None:
         cfg = dataclasses.replace(cfg, deep_align=DeepAlignCfg([str(aligner)]))
-    a, b, arch = _pair(ref, other, dataset)
+    a, b, arch = _pair(ref, other, dataset, model)
     problem = Problem.of(a.ws, b.ws, arch, dataset.train if dataset else None)
     return a, b, arch, problem, align_pair(method, problem, cfg)
 
@@ -138,16 +185,32 @@ def align_cmd(
     data: str | None = typer.Option(None, help="Data set for data-driven methods (digits)."),
     params: Path = typer.Option(Path("params.yaml"), help="Method settings: section `align`."),
     aligner: Path | None = typer.Option(None, help="DEEP-ALIGN checkpoint for deep_align."),
+    model: Path | None = MODEL,
+    force: bool = FORCE,
 ) -> None:
     """Permute OTHER's hidden units to match REF; the output computes OTHER's function."""
-    a, b, arch, problem, result = _align(ref, other, method, _data(data, params), params, aligner)
+    check_not_input(out, [ref, other], force)
+    dataset = _data(data, params)
+    a, b, arch, problem, result = _align(ref, other, method, dataset, params, aligner, model)
     aligned = apply_permutation(b.ws, result.perm, problem.spec)
-    save_like(out, b, aligned, {"aligned_to": str(ref), "method": method})
+    save_permuted(out, b, result.perm, problem.spec, {"aligned_to": str(ref), "method": method})
     before = (a.ws.flatten() - b.ws.flatten()).norm().item()
     after = (a.ws.flatten() - aligned.flatten()).norm().item()
     console.print(
         f"{method}: objective {result.objective:.4f}, {result.seconds * 1e3:.1f} ms; "
         f"L2 distance to REF {before:.3f} -> {after:.3f}; wrote {out}"
+    )
+
+
+def _check_finite(curve: lmc.Curve, *ends: tuple[Checkpoint, Path]) -> None:
+    """Refuse a path whose loss overflowed, naming the network with the largest weights."""
+    if torch.isfinite(curve.loss).all():
+        return
+    big = max(ends, key=lambda e: e[0].ws.flatten().abs().max().item())
+    largest = big[0].ws.flatten().abs().max().item()
+    raise DeepAlignError(
+        f"{big[1]}: the loss along the path is not finite (largest |weight| {largest:.3g}); "
+        "the weights are too large to evaluate in float32"
     )
 
 
@@ -157,27 +220,23 @@ def interpolate(
     ref: Path,
     other: Path,
     data: str = typer.Option("digits", help="Data set whose test split is scored."),
-    points: int = typer.Option(25, help="Lambda grid size (odd, both ends included)."),
+    points: int = typer.Option(
+        25, min=3, max=MAX_POINTS, help="Lambda grid size (odd, both ends included)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     params: Path = typer.Option(Path("params.yaml"), help="Data split settings."),
+    model: Path | None = MODEL,
 ) -> None:
     """Loss and accuracy barriers along the straight line from REF to OTHER."""
     dataset = _data(data, params)
-    a, b, arch = _pair(ref, other, dataset)
+    a, b, arch = _pair(ref, other, dataset, model)
     curve = lmc.interpolate(arch, a.ws, b.ws, dataset.test, points)
+    _check_finite(curve, (a, ref), (b, other))
     metrics = lmc.barriers(curve)
     if as_json:
-        print(
-            json.dumps(
-                metrics
-                | {
-                    "lambda": curve.lambdas.tolist(),
-                    "loss": curve.loss.tolist(),
-                    "acc": curve.acc.tolist(),
-                },
-                indent=2,
-            )
-        )
+        path = {"lambda": curve.lambdas, "loss": curve.loss, "acc": curve.acc}
+        blob = metrics | {k: v.tolist() for k, v in path.items()}
+        print(json.dumps(blob, indent=2, allow_nan=False))
         return
     table = Table("metric", "value", title=f"{ref.name} -> {other.name} on {data} test")
     for key, value in metrics.items():
@@ -195,11 +254,14 @@ def curve(
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the curve."),
     params: Path = typer.Option(Path("params.yaml"), help="Sections `align` and `curves`."),
     aligner: Path | None = typer.Option(None, help="DEEP-ALIGN checkpoint for deep_align."),
+    model: Path | None = MODEL,
+    force: bool = FORCE,
 ) -> None:
     """Fit a Bezier curve from REF to aligned OTHER and compare it with the straight line."""
+    check_not_input(out, [ref, other], force)
     cfg = load_section("curves", mc.CurvesCfg, params)
     dataset = _data(data, params)
-    a, b, arch, problem, result = _align(ref, other, method, dataset, params, aligner)
+    a, b, arch, problem, result = _align(ref, other, method, dataset, params, aligner, model)
     ends = stack([a.ws]), stack([apply_permutation(b.ws, result.perm, problem.spec)])
     fitted = mc.fit_and_evaluate(arch, *ends, dataset.train, dataset.test, cfg)
     metrics = mc.summarize_curves(fitted)

@@ -16,14 +16,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepalign.align import Problem
+from deepalign.align import Problem, check_methods
 from deepalign.align.weight_matching import WeightMatchingCfg, weight_matching
 from deepalign.arch import Arch, as_input, forward_batched
+from deepalign.config import (
+    MAX_POINTS,
+    Count,
+    NonNegative,
+    Positive,
+    PositiveFloat,
+    Seed,
+    between,
+    one_of,
+)
 from deepalign.data import Split
 from deepalign.errors import DeepAlignError
 from deepalign.lmc import evaluate_networks
@@ -35,18 +46,18 @@ KINDS = ("bezier", "polyline")
 
 @dataclass(frozen=True)
 class CurveFitCfg:
-    kind: str  # bezier | polyline
-    epochs: int  # passes over the training split
-    batch_size: int
-    lr: float
-    seed: int
+    kind: Annotated[str, one_of(*KINDS)]  # bezier | polyline
+    epochs: Count  # passes over the training split
+    batch_size: Positive
+    lr: PositiveFloat
+    seed: Seed
 
 
 @dataclass(frozen=True)
 class PamCfg:
-    rounds: int  # curve fit / re-alignment alternations at most
-    rho: float  # proximal weight: how strongly the permutation stays put
-    eval_examples: int  # training images for the objective that accepts a round
+    rounds: Count  # curve fit / re-alignment alternations at most
+    rho: NonNegative  # proximal weight: how strongly the permutation stays put
+    eval_examples: Positive  # training images for the objective that accepts a round
 
 
 def _coefficients(kind: str, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -229,10 +240,15 @@ class CurvesCfg:
     archs: list[str]
     methods: list[str]  # alignments (from the align stage) whose endpoints curves join
     pam_from: str  # method whose alignment PAM starts from; "" skips PAM
-    pairs: int  # first K of the align stage's test pairs
-    points: int  # t grid of the evaluation
+    pairs: Count  # first K of the align stage's test pairs
+    points: Annotated[int, between(2, MAX_POINTS)]  # t grid of the evaluation
     fit: CurveFitCfg
     pam: PamCfg
+
+    def __post_init__(self) -> None:
+        check_methods("methods", self.methods)
+        if self.pam_from:
+            check_methods("pam_from", [self.pam_from])
 
 
 @dataclass(frozen=True)

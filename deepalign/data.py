@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from deepalign.config import Fraction, Seed, invalid, one_of
 from deepalign.errors import DeepAlignError
 
 TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
@@ -17,12 +19,17 @@ DATASETS = ("digits", *TORCHVISION)
 
 @dataclass(frozen=True)
 class DataCfg:
-    name: str  # digits | mnist | fashion_mnist | cifar10
+    name: Annotated[str, one_of(*DATASETS)]
     root: str  # folder of torchvision data sets (unused for digits)
     download: bool  # let torchvision download into `root`
-    split_seed: int
-    val_fraction: float  # of the training pool
-    test_fraction: float  # digits only; torchvision sets have their own test split
+    split_seed: Seed
+    val_fraction: Fraction  # of the training pool
+    test_fraction: Fraction  # digits only; torchvision sets have their own test split
+
+    def __post_init__(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1:
+            allowed = f"below 1 - test_fraction = {1 - self.test_fraction:g}"
+            raise invalid("val_fraction", self.val_fraction, allowed)
 
 
 @dataclass(frozen=True)

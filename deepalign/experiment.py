@@ -7,7 +7,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deepalign.align import MethodsCfg, parse_method
+from deepalign.align import MethodsCfg, check_methods, parse_method
+from deepalign.config import Count, GridPoints, NonNegative, Positive, Seed, invalid
 from deepalign.data import DataCfg, Dataset
 from deepalign.lmc import Curve, barriers, interpolate
 from deepalign.pairs import MethodRun, Zoo, align_pairs, planted_recoveries, ring_pairs
@@ -31,17 +32,26 @@ class AlignCfg(MethodsCfg):
 
     archs: list[str]  # zoo architectures to align
     methods: list[str]  # registry names; "a+b" refines a's answer with b
-    pairs: int  # test pairs (i, i+1) of the zoo's test split
-    planted_pairs: int  # test networks aligned to a permuted, perturbed copy of themselves
-    planted_noise: float  # noise std of the copy, relative to each tensor's std
-    seed: int
+    pairs: Count  # test pairs (i, i+1) of the zoo's test split
+    planted_pairs: Count  # test networks aligned to a permuted, perturbed copy of themselves
+    planted_noise: NonNegative  # noise std of the copy, relative to each tensor's std
+    seed: Seed
+
+    def __post_init__(self) -> None:
+        check_methods("methods", self.methods)
 
 
 @dataclass(frozen=True)
 class EvaluateCfg:
-    points: int  # lambda grid, both ends included (odd, so 0.5 is on it)
+    points: GridPoints  # lambda grid, both ends included (odd, so 0.5 is on it)
     compare: list[list[str]]  # [a, b]: paired difference of loss barriers a - b over pairs
-    bootstrap: int  # resamples of the pairs for the 95% interval
+    bootstrap: Positive  # resamples of the pairs for the 95% interval
+
+    def __post_init__(self) -> None:
+        for i, pair in enumerate(self.compare):
+            if len(pair) != 2:
+                raise invalid(f"compare[{i}]", pair, "a pair [a, b] of methods")
+            check_methods(f"compare[{i}]", pair)
 
 
 def paired_comparisons(rows: list[dict], cfg: EvaluateCfg) -> dict[str, dict]:

@@ -2,7 +2,9 @@
 
 A deepalign checkpoint is a plain dict (loadable with `weights_only=True`):
   {"format": "deepalign/1", "arch": Arch.to_dict(), "state_dict": {...}, "meta": {...}}
-A bare `nn.Sequential` state_dict is accepted too; its architecture is inferred from shapes.
+A bare `nn.Sequential` state_dict is accepted too; its architecture is inferred from shapes
+(or given). Every file is written through a temp file renamed into place, never over a
+folder or a special file, with the permissions the umask allows.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 import json
 import os
 import pickle
+import stat
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -26,10 +29,12 @@ from torch import Tensor
 from deepalign.arch import (
     Arch,
     infer_arch,
+    reject_normalisation,
     state_dict_from_weightspace,
     weightspace_from_state_dict,
 )
 from deepalign.errors import DeepAlignError
+from deepalign.permspec import Perm, PermSpec, apply_permutation
 from deepalign.weightspace import WeightSpace
 
 FORMAT = "deepalign/1"
@@ -40,24 +45,82 @@ class Checkpoint:
     """A network read from disk: architecture, parameters and free-form metadata."""
 
     arch: Arch
-    ws: WeightSpace
+    ws: WeightSpace  # float32, for computing
+    native: WeightSpace  # as stored (float16/64 kept), for writing a permuted copy back
+    bare: bool  # a bare state_dict (written back as one), not a deepalign checkpoint
+    arch_inferred: bool  # the architecture was guessed from shapes (conv strides unknown)
     meta: dict[str, Any] = field(default_factory=dict)
-    arch_inferred: bool = False  # True for bare state_dicts (architecture guessed from shapes)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_output(path: Path) -> None:
+    """Refuse an output path that is a folder, a special file, or under a regular file."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise DeepAlignError(f"{path}: cannot write under '{parent}', which is not a folder")
+    if path.is_dir():
+        raise DeepAlignError(f"{path}: is a folder; give a file name to write")
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+        raise DeepAlignError(
+            f"{path}: not a regular file (device, FIFO or socket); refusing to replace it"
+        )
+
+
+def check_not_input(out: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse to write over one of the inputs (same path, link or hard link) unless forced."""
+    check_output(out)
+    if force or not Path(out).exists():
+        return
+    for source in inputs:
+        if Path(source).exists() and os.path.samefile(out, source):
+            raise DeepAlignError(
+                f"{out}: is the input '{source}'; refusing to overwrite it (pass --force)"
+            )
 
 
 @contextmanager
 def atomic_path(path: Path):
-    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The file gets the permissions the umask allows (mkstemp alone would leave it 0600).
+    """
     path = Path(path)
+    check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def clean_stale_temps(path: Path) -> list[Path]:
+    """Delete temp files an interrupted `atomic_path` left for `path` (a file or a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        stale = list(path.rglob(".*.tmp"))
+    else:
+        stale = list(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -66,7 +129,12 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    """JSON written atomically; NaN or inf (invalid JSON) is refused, naming the file."""
+    try:
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    except ValueError as e:
+        raise DeepAlignError(f"{path}: refusing to write NaN or inf into JSON") from e
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -78,20 +146,41 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(buf.getvalue()))
 
 
+def _own_storage(t: Tensor) -> Tensor:
+    """A copy that owns just its elements: saving a view would save its whole base storage."""
+    return t.detach().cpu().clone(memory_format=torch.contiguous_format)
+
+
 def save_checkpoint(path: Path, arch: Arch, ws: WeightSpace, meta: dict | None = None) -> None:
-    """Write an unbatched network atomically."""
-    state = {
-        k: v.detach().cpu().contiguous() for k, v in state_dict_from_weightspace(arch, ws).items()
-    }
+    """Write an unbatched network atomically (about the size of its parameters)."""
+    state = {k: _own_storage(v) for k, v in state_dict_from_weightspace(arch, ws).items()}
     blob = {"format": FORMAT, "arch": arch.to_dict(), "state_dict": state, "meta": meta or {}}
     write_atomic(path, lambda tmp: torch.save(blob, tmp))
+
+
+def compact_checkpoint(path: Path) -> bool:
+    """Rewrite a checkpoint whose tensors carry more storage than their elements; True if so.
+
+    Zoo files written before `_own_storage` held their whole training group's tensors.
+    """
+    blob = _read(Path(path))
+    state = blob.get("state_dict", {}) if isinstance(blob, dict) else {}
+    bloated = any(
+        t.untyped_storage().nbytes() > t.numel() * t.element_size() for t in state.values()
+    )
+    if bloated:
+        blob["state_dict"] = {k: _own_storage(v) for k, v in state.items()}
+        write_atomic(path, lambda tmp: torch.save(blob, tmp))
+    return bloated
 
 
 def _read(path: Path) -> Any:
     if not path.is_file():
         raise DeepAlignError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):
-        raise DeepAlignError(f"{path}: not a torch checkpoint (torch.save writes a zip archive)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK") or magic.startswith(b"\x80")):  # zip, or legacy pickle
+        raise DeepAlignError(f"{path}: not a torch checkpoint (neither torch.save format)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -102,34 +191,73 @@ def _read(path: Path) -> Any:
         raise DeepAlignError(f"{path}: corrupt torch checkpoint ({type(e).__name__})") from e
 
 
+def _check_tensor(key: str, t: Tensor) -> str | None:
+    """Why tensor `key` cannot be a network parameter, or None."""
+    if t.layout != torch.strided:
+        return f"tensor '{key}' is sparse ({t.layout}); save dense tensors (.to_dense())"
+    if not t.is_floating_point():
+        dtype = str(t.dtype).removeprefix("torch.")
+        return f"tensor '{key}' has dtype {dtype}; only real floating-point weights are aligned"
+    if 0 in t.shape:
+        return f"tensor '{key}' has a zero-size dimension {tuple(t.shape)}"
+    if not torch.isfinite(t).all():
+        return f"tensor '{key}' holds NaN or inf values"
+    return None
+
+
 def _check_state(path: Path, state: Any) -> dict[str, Tensor]:
+    """The state_dict's tensors as they are stored (dtype kept), or an error naming the key."""
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise DeepAlignError(f"{path}: not a state_dict or deepalign checkpoint")
+    try:
+        reject_normalisation(state)
+    except DeepAlignError as e:
+        raise DeepAlignError(f"{path}: {e}") from e
     for key, t in state.items():
-        if not torch.isfinite(t).all():
-            raise DeepAlignError(f"{path}: tensor '{key}' holds NaN or inf values")
-    return {k: v.float() for k, v in state.items()}
+        problem = _check_tensor(key, t)
+        if problem:
+            raise DeepAlignError(f"{path}: {problem}")
+    return state
 
 
-def load_checkpoint(path: Path | str) -> Checkpoint:
-    """Read a deepalign checkpoint or a bare nn.Sequential state_dict, with clear errors."""
+def _ours(path: Path, blob: Any) -> bool:
+    """True for a deepalign checkpoint (checking its keys), False for a bare state_dict."""
+    if not (isinstance(blob, dict) and blob.get("format") == FORMAT):
+        return False
+    for key in ("arch", "state_dict"):
+        if key not in blob:
+            raise DeepAlignError(f"{path}: deepalign checkpoint without its '{key}' record")
+    return True
+
+
+def load_checkpoint(path: Path | str, model: Arch | None = None) -> Checkpoint:
+    """Read a deepalign checkpoint or a bare nn.Sequential state_dict, with clear errors.
+
+    `model` gives a bare state_dict's architecture; without it the architecture is inferred
+    from the shapes (conv strides then stay unknown). `ws` is float32 for computing;
+    `native` keeps the stored dtypes, so a permuted copy can be written back exactly.
+    """
     path = Path(path)
     blob = _read(path)
-    is_ours = isinstance(blob, dict) and blob.get("format") == FORMAT
+    is_ours = _ours(path, blob)
     state = _check_state(path, blob["state_dict"] if is_ours else blob)
     try:
-        arch = Arch.from_dict(blob["arch"]) if is_ours else infer_arch(state)
-        ws = weightspace_from_state_dict(arch, state)
+        arch = Arch.from_dict(blob["arch"]) if is_ours else model or infer_arch(state)
+        native = weightspace_from_state_dict(arch, state)
     except DeepAlignError as e:
         raise DeepAlignError(f"{path}: {e}") from e
     meta = dict(blob.get("meta", {})) if is_ours else {}
-    return Checkpoint(arch=arch, ws=ws, meta=meta, arch_inferred=not is_ours)
+    ws = native.map(Tensor.float)
+    return Checkpoint(arch, ws, native, not is_ours, not is_ours and model is None, meta)
 
 
-def save_like(path: Path, source: Checkpoint, ws: WeightSpace, meta: dict | None = None) -> None:
-    """Write `ws` in the format `source` came in: a deepalign checkpoint or a bare state_dict."""
-    if not source.arch_inferred:
+def save_permuted(
+    path: Path, source: Checkpoint, perm: Perm, spec: PermSpec, meta: dict | None = None
+) -> None:
+    """Write `source` permuted by `perm` in the format and dtypes it came in."""
+    ws = apply_permutation(source.native, perm, spec)
+    if not source.bare:
         save_checkpoint(path, source.arch, ws, source.meta | (meta or {}))
         return
-    state = state_dict_from_weightspace(source.arch, ws.detach())
-    write_atomic(path, lambda tmp: torch.save({k: v.contiguous() for k, v in state.items()}, tmp))
+    state = state_dict_from_weightspace(source.arch, ws)
+    write_atomic(path, lambda tmp: torch.save({k: _own_storage(v) for k, v in state.items()}, tmp))

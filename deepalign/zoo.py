@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from deepalign.arch import (
+    ACTIVATIONS,
     Arch,
     as_input,
     cnn_arch,
@@ -29,9 +31,19 @@ from deepalign.arch import (
     state_dict_from_weightspace,
     weightspace_from_state_dict,
 )
+from deepalign.config import (
+    Count,
+    Device,
+    NonNegative,
+    Positive,
+    PositiveFloat,
+    Seed,
+    invalid,
+    one_of,
+)
 from deepalign.data import DataCfg, Dataset, Split
 from deepalign.errors import DeepAlignError
-from deepalign.io import load_checkpoint, save_checkpoint, write_json
+from deepalign.io import compact_checkpoint, load_checkpoint, save_checkpoint, write_json
 from deepalign.lmc import evaluate_networks
 from deepalign.weightspace import WeightSpace, stack
 
@@ -43,24 +55,30 @@ TRAINING_VERSION = 1  # bump when a change to the training code should retrain r
 class NetCfg:
     """One architecture of the zoo and how its networks are trained."""
 
-    kind: str  # mlp | cnn
-    hidden: list[int]  # MLP hidden widths, or CNN conv channels
-    strides: list[int]  # CNN conv strides ([] for MLPs)
-    activation: str
-    n_train: int  # networks in each zoo split
-    n_val: int
-    n_test: int
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
+    kind: Annotated[str, one_of("mlp", "cnn")]
+    hidden: list[Positive]  # MLP hidden widths, or CNN conv channels
+    strides: list[Positive]  # CNN conv strides ([] for MLPs)
+    activation: Annotated[str, one_of(*ACTIVATIONS)]
+    n_train: Count  # networks in each zoo split
+    n_val: Count
+    n_test: Count
+    epochs: Positive
+    batch_size: Positive
+    lr: PositiveFloat
+    weight_decay: NonNegative
+
+    def __post_init__(self) -> None:
+        if self.n_train + self.n_val + self.n_test == 0:
+            raise invalid("n_train", self.n_train, ">= 1 when n_val and n_test are 0")
+        if self.kind == "cnn" and len(self.strides) != len(self.hidden):
+            raise invalid("strides", self.strides, f"one stride per conv ({len(self.hidden)})")
 
 
 @dataclass(frozen=True)
 class ZooCfg:
-    seed: int  # network j of an architecture is trained from seed + j
-    chunk_size: int  # networks trained together (and one unit of work for a task runner)
-    device: str  # cpu | cuda | auto
+    seed: Seed  # network j of an architecture is trained from seed + j
+    chunk_size: Positive  # networks trained together (and one unit of work for a task runner)
+    device: Device
     archs: dict[str, NetCfg]
 
 
@@ -111,13 +129,20 @@ def plan(out_dir: Path, net: NetCfg, seed: int) -> list[Job]:
 
 
 def is_done(job: Job, fp: str) -> bool:
-    """A finished network: its checkpoint loads and was trained with the same settings."""
+    """A finished network: its checkpoint loads and was trained with the same settings.
+
+    A finished checkpoint written before zoo files held only their own network is rewritten
+    once, compactly (same tensors, same metadata).
+    """
     if not job.path.is_file():
         return False
     try:
-        return load_checkpoint(job.path).meta.get("fingerprint") == fp
+        done = load_checkpoint(job.path).meta.get("fingerprint") == fp
     except DeepAlignError:
         return False
+    if done:
+        compact_checkpoint(job.path)
+    return done
 
 
 def init_network(arch: Arch, seed: int) -> WeightSpace:

@@ -10,7 +10,7 @@ from prefect import flow
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.align.weight_matching import WeightMatchingCfg
 from deepalign.bench import benchmark_training, benchmark_weight_matching
-from deepalign.config import load_section
+from deepalign.config import Positive, Seed, load_section
 from deepalign.data import DataCfg, load_dataset
 from deepalign.zoo import ZooCfg, make_arch
 from flows.common import cli, log_metrics_file, stage_run
@@ -18,11 +18,11 @@ from flows.common import cli, log_metrics_file, stage_run
 
 @dataclass(frozen=True)
 class BenchCfg:
-    n_one_by_one: int  # networks per architecture trained one after another
-    n_batched: int  # networks per architecture trained at once
-    seed: int
-    wm_widths: list[int]  # hidden widths of the 64-w-w-w-10 MLPs weight matching aligns
-    wm_pairs: int  # pairs per width (median reported)
+    n_one_by_one: Positive  # networks per architecture trained one after another
+    n_batched: Positive  # networks per architecture trained at once
+    seed: Seed
+    wm_widths: list[Positive]  # hidden widths of the 64-w-w-w-10 MLPs weight matching aligns
+    wm_pairs: Positive  # pairs per width (median reported)
     weight_matching: WeightMatchingCfg
 
 

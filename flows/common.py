@@ -12,16 +12,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import mlflow
 import torch
 import typer
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from deepalign.config import load_section
+from deepalign.config import Positive, load_section, one_of
 from deepalign.errors import DeepAlignError
-from deepalign.io import write_json
+from deepalign.io import clean_stale_temps, write_json
+from flows.server import prefect_api
 
 EXPERIMENT = "deepalign"
 
@@ -88,8 +89,8 @@ def log_metrics_file(path: Path, metrics: dict) -> None:
 class RunnerCfg:
     """Section `runner`: where the stages' tasks (groups of networks, methods) run."""
 
-    kind: str  # threads | dask
-    workers: int  # threads, or local Dask worker processes
+    kind: Annotated[str, one_of("threads", "dask")]
+    workers: Positive  # threads, or local Dask worker processes
     address: str  # a Dask scheduler (tcp://host:8786); "" starts a local cluster
 
 
@@ -117,23 +118,37 @@ def task_runner(cfg: RunnerCfg) -> TaskRunner:
     raise DeepAlignError(f"runner.kind '{cfg.kind}' is unknown (known: threads, dask)")
 
 
+OUTPUT_PARAMS = ("out", "plots", "metrics")  # flow parameters that name what a stage writes
+
+
+@contextmanager
+def one_line_errors(debug: bool = False) -> Iterator[None]:
+    """Bad input (DeepAlignError) becomes one line on stderr and exit 1; --debug re-raises."""
+    try:
+        yield
+    except DeepAlignError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(1) from None
+
+
 def cli(flow: Callable[..., Any]) -> None:
     """Run a flow from the command line: its parameters become options, plus --debug.
 
-    Bad input (DeepAlignError) prints one line and exits 1; --debug shows the traceback.
+    Before the flow runs, temp files an interrupted run left in its outputs are deleted; the
+    flow talks to `PREFECT_API_URL`, or to a private server that dies with this process.
     """
 
     def main(debug: bool = typer.Option(False, help="Show tracebacks."), **kwargs: Any) -> None:
-        try:
-            runner = task_runner(
-                load_section("runner", RunnerCfg, kwargs.get("params", "params.yaml"))
-            )
-            flow.with_options(task_runner=runner)(**kwargs)
-        except DeepAlignError as e:
-            if debug:
-                raise
-            print(f"error: {e}", file=sys.stderr)
-            raise typer.Exit(1) from None
+        with one_line_errors(debug):
+            params = kwargs.get("params", "params.yaml")
+            runner = task_runner(load_section("runner", RunnerCfg, params))
+            for name in OUTPUT_PARAMS:
+                if isinstance(kwargs.get(name), Path):
+                    clean_stale_temps(kwargs[name])
+            with prefect_api():
+                flow.with_options(task_runner=runner)(**kwargs)
 
     params = list(inspect.signature(flow.fn).parameters.values())
     debug = inspect.signature(main).parameters["debug"]

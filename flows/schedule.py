@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
 from prefect.schedules import Cron
 
 import flows  # noqa: F401  (offline defaults first)
-from deepalign.config import load_section
+from deepalign.config import invalid, load_section
+from flows.common import one_line_errors
 from flows.pipeline import pipeline
 
 
@@ -23,6 +25,16 @@ class ScheduleCfg:
     name: str  # deployment name: the flow runs as 'pipeline/<name>'
     cron: str
     timezone: str
+
+    def __post_init__(self) -> None:
+        try:
+            Cron(self.cron)
+        except ValueError as e:
+            raise invalid("cron", self.cron, "five cron fields, e.g. '0 3 * * *'") from e
+        try:
+            ZoneInfo(self.timezone)
+        except (ValueError, ZoneInfoNotFoundError) as e:
+            raise invalid("timezone", self.timezone, "an IANA time zone, e.g. UTC") from e
 
 
 def deployment(cfg: ScheduleCfg, workdir: Path, targets: list[str] | None = None):
@@ -36,7 +48,9 @@ def main(params: Path = Path("params.yaml"), workdir: Path = Path(".")) -> None:
     """Register the scheduled deployment and serve it until interrupted."""
     from prefect import serve
 
-    serve(deployment(load_section("schedule", ScheduleCfg, params), workdir))
+    with one_line_errors():
+        cfg = load_section("schedule", ScheduleCfg, params)
+    serve(deployment(cfg, workdir))
 
 
 if __name__ == "__main__":

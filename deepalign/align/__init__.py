@@ -19,6 +19,7 @@ from deepalign.align.sinkhorn import SinkhornCfg, sinkhorn, sinkhorn_rebasin
 from deepalign.align.ste import SteCfg, ste
 from deepalign.align.weight_matching import WeightMatchingCfg, objective, weight_matching
 from deepalign.assignment import Scores, harden
+from deepalign.config import invalid
 from deepalign.errors import DeepAlignError
 from deepalign.permspec import Perm, apply_permutation, identity
 
@@ -29,6 +30,7 @@ __all__ = [
     "MethodsCfg",
     "Problem",
     "align",
+    "check_methods",
     "parse_method",
     "sinkhorn",
     "solve_lap",
@@ -73,6 +75,15 @@ def parse_method(method: str) -> list[str]:
         if step not in ALIGNERS:
             raise DeepAlignError(f"unknown method '{step}' (known: {', '.join(ALIGNERS)})")
     return steps
+
+
+def check_methods(key: str, methods: list[str]) -> None:
+    """A params list of method names, each parsed, or an error naming the key."""
+    for method in methods:
+        try:
+            parse_method(method)
+        except DeepAlignError as e:
+            raise invalid(key, method, f"a known method or 'a+b' chain; {e}") from e
 
 
 @dataclass(frozen=True)

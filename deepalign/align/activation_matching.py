@@ -8,12 +8,14 @@ group is then one assignment problem, independent of the others.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from deepalign.align.problem import Problem, solve_lap
 from deepalign.arch import as_input, forward
+from deepalign.config import Count, Positive, one_of
 from deepalign.errors import DeepAlignError
 from deepalign.permspec import Perm
 
@@ -22,9 +24,9 @@ STATISTICS = ("correlation", "inner_product")
 
 @dataclass(frozen=True)
 class ActivationMatchingCfg:
-    statistic: str  # correlation (Tatro et al.) | inner_product (Git Re-Basin)
-    batch_size: int  # images per forward pass while streaming statistics
-    max_examples: int  # cap on training images used (0: all)
+    statistic: Annotated[str, one_of(*STATISTICS)]  # correlation (Tatro) | inner_product
+    batch_size: Positive  # images per forward pass while streaming statistics
+    max_examples: Count  # cap on training images used (0: all)
 
 
 def _units_as_columns(act: Tensor) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from torch import Tensor
 from deepalign.align.problem import Problem, solve_lap
 from deepalign.arch import as_input, forward
 from deepalign.assignment import Scores
+from deepalign.config import Count, Positive, PositiveFloat, Seed, one_of
 from deepalign.errors import DeepAlignError
 from deepalign.permspec import Perm, apply_soft_permutation
 from deepalign.weightspace import lerp
@@ -40,14 +42,14 @@ def sinkhorn(logits: Tensor, iterations: int, tau: float = 1.0) -> Tensor:
 
 @dataclass(frozen=True)
 class SinkhornCfg:
-    loss: str  # l2 | random_lambda | midpoint (task loss along the interpolation)
-    steps: int
-    lr: float
-    tau: float  # temperature of the Sinkhorn projection
-    iterations: int  # Sinkhorn iterations per projection
-    init_scale: float  # from a permutation: logits start at init_scale * one-hot(init)
-    batch_size: int  # training images per step for task losses
-    seed: int
+    loss: Annotated[str, one_of(*LOSSES)]  # l2 | random_lambda | midpoint (task loss)
+    steps: Count
+    lr: PositiveFloat
+    tau: PositiveFloat  # temperature of the Sinkhorn projection
+    iterations: Positive  # Sinkhorn iterations per projection
+    init_scale: PositiveFloat  # from a permutation: logits start at init_scale * one-hot
+    batch_size: Positive  # training images per step for task losses
+    seed: Seed
 
 
 def l2_loss(problem: Problem, soft: dict[str, Tensor]) -> Tensor:

@@ -7,6 +7,7 @@ the forward pass uses that permuted `other`, gradients flow to W~ straight throu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from deepalign.align.problem import Problem
 from deepalign.align.weight_matching import WeightMatchingCfg, weight_matching
 from deepalign.arch import as_input, forward
+from deepalign.config import Count, Positive, PositiveFloat, Seed, one_of
 from deepalign.errors import DeepAlignError
 from deepalign.permspec import Perm, apply_permutation
 from deepalign.weightspace import WeightSpace, lerp
@@ -23,12 +25,12 @@ LAMBDAS = ("midpoint", "random")
 
 @dataclass(frozen=True)
 class SteCfg:
-    lam: str  # midpoint | random: where on the line the task loss is taken
-    steps: int
-    lr: float
-    batch_size: int
-    wm_max_iter: int  # sweeps of the weight-matching projection per step
-    seed: int
+    lam: Annotated[str, one_of(*LAMBDAS)]  # where on the line the task loss is taken
+    steps: Count
+    lr: PositiveFloat
+    batch_size: Positive
+    wm_max_iter: Positive  # sweeps of the weight-matching projection per step
+    seed: Seed
 
 
 def ste(problem: Problem, cfg: SteCfg, init: Perm | None = None) -> Perm:

@@ -8,15 +8,16 @@ import torch
 from torch import Tensor
 
 from deepalign.align.problem import Problem, solve_lap
+from deepalign.config import Count, Positive, Seed
 from deepalign.permspec import Perm, PermSpec, Slot, apply_permutation, identity, random_permutation
 from deepalign.weightspace import WeightSpace
 
 
 @dataclass(frozen=True)
 class WeightMatchingCfg:
-    max_iter: int  # sweeps over all groups at most
-    restarts: int  # extra random starts; the best objective wins
-    seed: int  # order of the groups in each sweep, and restart starts
+    max_iter: Positive  # sweeps over all groups at most
+    restarts: Count  # extra random starts; the best objective wins
+    seed: Seed  # order of the groups in each sweep, and restart starts
 
 
 def _slot(ws: WeightSpace, slot: Slot) -> Tensor:

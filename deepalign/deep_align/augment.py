@@ -7,16 +7,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deepalign.config import Fraction, NonNegative
 from deepalign.permspec import Perm, PermSpec, apply_permutation, invert, random_permutation
 from deepalign.weightspace import WeightSpace
 
 
 @dataclass(frozen=True)
 class AugmentCfg:
-    noise: float  # Gaussian noise, times each tensor's std
-    dropout: float  # fraction of entries zeroed (no rescaling)
-    rescale: float  # ReLU positive rescaling of hidden units by U(1 - r, 1 + r)
-    prune: float  # fraction of smallest-magnitude entries zeroed per tensor
+    noise: NonNegative  # Gaussian noise, times each tensor's std
+    dropout: Fraction  # fraction of entries zeroed (no rescaling)
+    rescale: Fraction  # ReLU positive rescaling of hidden units by U(1 - r, 1 + r)
+    prune: Fraction  # fraction of smallest-magnitude entries zeroed per tensor
 
 
 def rescale_units(ws: WeightSpace, spec: PermSpec, scales: dict[str, Tensor]) -> WeightSpace:

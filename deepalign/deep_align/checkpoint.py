@@ -52,6 +52,16 @@ def load_aligner(path: Path) -> tuple[DeepAlign, Arch, dict]:
         ) from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise DeepAlignError(f"{path}: not a deepalign aligner checkpoint")
+    try:
+        return _build(blob)
+    except KeyError as e:
+        raise DeepAlignError(f"{path}: aligner checkpoint lacks its {e} record") from e
+    except (TypeError, ValueError, RuntimeError, DeepAlignError) as e:
+        raise DeepAlignError(f"{path}: malformed aligner checkpoint ({e})") from e
+
+
+def _build(blob: dict) -> tuple[DeepAlign, Arch, dict]:
+    """The aligner a checkpoint blob describes, its weights loaded."""
     layout = Layout(tuple(blob["layout"]["nodes"]), tuple(blob["layout"]["edge_dims"]))
     std = blob["state_dict"]["encoder.tensor_std"]
     model = DeepAlign(layout, ModelCfg(**blob["model"]), std, list(blob["groups"]))

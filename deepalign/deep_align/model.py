@@ -21,17 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deepalign.config import Positive, PositiveFloat
 from deepalign.permspec import perm_spec
 from deepalign.weightspace import WeightSpace
 
 
 @dataclass(frozen=True)
 class ModelCfg:
-    dim: int  # node feature width D
-    rounds: int  # forward + backward sweeps over the layers
-    mlp_ratio: int  # hidden width of each block's update MLP, in units of D
-    head_dim: int  # width of the features compared by cosine
-    scale_init: float  # initial cosine scale (learned)
+    dim: Positive  # node feature width D
+    rounds: Positive  # forward + backward sweeps over the layers
+    mlp_ratio: Positive  # hidden width of each block's update MLP, in units of D
+    head_dim: Positive  # width of the features compared by cosine
+    scale_init: PositiveFloat  # initial cosine scale (learned)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from deepalign.align.sinkhorn import sinkhorn
 from deepalign.arch import Arch, as_input, forward_batched
+from deepalign.config import Device, GridPoints, NonNegative, Positive, PositiveFloat, Seed, invalid
 from deepalign.data import Dataset
 from deepalign.deep_align.augment import AugmentCfg, planted_copies
 from deepalign.deep_align.checkpoint import predict
@@ -38,9 +39,13 @@ from deepalign.zoo import manifest_digest
 
 @dataclass(frozen=True)
 class LossCfg:
-    supervised: float
-    l2: float
-    lmc: float
+    supervised: NonNegative
+    l2: NonNegative
+    lmc: NonNegative
+
+    def __post_init__(self) -> None:
+        if self.supervised + self.l2 + self.lmc == 0:
+            raise invalid("supervised", self.supervised, "> 0 when l2 and lmc are 0")
 
 
 @dataclass(frozen=True)
@@ -48,19 +53,19 @@ class AlignerCfg:
     """Section `aligner` of params.yaml."""
 
     archs: list[str]  # zoo architectures to train an aligner for
-    device: str  # auto | cpu | cuda
-    seed: int
-    epochs: int  # one epoch: every train network once as anchor
-    pairs_per_step: int
-    lr: float
-    weight_decay: float
-    grad_clip: float
-    sinkhorn_iterations: int
-    tau: float
-    images_per_step: int  # training images for the interpolation (task) loss
-    val_every: int  # epochs between validations (barrier on val pairs, hard permutations)
-    val_pairs: int
-    val_points: int  # lambda grid of the validation barrier
+    device: Device  # auto | cpu | cuda
+    seed: Seed
+    epochs: Positive  # one epoch: every train network once as anchor
+    pairs_per_step: Positive
+    lr: PositiveFloat
+    weight_decay: NonNegative
+    grad_clip: PositiveFloat
+    sinkhorn_iterations: Positive
+    tau: PositiveFloat
+    images_per_step: Positive  # training images for the interpolation (task) loss
+    val_every: Positive  # epochs between validations (barrier on val pairs, hard permutations)
+    val_pairs: Positive
+    val_points: GridPoints  # lambda grid of the validation barrier
     model: ModelCfg
     augment: AugmentCfg
     loss: LossCfg
