@@ -149,6 +149,9 @@ ZOO_COLUMNS = [
 ]
 
 
+CONVERGE_COLUMNS = ["steps_to_target", "seconds_to_target", "final_loss_barrier"]
+
+
 def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign report") -> str:
     """A self-contained page (inline CSS, embedded PNGs) of every stage's results."""
     parts = [
@@ -167,6 +170,14 @@ def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign r
             f"<h2>Bezier curves: {arch}</h2>",
             _table(methods, CURVE_COLUMNS),
             _image(plots / f"curves_{arch}.png"),
+        ]
+    for arch, starts in metrics.get("converge", {}).items():
+        rows = {k: v for k, v in starts.items() if k != "target_loss_barrier"}
+        target = starts.get("target_loss_barrier", {}).get("value", float("nan"))
+        parts += [
+            f"<h2>Sinkhorn re-basin from three starts: {arch} (target {target:.4f})</h2>",
+            _table(rows, CONVERGE_COLUMNS),
+            _image(plots / f"refine_convergence_{arch}.png"),
         ]
     if "train_aligner" in metrics:
         parts += [
@@ -195,3 +206,53 @@ def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign r
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
         f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
     )
+
+
+def plot_convergence(path: Path, rows: list[dict], target: float, title: str) -> None:
+    """Mean test loss barrier vs Sinkhorn steps per start, with the target as a line."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for start in dict.fromkeys(r["start"] for r in rows):
+        steps = sorted({r["steps"] for r in rows if r["start"] == start})
+        values = [
+            [r["loss_barrier"] for r in rows if r["start"] == start and r["steps"] == k]
+            for k in steps
+        ]
+        mean = [sum(v) / len(v) for v in values]
+        ax.plot(steps, mean, marker="o", label=f"from {start}")
+    ax.axhline(target, color="grey", linestyle="--", label="target: plain Sinkhorn, full run")
+    ax.set_xscale("symlog", linthresh=5)
+    ax.set_xlim(left=0)
+    ax.set_yscale("log")
+    ax.set(
+        xlabel="Sinkhorn re-basin steps",
+        ylabel="test loss barrier (mean over pairs)",
+        title=f"{title}: refinement from three starts",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_scaling(path: Path, rows: list[dict], weight_matching: float, title: str) -> None:
+    """DEEP-ALIGN's test barrier vs train networks (one line per step count), and vs steps."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, other, ax in (
+        ("train_networks", "mark", axes[0]),
+        ("mark", "train_networks", axes[1]),
+    ):
+        for value in sorted({r[other] for r in rows}):
+            line = sorted((r[key], r["deep_align"]) for r in rows if r[other] == value)
+            name = "steps" if other == "mark" else "train networks"
+            ax.plot(*zip(*line), marker="o", label=f"{value} {name}")
+        ax.axhline(weight_matching, color="grey", linestyle="--", label="weight matching")
+        ax.set(
+            xscale="log",
+            xlabel=key.replace("mark", "training steps").replace("_", " "),
+            ylabel="test loss barrier (mean over pairs)",
+        )
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title}: DEEP-ALIGN against zoo size and training steps")
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)

@@ -14,7 +14,7 @@ from deepalign.io import write_atomic
 from deepalign.report import render_html
 from flows.common import cli, git_commit, stage_run
 
-STAGES = ("zoo", "train_aligner", "evaluate", "curves", "bench")
+STAGES = ("zoo", "train_aligner", "evaluate", "converge", "curves", "bench")
 
 
 def read_metrics(folder: Path) -> dict[str, dict]:

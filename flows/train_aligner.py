@@ -36,7 +36,7 @@ def train_one_arch(
             device,
             out / f"{arch}.state.pt",
             fp,
-            on_epoch=lambda epoch, m: mlflow.log_metrics(m, step=epoch),
+            on_epoch=lambda epoch, m, _: mlflow.log_metrics(m, step=epoch),
         )
         test = zoo.nets[torch.tensor(zoo.indices("test"))].to(device)
         run["test_planted_recovery_augmented"] = augmented_recovery(

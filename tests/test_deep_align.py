@@ -21,7 +21,7 @@ from deepalign.permspec import apply_permutation, compose, invert, perm_spec, ra
 from deepalign.weightspace import stack
 from deepalign.zoo import NetCfg, init_network, make_arch, train_batched
 
-MODEL = ModelCfg(dim=16, rounds=1, mlp_ratio=2, head_dim=16, scale_init=10.0)
+MODEL = ModelCfg(dim=16, rounds=1, mlp_ratio=2, head_dim=16, scale_init=10.0, cross_rounds=1)
 ARCHS = {
     "mlp": mlp_arch(64, [12, 10, 8], 10, "relu"),
     "cnn": cnn_arch((1, 8, 8), [4, 6, 5], [1, 2, 2], 10, "relu"),
@@ -107,6 +107,8 @@ def small_cfg(epochs: int) -> AlignerCfg:
         epochs=epochs,
         pairs_per_step=8,
         lr=3e-3,
+        lr_schedule="cosine",
+        ema=0.9,
         weight_decay=0.0,
         grad_clip=1.0,
         sinkhorn_iterations=10,
@@ -117,7 +119,7 @@ def small_cfg(epochs: int) -> AlignerCfg:
         val_points=5,
         model=MODEL,
         augment=AugmentCfg(0.01, 0.05, 0.1, 0.0),
-        loss=LossCfg(1.0, 0.2, 1.0),
+        loss=LossCfg(1.0, 0.2, 1.0, [0.0, 1.0]),
     )
 
 
@@ -152,7 +154,7 @@ def test_tiny_training_recovers_planted_permutations(tmp_path, tiny_zoo, digits)
         torch.device("cpu"),
         tmp_path / "state.pt",
         "fp",
-        on_epoch=lambda e, m: history.append(m["supervised"]),
+        on_epoch=lambda e, m, _: history.append(m["supervised"]),
         progress=False,
     )
     assert history[-1] < 0.5 * history[0]
@@ -207,3 +209,25 @@ def test_corrupt_aligner_checkpoint_is_named(tmp_path):
         load_aligner(bad)
     with pytest.raises(DeepAlignError, match="no such aligner checkpoint"):
         load_aligner(Path(tmp_path / "missing.pt"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_training_step_on_cuda_matches_the_cpu(tiny_zoo, digits):
+    from deepalign.deep_align.train import build_model, training_step
+
+    cfg, losses = small_cfg(epochs=1), {}
+    for name in ("cpu", "cuda"):
+        device = torch.device(name)
+        torch.manual_seed(0)
+        model = build_model(tiny_zoo, cfg.model).to(device)
+        nets = tiny_zoo.nets[torch.tensor(tiny_zoo.indices("train"))].to(device)
+        x, y = digits.train.x.to(device), digits.train.y.to(device)
+        step = training_step(
+            model, tiny_zoo.arch, nets, x, y, cfg, torch.Generator().manual_seed(0)
+        )
+        step["loss"].backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(g.device.type == name and g.isfinite().all() for g in grads)
+        losses[name] = step["loss"].item()
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-3)

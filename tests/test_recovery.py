@@ -17,6 +17,8 @@ from tests.tiny import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = DataCfg("digits", "data", False, 0, 0.1, 0.2)
+ZOO_STAGE = [sys.executable, "-m", "flows.zoo", "--params", "params.yaml", "--out", "zoo"]
+ZOO_STAGE += ["--metrics", "zoo.json"]
 
 
 def wide_net() -> NetCfg:
@@ -104,21 +106,10 @@ def test_killed_stage_cleans_temps_on_rerun_and_takes_its_prefect_server(tmp_pat
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half-written")
-    cmd = [
-        sys.executable,
-        "-m",
-        "flows.zoo",
-        "--params",
-        "params.yaml",
-        "--out",
-        "zoo",
-        "--metrics",
-        "zoo.json",
-    ]
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env |= {"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
     proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ZOO_STAGE, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 120
     while not list((tmp_path / "zoo" / "mlp").glob("net-*.pt")) and time.time() < deadline:
@@ -138,19 +129,10 @@ def test_stage_with_a_bad_param_says_one_line(tmp_path):
     params = tiny_params()
     params["zoo"]["chunk_size"] = 0
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [
-        sys.executable,
-        "-m",
-        "flows.zoo",
-        "--params",
-        "params.yaml",
-        "--out",
-        "zoo",
-        "--metrics",
-        "zoo.json",
-    ]
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        ZOO_STAGE, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 1 and len(lines) == 1, done.stderr
     assert lines[0].startswith("error:") and "zoo.chunk_size" in lines[0] and ">= 1" in lines[0]

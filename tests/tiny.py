@@ -23,6 +23,8 @@ def tiny_params() -> dict:
     )
     params["align"]["ste"]["steps"] = 2
     params["align"]["sinkhorn"]["steps"] = 2
+    params["converge"].update(pairs=2, steps=[0, 1, 2])  # 2: align.sinkhorn.steps above
+    params["study"].update(train_sizes=[4, 8], steps=[2, 4], pairs=2, points=5)
     params["curves"].update(methods=["naive", "weight_matching"], pairs=2)
     params["curves"]["fit"]["epochs"] = 1
     params["curves"]["pam"]["rounds"] = 1

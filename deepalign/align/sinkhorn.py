@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -11,33 +13,13 @@ from torch import Tensor
 
 from deepalign.align.problem import Problem, solve_lap
 from deepalign.arch import as_input, forward
-from deepalign.assignment import Scores
+from deepalign.assignment import Scores, sinkhorn
 from deepalign.config import Count, Positive, PositiveFloat, Seed, one_of
 from deepalign.errors import DeepAlignError
 from deepalign.permspec import Perm, apply_soft_permutation
 from deepalign.weightspace import lerp
 
 LOSSES = ("l2", "random_lambda", "midpoint")
-
-
-def _normalise(log_p: Tensor, iterations: int, rows_first: bool) -> Tensor:
-    dims = (-1, -2) if rows_first else (-2, -1)
-    for _ in range(iterations):
-        for dim in dims:
-            log_p = log_p - torch.logsumexp(log_p, dim=dim, keepdim=True)
-    return log_p
-
-
-def sinkhorn(logits: Tensor, iterations: int, tau: float = 1.0) -> Tensor:
-    """Doubly-stochastic matrix from scores: (..., n, n) -> (..., n, n).
-
-    Averages the row-first and the column-first schedules, so that
-    sinkhorn(x.mT) == sinkhorn(x).mT exactly (swapping two networks transposes the result).
-    """
-    log_p = logits / tau
-    rows = _normalise(log_p, iterations, rows_first=True).exp()
-    cols = _normalise(log_p, iterations, rows_first=False).exp()
-    return 0.5 * (rows + cols)
 
 
 @dataclass(frozen=True)
@@ -108,12 +90,10 @@ def _per_group(problem: Problem, stacked: dict[int, Tensor]) -> dict[str, Tensor
     return {g: stacked[n][k] for n in stacked for k, g in enumerate(_groups_of(problem, n))}
 
 
-def sinkhorn_rebasin(problem: Problem, cfg: SinkhornCfg, init: Perm | Scores | None = None) -> Perm:
-    """Adam on per-group logits through Sinkhorn; Hungarian on the final logits.
-
-    A start given as scores (DEEP-ALIGN's, {g: (n, n)}) becomes the initial logits as it is;
-    one given as a permutation becomes init_scale times its one-hot matrix.
-    """
+def _descend(
+    problem: Problem, cfg: SinkhornCfg, init: Perm | Scores | None
+) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    """Adam on per-group logits through Sinkhorn: yields (steps taken, logits per group)."""
     if cfg.loss not in LOSSES:
         raise DeepAlignError(f"unknown sinkhorn loss '{cfg.loss}' (known: {', '.join(LOSSES)})")
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -122,10 +102,36 @@ def sinkhorn_rebasin(problem: Problem, cfg: SinkhornCfg, init: Perm | Scores | N
     problem = Problem(
         problem.spec, problem.ref.detach(), problem.other.detach(), problem.arch, problem.data
     )
-    for _ in range(cfg.steps):
+    yield 0, _per_group(problem, logits)
+    for step in range(1, cfg.steps + 1):
         soft = {n: sinkhorn(lg, cfg.iterations, cfg.tau) for n, lg in logits.items()}
         loss = _loss(problem, cfg, _per_group(problem, soft), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return {g: solve_lap(lg) for g, lg in _per_group(problem, logits).items()}
+        yield step, _per_group(problem, logits)
+
+
+def sinkhorn_rebasin(problem: Problem, cfg: SinkhornCfg, init: Perm | Scores | None = None) -> Perm:
+    """Adam on per-group logits through Sinkhorn; Hungarian on the final logits.
+
+    A start given as scores (DEEP-ALIGN's, {g: (n, n)}) becomes the initial logits as it is;
+    one given as a permutation becomes init_scale times its one-hot matrix.
+    """
+    *_, (_, final) = _descend(problem, cfg, init)
+    return {g: solve_lap(lg) for g, lg in final.items()}
+
+
+def sinkhorn_trajectory(
+    problem: Problem, cfg: SinkhornCfg, init: Perm | Scores | None, at: list[int]
+) -> list[tuple[int, Perm, float]]:
+    """Hungarian-hardened permutations after each step count in `at` (<= cfg.steps), with the
+    seconds spent descending until then (hardening excluded)."""
+    marks, out = set(at), []
+    start = time.perf_counter()
+    for step, logits in _descend(problem, cfg, init):
+        if step in marks:
+            elapsed = time.perf_counter() - start
+            out.append((step, {g: solve_lap(lg) for g, lg in logits.items()}, elapsed))
+            start = time.perf_counter() - elapsed  # hardening does not count
+    return out

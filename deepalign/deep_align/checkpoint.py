@@ -64,6 +64,7 @@ def _build(blob: dict) -> tuple[DeepAlign, Arch, dict]:
     """The aligner a checkpoint blob describes, its weights loaded."""
     layout = Layout(tuple(blob["layout"]["nodes"]), tuple(blob["layout"]["edge_dims"]))
     std = blob["state_dict"]["encoder.tensor_std"]
-    model = DeepAlign(layout, ModelCfg(**blob["model"]), std, list(blob["groups"]))
+    model_cfg = ModelCfg(**({"cross_rounds": 0} | blob["model"]))  # older files had none
+    model = DeepAlign(layout, model_cfg, std, list(blob["groups"]))
     model.load_state_dict(blob["state_dict"])
     return model.eval(), Arch.from_dict(blob["arch"]), blob["meta"]

@@ -9,7 +9,10 @@ embedding of their bias. Each block updates one layer's nodes from
   the backward message sum_i E_{m+1}[i, j] (.) B h_{m+1, i}, and the layer mean,
 all of which commute with permutations of the hidden nodes (sums over neighbours, per-node
 MLPs, LayerNorm over features). Blocks sweep forward 1..M then backward M-1..0, `rounds`
-times. The head compares two networks' hidden-node features by cosine with a learnable scale.
+times. The head compares two networks' hidden-node features by cosine with a learnable scale;
+with `cross_rounds`, each round first lets every unit read its soft partners in the other
+network (Sinkhorn over the current similarities) and update itself from them, with one update
+shared by both sides (permuting either network permutes its side; swapping them transposes).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepalign.config import Positive, PositiveFloat
+from deepalign.assignment import sinkhorn
+from deepalign.config import Count, Positive, PositiveFloat
 from deepalign.permspec import perm_spec
 from deepalign.weightspace import WeightSpace
 
@@ -33,6 +37,7 @@ class ModelCfg:
     mlp_ratio: Positive  # hidden width of each block's update MLP, in units of D
     head_dim: Positive  # width of the features compared by cosine
     scale_init: PositiveFloat  # initial cosine scale (learned)
+    cross_rounds: Count  # rounds of the pair head letting each network's units see the other's
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,29 @@ class Encoder(nn.Module):
         return h[1:last]
 
 
+class CrossRound(nn.Module):
+    """Units of both networks update from their soft partners in the other network."""
+
+    def __init__(self, dim: int, ratio: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(3 * dim)
+        self.update = nn.Sequential(
+            nn.Linear(3 * dim, ratio * dim), nn.GELU(), nn.Linear(ratio * dim, dim)
+        )
+
+    def _step(self, own: Tensor, partner: Tensor) -> Tensor:
+        return own + self.update(self.norm(torch.cat([own, partner, own - partner], dim=-1)))
+
+    def forward(self, a: Tensor, b: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        # a, b: (B, n, D); soft: (B, n, n), rows a's units, columns b's
+        soft = sinkhorn(scale * _cosine(a, b), iterations=10)
+        return self._step(a, soft @ b), self._step(b, soft.mT @ a)
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    return F.normalize(a, dim=-1, eps=1e-6) @ F.normalize(b, dim=-1, eps=1e-6).mT
+
+
 class DeepAlign(nn.Module):
     """Siamese encoder + cosine head: per hidden group, logits[i, j] = sim(ref i, other j)."""
 
@@ -148,18 +176,24 @@ class DeepAlign(nn.Module):
         self.groups = groups
         self.encoder = Encoder(layout, cfg, tensor_std)
         self.head = nn.ModuleList(nn.Linear(cfg.dim, cfg.head_dim) for _ in groups)
+        self.cross = nn.ModuleList(
+            CrossRound(cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.cross_rounds)
+        )
         self.log_scale = nn.Parameter(torch.tensor(math.log(cfg.scale_init)))
 
     def features(self, ws: WeightSpace) -> list[Tensor]:
-        """Unit-norm head features per hidden group: [(B, n, head_dim)]."""
-        return [
-            F.normalize(head(h), dim=-1, eps=1e-6) for head, h in zip(self.head, self.encoder(ws))
-        ]
+        """Head features per hidden group, of one network alone: [(B, n, head_dim)]."""
+        return [head(h) for head, h in zip(self.head, self.encoder(ws))]
 
     def logits(self, feats_ref: list[Tensor], feats_other: list[Tensor]) -> dict[str, Tensor]:
         """{group: (B, n, n)} similarity logits; swapping the inputs transposes them."""
         scale = self.log_scale.exp()
-        return {g: scale * a @ b.mT for g, a, b in zip(self.groups, feats_ref, feats_other)}
+        out = {}
+        for g, a, b in zip(self.groups, feats_ref, feats_other):
+            for cross in self.cross:
+                a, b = cross(a, b, scale)
+            out[g] = scale * _cosine(a, b)
+        return out
 
     def forward(self, ref: WeightSpace, other: WeightSpace) -> dict[str, Tensor]:
         return self.logits(self.features(ref), self.features(other))

@@ -12,19 +12,33 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from deepalign.align.sinkhorn import sinkhorn
 from deepalign.arch import Arch, as_input, forward_batched
-from deepalign.config import Device, GridPoints, NonNegative, Positive, PositiveFloat, Seed, invalid
+from deepalign.assignment import sinkhorn
+from deepalign.config import (
+    Check,
+    Device,
+    GridPoints,
+    NonNegative,
+    Positive,
+    PositiveFloat,
+    Seed,
+    between,
+    invalid,
+    one_of,
+)
 from deepalign.data import Dataset
 from deepalign.deep_align.augment import AugmentCfg, planted_copies
 from deepalign.deep_align.checkpoint import predict
@@ -42,10 +56,13 @@ class LossCfg:
     supervised: NonNegative
     l2: NonNegative
     lmc: NonNegative
+    lmc_lambda: list[Annotated[float, between(0, 1)]]  # [low, high]: lambda ~ U(low, high)
 
     def __post_init__(self) -> None:
         if self.supervised + self.l2 + self.lmc == 0:
             raise invalid("supervised", self.supervised, "> 0 when l2 and lmc are 0")
+        if len(self.lmc_lambda) != 2 or self.lmc_lambda[0] > self.lmc_lambda[1]:
+            raise invalid("lmc_lambda", self.lmc_lambda, "[low, high] with low <= high")
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,8 @@ class AlignerCfg:
     epochs: Positive  # one epoch: every train network once as anchor
     pairs_per_step: Positive
     lr: PositiveFloat
+    lr_schedule: Annotated[str, one_of("constant", "cosine")]  # cosine: to lr / 20 at the end
+    ema: Annotated[float, Check(lambda v: 0 <= v < 1, "in [0, 1)")]  # weight EMA decay; 0: off
     weight_decay: NonNegative
     grad_clip: PositiveFloat
     sinkhorn_iterations: Positive
@@ -125,7 +144,8 @@ def training_step(
         for g, lg in model.logits(list(fa), list(fb)).items()
     }
     aligned = apply_soft_permutation(b, soft, spec)
-    lam = torch.rand(k, generator=gen).to(x.device)
+    low, high = cfg.loss.lmc_lambda
+    lam = (low + (high - low) * torch.rand(k, generator=gen)).to(x.device)
     idx = torch.randint(len(y), (cfg.images_per_step,), generator=gen).to(x.device)
     logits = forward_batched(arch, lerp(a, aligned, lam), as_input(arch, x[idx]))  # (k, I, C)
     lmc = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(k))
@@ -177,7 +197,7 @@ def fingerprint(cfg: AlignerCfg, arch: Arch, manifest: Path, data: Dataset) -> s
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
-OnEpoch = Callable[[int, dict[str, float]], None]
+OnEpoch = Callable[[int, dict[str, float], DeepAlign], None]  # epoch, metrics, live model
 
 
 def train(
@@ -197,7 +217,9 @@ def train(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True
     )
     gen = torch.Generator().manual_seed(cfg.seed)
-    run = _resume(state, fp, model, opt, gen)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema else None
+    run = _resume(state, fp, model, opt, gen, ema)
+    judged = ema.module if ema else model  # the weights validated and kept
     train_nets = zoo.nets[torch.tensor(zoo.indices("train"))].to(device)
     x, y = data.train.x.to(device), data.train.y.to(device)
     steps = max(1, train_nets.batch_size // cfg.pairs_per_step)
@@ -212,23 +234,35 @@ def train(
     )
     for epoch in bar:
         start, sums = time.perf_counter(), {}
-        for _ in range(steps):
+        for i in range(steps):
+            set_lr(opt, cfg, (epoch * steps + i) / (cfg.epochs * steps))
             losses = training_step(model, zoo.arch, train_nets, x, y, cfg, gen)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            if ema:
+                ema.update_parameters(model)
             sums = {k: sums.get(k, 0.0) + v.item() / steps for k, v in losses.items()}
         run["train_seconds"] += time.perf_counter() - start
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            sums |= validate(model, zoo, data, cfg, device)
-            _keep_best(run, model, sums, epoch)
-            _save_state(state, fp, model, opt, gen, run, epoch + 1)
+            sums |= validate(judged, zoo, data, cfg, device)
+            _keep_best(run, judged, sums, epoch)
+            _save_state(state, fp, (model, opt, gen, ema), run, epoch + 1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if k != "loss"})
         if on_epoch:
-            on_epoch(epoch, sums)
-    model.load_state_dict(run["best_state"])
-    return model.eval(), {k: v for k, v in run.items() if k != "best_state"}
+            on_epoch(epoch, sums, model)
+    judged.load_state_dict(run["best_state"])
+    return judged.eval(), {k: v for k, v in run.items() if k != "best_state"}
+
+
+def set_lr(opt: torch.optim.Optimizer, cfg: AlignerCfg, progress: float) -> None:
+    """The learning rate at `progress` in [0, 1) of training: constant, or cosine to lr / 20."""
+    lr = cfg.lr
+    if cfg.lr_schedule == "cosine":
+        lr = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 def _keep_best(run: dict, model: DeepAlign, metrics: dict, epoch: int) -> None:
@@ -239,28 +273,30 @@ def _keep_best(run: dict, model: DeepAlign, metrics: dict, epoch: int) -> None:
         run["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _save_state(
-    path: Path,
-    fp: str,
-    model: DeepAlign,
-    opt: torch.optim.Optimizer,
-    gen: torch.Generator,
-    run: dict,
-    epoch: int,
-) -> None:
+Trainer = tuple[DeepAlign, torch.optim.Optimizer, torch.Generator, AveragedModel | None]
+
+
+def _save_state(path: Path, fp: str, trainer: Trainer, run: dict, epoch: int) -> None:
+    model, opt, gen, ema = trainer
     blob = {
         "fingerprint": fp,
         "epoch": epoch,
         "model": model.state_dict(),
         "opt": opt.state_dict(),
         "gen": gen.get_state(),
+        "ema": ema.state_dict() if ema else {},
         "run": run,
     }
     write_atomic(path, lambda tmp: torch.save(blob, tmp))
 
 
 def _resume(
-    path: Path, fp: str, model: DeepAlign, opt: torch.optim.Optimizer, gen: torch.Generator
+    path: Path,
+    fp: str,
+    model: DeepAlign,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    ema: AveragedModel | None,
 ) -> dict:
     """Training progress saved by an interrupted run with the same settings, else a fresh one."""
     fresh = {
@@ -280,4 +316,6 @@ def _resume(
     model.load_state_dict(blob["model"])
     opt.load_state_dict(blob["opt"])
     gen.set_state(blob["gen"])
+    if ema:
+        ema.load_state_dict(blob["ema"])
     return blob["run"] | {"epoch": blob["epoch"]}

@@ -1,0 +1,125 @@
+"""Sinkhorn re-basin from three starts: how many steps a learned start saves.
+
+Per test pair, Sinkhorn re-basin runs from the identity (zero logits), from weight matching's
+permutation (init_scale x one-hot) and from DEEP-ALIGN's logits; the hard permutation after
+each step count of a grid is scored by its test loss barrier. The target is the barrier the
+identity start reaches after `align.sinkhorn.steps` (plain Sinkhorn's full run in the align
+stage; the grid may go further); each start's cost to
+reach it is its steps and its wall time, the start itself (weight matching, DEEP-ALIGN's
+forward pass) included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+import torch
+
+from deepalign.align import MethodsCfg, Problem
+from deepalign.align.deep_align import deep_align_batch
+from deepalign.align.sinkhorn import sinkhorn_trajectory
+from deepalign.align.weight_matching import weight_matching
+from deepalign.config import MAX_POINTS, GridPoints, Positive, between, invalid
+from deepalign.data import Dataset
+from deepalign.lmc import barriers, interpolate
+from deepalign.pairs import Zoo, ring_pairs
+from deepalign.permspec import apply_permutation
+
+STARTS = ("identity", "weight_matching", "deep_align")
+
+
+@dataclass(frozen=True)
+class ConvergeCfg:
+    """Section `converge` of params.yaml."""
+
+    archs: list[str]
+    pairs: Positive  # the first K test pairs of the align stage
+    steps: list[Annotated[int, between(0, MAX_POINTS)]]  # step counts scored, ascending
+    points: GridPoints  # lambda grid of each barrier
+
+    def __post_init__(self) -> None:
+        if not self.steps or sorted(set(self.steps)) != list(self.steps):
+            raise invalid("steps", self.steps, "distinct step counts in ascending order")
+
+
+def _starts(zoo: Zoo, pairs: list[tuple[int, int]], cfg: MethodsCfg) -> dict[str, list]:
+    """Each start's init per pair and its seconds per pair."""
+    refs = zoo.nets[torch.tensor([i for i, _ in pairs])]
+    others = zoo.nets[torch.tensor([j for _, j in pairs])]
+    deep_align_batch(refs[:1], others[:1], cfg.deep_align)  # warm-up: loads the model
+    clock = time.perf_counter()
+    scores = deep_align_batch(refs, others, cfg.deep_align)
+    da_seconds = (time.perf_counter() - clock) / len(pairs)
+    wm, wm_seconds = [], []
+    for i, j in pairs:
+        clock = time.perf_counter()
+        wm.append(
+            weight_matching(Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch), cfg.weight_matching)
+        )
+        wm_seconds.append(time.perf_counter() - clock)
+    return {
+        "identity": [(None, 0.0)] * len(pairs),
+        "weight_matching": list(zip(wm, wm_seconds)),
+        "deep_align": [
+            ({g: s[k] for g, s in scores.items()}, da_seconds) for k in range(len(pairs))
+        ],
+    }
+
+
+def refine_rows(
+    name: str, zoo: Zoo, data: Dataset, methods: MethodsCfg, cfg: ConvergeCfg
+) -> list[dict]:
+    """One row per (start, pair, steps): the loss barrier and the seconds spent so far."""
+    pairs = ring_pairs(zoo.indices("test"), cfg.pairs)
+    sinkhorn = dataclasses.replace(methods.sinkhorn, steps=cfg.steps[-1])
+    rows = []
+    for start, inits in _starts(zoo, pairs, methods).items():
+        for k, ((i, j), (init, start_seconds)) in enumerate(zip(pairs, inits)):
+            problem = Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch, data.train)
+            for steps, perm, seconds in sinkhorn_trajectory(problem, sinkhorn, init, cfg.steps):
+                aligned = apply_permutation(zoo.nets[j], perm)
+                curve = interpolate(zoo.arch, zoo.nets[i], aligned, data.test, cfg.points)
+                rows.append(
+                    {
+                        "arch": name,
+                        "start": start,
+                        "pair": k,
+                        "steps": steps,
+                        "loss_barrier": barriers(curve)["loss_barrier"],
+                        "seconds": start_seconds + seconds,
+                    }
+                )
+    return rows
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def summarize_convergence(rows: list[dict], steps: list[int], full_run: int) -> dict[str, dict]:
+    """Per start: mean barrier per step count, and the steps and seconds to reach the target
+    (the identity start's mean barrier after `full_run` steps)."""
+    if full_run not in steps:
+        raise invalid("steps", steps, f"a grid holding align.sinkhorn.steps ({full_run})")
+
+    def at(start: str, k: int) -> list[dict]:
+        return [r for r in rows if r["start"] == start and r["steps"] == k]
+
+    target = _mean(at("identity", full_run), "loss_barrier")
+    out: dict[str, dict] = {"target_loss_barrier": {"value": target, "steps": full_run}}
+    for start in STARTS:
+        curve = {k: _mean(at(start, k), "loss_barrier") for k in steps}
+        reached = next((k for k in steps if curve[k] <= target + 1e-12), None)
+        out[start] = {
+            "reached": reached is not None,
+            "steps_to_target": reached if reached is not None else steps[-1],
+            "seconds_to_target": _mean(
+                at(start, reached if reached is not None else steps[-1]), "seconds"
+            ),
+            "final_loss_barrier": curve[steps[-1]],
+            "loss_barrier": {str(k): v for k, v in curve.items()},
+        }
+    return out

@@ -1,0 +1,146 @@
+"""Where DEEP-ALIGN's quality comes from: test barrier against zoo size and training steps.
+
+The study's train networks are the zoo's own recipe run for more seeds (network j trains from
+`zoo.seed + j`, so the first ones are exactly the default zoo's train networks); validation and
+test networks are the default zoo's. For each train-set size an aligner trains with the
+`aligner` settings for the largest step count, and its test barrier is scored at every step
+count of the grid (the live model, no checkpoint selection), beside weight matching's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deepalign.align import Problem
+from deepalign.align.weight_matching import WeightMatchingCfg, weight_matching
+from deepalign.config import GridPoints, Positive
+from deepalign.data import DataCfg, Dataset
+from deepalign.deep_align.checkpoint import predict
+from deepalign.deep_align.model import DeepAlign
+from deepalign.deep_align.train import AlignerCfg, train
+from deepalign.io import load_checkpoint, write_json
+from deepalign.lmc import barriers, interpolate
+from deepalign.pairs import Zoo, ring_pairs
+from deepalign.permspec import apply_permutation
+from deepalign.weightspace import WeightSpace, stack
+from deepalign.zoo import (
+    NetCfg,
+    ZooCfg,
+    fingerprint,
+    is_done,
+    make_arch,
+    plan,
+    resolve_device,
+    train_chunk,
+)
+
+
+@dataclass(frozen=True)
+class StudyCfg:
+    """Section `study` of params.yaml."""
+
+    arch: str  # a zoo architecture
+    train_sizes: list[Positive]  # train networks per aligner
+    steps: list[Positive]  # training steps at which the test barrier is scored
+    pairs: Positive  # test ring pairs scored
+    points: GridPoints  # lambda grid of each barrier
+
+
+def build_train_networks(
+    folder: Path, net: NetCfg, zoo: ZooCfg, data_cfg: DataCfg, data: Dataset, n: int
+) -> WeightSpace:
+    """The zoo recipe's first n train networks (trained, or read where already done)."""
+    wide = dataclasses.replace(net, n_train=n, n_val=0, n_test=0)
+    arch, jobs = make_arch(wide, data), plan(folder, wide, zoo.seed)
+    fps = {j.index: fingerprint(arch, net, data_cfg, j.seed) for j in jobs}
+    todo = [j for j in jobs if not is_done(j, fps[j.index])]
+    device = resolve_device(zoo.device)
+    for start in range(0, len(todo), zoo.chunk_size):
+        train_chunk(arch, todo[start : start + zoo.chunk_size], data, net, fps, device)
+    return stack([load_checkpoint(j.path).ws for j in jobs])
+
+
+def study_zoo(train_nets: WeightSpace, base: Zoo) -> Zoo:
+    """Train networks of the study beside the default zoo's val and test networks."""
+    keep = torch.tensor(base.indices("val") + base.indices("test"))
+    nets = WeightSpace.from_tensors(
+        [torch.cat([t, u]) for t, u in zip(train_nets.tensors(), base.nets[keep].tensors())]
+    )
+    records = [{"split": "train"}] * train_nets.batch_size + [base.records[i] for i in keep]
+    return Zoo(base.arch, records, nets)
+
+
+def test_barrier(model: DeepAlign, zoo: Zoo, data: Dataset, cfg: StudyCfg) -> float:
+    """Mean test loss barrier of the model's hard alignments of the test ring pairs."""
+    pairs = ring_pairs(zoo.indices("test"), cfg.pairs)
+    ref, other = (zoo.nets[torch.tensor([p[k] for p in pairs])] for k in (0, 1))
+    aligned = apply_permutation(other, predict(model.eval(), ref, other))
+    model.train()
+    found = [
+        barriers(interpolate(zoo.arch, ref[k], aligned[k], data.test, cfg.points))["loss_barrier"]
+        for k in range(len(pairs))
+    ]
+    return sum(found) / len(found)
+
+
+def weight_matching_barrier(zoo: Zoo, data: Dataset, cfg: StudyCfg, wm: WeightMatchingCfg) -> float:
+    pairs = ring_pairs(zoo.indices("test"), cfg.pairs)
+    found = []
+    for i, j in pairs:
+        perm = weight_matching(Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch), wm)
+        curve = interpolate(
+            zoo.arch, zoo.nets[i], apply_permutation(zoo.nets[j], perm), data.test, cfg.points
+        )
+        found.append(barriers(curve)["loss_barrier"])
+    return sum(found) / len(found)
+
+
+def scaling_run(
+    zoo: Zoo, data: Dataset, aligner: AlignerCfg, cfg: StudyCfg, state: Path
+) -> dict[int, tuple[int, float]]:
+    """Train one aligner on `zoo` for max(steps) steps: {mark: (steps taken, test barrier)}.
+
+    Scores are taken at the end of the first epoch that reaches each mark.
+    """
+    n_train = len(zoo.indices("train"))
+    per_epoch = max(1, n_train // aligner.pairs_per_step)
+    epochs = math.ceil(max(cfg.steps) / per_epoch)
+    run_cfg = dataclasses.replace(aligner, epochs=epochs, val_every=epochs)
+    marks: dict[int, tuple[int, float]] = {}
+
+    def score(epoch: int, _: dict, model: DeepAlign) -> None:
+        done = (epoch + 1) * per_epoch
+        for k in cfg.steps:
+            if k not in marks and done >= k:
+                marks[k] = (done, test_barrier(model, zoo, data, cfg))
+
+    record = json.dumps([dataclasses.asdict(run_cfg), n_train, cfg.steps], sort_keys=True)
+    fp = hashlib.sha256(record.encode()).hexdigest()[:16]  # other settings: start over
+    done = state.with_suffix(".marks.json")  # scores of a finished run: a rerun skips it
+    if done.is_file() and json.loads(done.read_text())["fingerprint"] == fp:
+        return {int(k): tuple(v) for k, v in json.loads(done.read_text())["marks"].items()}
+    train(zoo, data, run_cfg, resolve_device(aligner.device), state, fp, score, False)
+    write_json(done, {"fingerprint": fp, "marks": marks})
+    return marks
+
+
+def scaling_rows(
+    nets: WeightSpace, base: Zoo, data: Dataset, aligner: AlignerCfg, cfg: StudyCfg, states: Path
+) -> list[dict]:
+    """One row per (train-set size, step mark): the live aligner's test barrier."""
+    rows = []
+    for n in cfg.train_sizes:
+        state = states / f"aligner-{n}.state.pt"  # resumable training state
+        found = scaling_run(study_zoo(nets[:n], base), data, aligner, cfg, state)
+        rows += [
+            {"train_networks": n, "mark": mark, "steps": steps, "deep_align": barrier}
+            for mark, (steps, barrier) in found.items()
+        ]
+    return rows
