@@ -21,7 +21,7 @@ from deepalign.align import MethodsCfg, Problem, parse_method
 from deepalign.align import align as align_pair
 from deepalign.align.deep_align import DeepAlignCfg
 from deepalign.arch import Arch, resolve_input, state_dict_from_weightspace
-from deepalign.config import load_section
+from deepalign.config import MAX_POINTS, load_section
 from deepalign.data import DataCfg, Dataset, load_dataset
 from deepalign.errors import DeepAlignError
 from deepalign.io import (
@@ -77,7 +77,6 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-MAX_POINTS = 10_001  # a lambda grid beyond this costs minutes per pair and tells nothing new
 SEED = typer.Option(0, min=0, max=2**63 - 1, help="Seed of the random permutation.")
 FORCE = typer.Option(False, "--force", help="Overwrite an input file (still via a temp file).")
 MODEL = typer.Option(
