@@ -124,8 +124,9 @@ def scaling_run(
     record = json.dumps([dataclasses.asdict(run_cfg), n_train, cfg.steps], sort_keys=True)
     fp = hashlib.sha256(record.encode()).hexdigest()[:16]  # other settings: start over
     done = state.with_suffix(".marks.json")  # scores of a finished run: a rerun skips it
-    if done.is_file() and json.loads(done.read_text())["fingerprint"] == fp:
-        return {int(k): tuple(v) for k, v in json.loads(done.read_text())["marks"].items()}
+    saved = json.loads(done.read_text()) if done.is_file() else {}
+    if saved.get("fingerprint") == fp:
+        return {int(k): tuple(v) for k, v in saved["marks"].items()}
     train(zoo, data, run_cfg, resolve_device(aligner.device), state, fp, score, False)
     write_json(done, {"fingerprint": fp, "marks": marks})
     return marks

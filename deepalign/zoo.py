@@ -137,10 +137,12 @@ def is_done(job: Job, fp: str) -> bool:
     if not job.path.is_file():
         return False
     try:
-        done = load_checkpoint(job.path).meta.get("fingerprint") == fp
+        ckpt = load_checkpoint(job.path)
     except DeepAlignError:
         return False
-    if done:
+    done = ckpt.meta.get("fingerprint") == fp
+    bloated = any(t.untyped_storage().nbytes() > t.nbytes for t in ckpt.native.tensors())
+    if done and bloated:  # read the file again only where there is something to rewrite
         compact_checkpoint(job.path)
     return done
 
