@@ -7,6 +7,10 @@ identity start reaches after `align.sinkhorn.steps` (plain Sinkhorn's full run i
 stage; the grid may go further); each start's cost to
 reach it is its steps and its wall time, the start itself (weight matching, DEEP-ALIGN's
 forward pass) included.
+
+The DEEP-ALIGN start also says where the model errs: per hidden group, the share of units on
+which its own permutation (step 0) agrees with the refined one (last step), and the barrier
+when that group alone takes the refined permutation.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from deepalign.config import MAX_POINTS, GridPoints, Positive, between, invalid
 from deepalign.data import Dataset
 from deepalign.lmc import barriers, interpolate
 from deepalign.pairs import Zoo, ring_pairs
-from deepalign.permspec import apply_permutation
+from deepalign.permspec import Perm, apply_permutation
 
 STARTS = ("identity", "weight_matching", "deep_align")
 
@@ -71,32 +75,76 @@ def _starts(zoo: Zoo, pairs: list[tuple[int, int]], cfg: MethodsCfg) -> dict[str
 
 def refine_rows(
     name: str, zoo: Zoo, data: Dataset, methods: MethodsCfg, cfg: ConvergeCfg
-) -> list[dict]:
-    """One row per (start, pair, steps): the loss barrier and the seconds spent so far."""
+) -> tuple[list[dict], list[dict]]:
+    """One row per (start, pair, steps): the loss barrier and the seconds spent so far; and
+    one row per (pair, hidden group) diagnosing DEEP-ALIGN's own permutation."""
     pairs = ring_pairs(zoo.indices("test"), cfg.pairs)
     sinkhorn = dataclasses.replace(methods.sinkhorn, steps=cfg.steps[-1])
-    rows = []
+    rows, layers = [], []
     for start, inits in _starts(zoo, pairs, methods).items():
         for k, ((i, j), (init, start_seconds)) in enumerate(zip(pairs, inits)):
             problem = Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch, data.train)
-            for steps, perm, seconds in sinkhorn_trajectory(problem, sinkhorn, init, cfg.steps):
-                aligned = apply_permutation(zoo.nets[j], perm)
-                curve = interpolate(zoo.arch, zoo.nets[i], aligned, data.test, cfg.points)
+            marks = sinkhorn_trajectory(problem, sinkhorn, init, cfg.steps)
+            for steps, perm, seconds in marks:
                 rows.append(
                     {
                         "arch": name,
                         "start": start,
                         "pair": k,
                         "steps": steps,
-                        "loss_barrier": barriers(curve)["loss_barrier"],
+                        "loss_barrier": _barrier(zoo, (i, j), perm, data, cfg.points),
                         "seconds": start_seconds + seconds,
                     }
                 )
-    return rows
+            if start == "deep_align":
+                own, refined = marks[0][1], marks[-1][1]
+                layers += _layer_rows(zoo, (i, j), own, refined, data, cfg.points, k)
+    return rows, layers
+
+
+def _barrier(zoo: Zoo, pair: tuple[int, int], perm: Perm, data: Dataset, points: int) -> float:
+    aligned = apply_permutation(zoo.nets[pair[1]], perm)
+    curve = interpolate(zoo.arch, zoo.nets[pair[0]], aligned, data.test, points)
+    return barriers(curve)["loss_barrier"]
+
+
+def _layer_rows(
+    zoo: Zoo,
+    pair: tuple[int, int],
+    own: Perm,
+    refined: Perm,
+    data: Dataset,
+    points: int,
+    k: int,
+) -> list[dict]:
+    """Per group: agreement of DEEP-ALIGN's permutation with the refined one, and the barrier
+    with that group alone replaced by the refined permutation."""
+    return [
+        {
+            "pair": k,
+            "group": g,
+            "agreement": (own[g] == refined[g]).double().mean().item(),
+            "loss_barrier_group_refined": _barrier(zoo, pair, own | {g: refined[g]}, data, points),
+        }
+        for g in own
+    ]
 
 
 def _mean(rows: list[dict], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
+
+
+def summarize_layers(layers: list[dict]) -> dict[str, dict]:
+    """Per hidden group: mean agreement with the refined permutation, and the mean barrier
+    with that group refined alone."""
+    out = {}
+    for g in dict.fromkeys(r["group"] for r in layers):
+        mine = [r for r in layers if r["group"] == g]
+        out[g] = {
+            "agreement": _mean(mine, "agreement"),
+            "loss_barrier_group_refined": _mean(mine, "loss_barrier_group_refined"),
+        }
+    return out
 
 
 def summarize_convergence(rows: list[dict], steps: list[int], full_run: int) -> dict[str, dict]:

@@ -11,7 +11,12 @@ from prefect.cache_policies import NO_CACHE
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.align import MethodsCfg
 from deepalign.config import load_section
-from deepalign.convergence import ConvergeCfg, refine_rows, summarize_convergence
+from deepalign.convergence import (
+    ConvergeCfg,
+    refine_rows,
+    summarize_convergence,
+    summarize_layers,
+)
 from deepalign.data import DataCfg, Dataset, load_dataset
 from deepalign.io import write_csv
 from deepalign.pairs import load_zoo
@@ -24,8 +29,9 @@ def converge_arch(
     arch: str, zoo_dir: Path, plots: Path, data: Dataset, methods: MethodsCfg, cfg: ConvergeCfg
 ) -> dict:
     """Barrier-vs-steps of the three starts on one architecture's test pairs."""
-    rows = refine_rows(arch, load_zoo(zoo_dir / arch), data, methods, cfg)
+    rows, layers = refine_rows(arch, load_zoo(zoo_dir / arch), data, methods, cfg)
     summary = summarize_convergence(rows, cfg.steps, methods.sinkhorn.steps)
+    summary["deep_align"]["per_group"] = summarize_layers(layers)
     write_csv(plots / f"refine_convergence_{arch}.csv", rows)
     target = summary["target_loss_barrier"]["value"]
     plot_convergence(plots / f"refine_convergence_{arch}.png", rows, target, f"digits {arch}")

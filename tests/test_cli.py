@@ -1,15 +1,20 @@
 """The `deepalign` command line on real checkpoints."""
 
+import copy
 import json
 from pathlib import Path
 
+import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 from typer.testing import CliRunner
 
 from deepalign.arch import forward, mlp_arch
 from deepalign.cli import app
+from deepalign.config import load_section
+from deepalign.data import DataCfg, load_dataset
 from deepalign.io import load_checkpoint, save_checkpoint
 from deepalign.zoo import init_network
 
@@ -101,7 +106,15 @@ def test_align_rejects_mismatch_and_unknown_method(tmp_path, mlp, cnn):
 
 
 def test_interpolate_json_on_plain_state_dicts(tmp_path):
+    torch.manual_seed(0)
     nets = [nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)) for _ in range(2)]
+    train = load_dataset(load_section("data", DataCfg, ROOT / "params.yaml")).train
+    for net in nets:  # trained, so that the straight line between them has a barrier
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        for _ in range(150):
+            opt.zero_grad()
+            F.cross_entropy(net(train.x.flatten(1)), train.y).backward()
+            opt.step()
     for i, net in enumerate(nets):
         torch.save(net.state_dict(), tmp_path / f"n{i}.pt")
     result = runner.invoke(
@@ -119,7 +132,28 @@ def test_interpolate_json_on_plain_state_dicts(tmp_path):
     )
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)
-    assert len(metrics["loss"]) == 5 and metrics["loss_barrier"] >= 0
+    assert metrics["lambda"] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    # cross-check against torch's own modules: the endpoints are the two networks' test losses
+    test = load_dataset(load_section("data", DataCfg, ROOT / "params.yaml")).test
+    with torch.no_grad():
+        ends = [F.cross_entropy(net(test.x.flatten(1)), test.y).item() for net in nets]
+        mid = copy.deepcopy(nets[0])
+        for p, q in zip(mid.parameters(), nets[1].parameters()):
+            p.mul_(0.5).add_(0.5 * q)
+        midpoint = F.cross_entropy(mid(test.x.flatten(1)), test.y).item()
+    assert metrics["loss"][0] == pytest.approx(ends[0], rel=1e-5)
+    assert metrics["loss"][-1] == pytest.approx(ends[1], rel=1e-5)
+    assert metrics["loss"][2] == pytest.approx(midpoint, rel=1e-5)
+    expected = max(
+        0.0,
+        max(
+            metrics["loss"][k] - (1 - t) * ends[0] - t * ends[1]
+            for k, t in enumerate(metrics["lambda"])
+        ),
+    )
+    assert metrics["loss_barrier"] == pytest.approx(expected, abs=1e-6)
+    assert expected > 0.01  # trained, unaligned networks: a real barrier to get right
+    assert ends[0] != pytest.approx(ends[1])  # twin: two different networks
 
 
 def test_curve_command_fits_and_reports(tmp_path, mlp):

@@ -7,12 +7,17 @@ import torch
 
 from deepalign.align import MethodsCfg, Problem
 from deepalign.align.activation_matching import ActivationMatchingCfg
-from deepalign.align.deep_align import DeepAlignCfg
+from deepalign.align.deep_align import DeepAlignCfg, deep_align_batch
 from deepalign.align.sinkhorn import SinkhornCfg, sinkhorn_rebasin, sinkhorn_trajectory
 from deepalign.align.ste import SteCfg
 from deepalign.align.weight_matching import WeightMatchingCfg
 from deepalign.arch import mlp_arch
-from deepalign.convergence import ConvergeCfg, refine_rows, summarize_convergence
+from deepalign.convergence import (
+    ConvergeCfg,
+    refine_rows,
+    summarize_convergence,
+    summarize_layers,
+)
 from deepalign.deep_align.checkpoint import predict, save_aligner
 from deepalign.deep_align.model import DeepAlign, Layout, ModelCfg
 from deepalign.errors import DeepAlignError
@@ -96,7 +101,7 @@ def tiny(tmp_path, digits):
 def test_refine_rows_start_where_each_start_puts_them(tiny, digits):
     zoo, model, methods = tiny
     cfg = ConvergeCfg(["mlp"], 2, [0, 4], 5)
-    rows = refine_rows("mlp", zoo, digits, methods, cfg)
+    rows, layers = refine_rows("mlp", zoo, digits, methods, cfg)
     assert len(rows) == 3 * 2 * 2
     at_zero = {(r["start"], r["pair"]): r["loss_barrier"] for r in rows if r["steps"] == 0}
     da = predict(model, zoo.nets[torch.tensor([0, 1])], zoo.nets[torch.tensor([1, 2])])
@@ -109,3 +114,30 @@ def test_refine_rows_start_where_each_start_puts_them(tiny, digits):
     assert at_zero[("identity", 0)] > 0.1  # trained networks: unaligned, a real barrier
     # twin: the learned start is not the identity start (so the barrier check above has teeth)
     assert any(not torch.equal(p[0], torch.arange(p.shape[1])) for p in da.values())
+
+
+def test_layer_rows_score_deep_aligns_permutation_with_one_group_refined(tiny, digits):
+    zoo, _, methods = tiny
+    cfg = ConvergeCfg(["mlp"], 2, [0, 4], 5)
+    rows, layers = refine_rows("mlp", zoo, digits, methods, cfg)
+    assert sorted((r["pair"], r["group"]) for r in layers) == [
+        (k, g) for k in (0, 1) for g in ("h0", "h1")
+    ]
+    sinkhorn = replace(methods.sinkhorn, steps=4)
+    for k, (i, j) in enumerate([(0, 1), (1, 2)]):
+        scores = deep_align_batch(zoo.nets[i : i + 1], zoo.nets[j : j + 1], methods.deep_align)
+        problem = Problem.of(zoo.nets[i], zoo.nets[j], ARCH, digits.train)
+        marks = sinkhorn_trajectory(problem, sinkhorn, {g: s[0] for g, s in scores.items()}, [0, 4])
+        own, refined = marks[0][1], marks[-1][1]
+        for r in (r for r in layers if r["pair"] == k):
+            g = r["group"]
+            assert r["agreement"] == pytest.approx((own[g] == refined[g]).double().mean().item())
+            mixed = apply_permutation(zoo.nets[j], own | {g: refined[g]})
+            expected = barriers(interpolate(ARCH, zoo.nets[i], mixed, digits.test, 5))
+            assert r["loss_barrier_group_refined"] == pytest.approx(
+                expected["loss_barrier"], abs=1e-6
+            )
+    summary = summarize_layers(layers)
+    assert set(summary) == {"h0", "h1"}
+    h0 = [r["agreement"] for r in layers if r["group"] == "h0"]
+    assert summary["h0"]["agreement"] == pytest.approx(sum(h0) / 2)

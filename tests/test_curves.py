@@ -62,9 +62,10 @@ def test_pam_never_ends_worse_than_its_start(pairs, digits):
     arch, a, b = pairs
     fit_cfg = CurveFitCfg("bezier", epochs=2, batch_size=64, lr=0.01, seed=0)
     start = identity(perm_spec(a), batch=2)
-    perms, theta, history = pam(arch, a, b, start, digits.train, fit_cfg, PamCfg(3, 1.0, 400))
+    perms, theta, history = pam(arch, a, b, start, digits.train, fit_cfg, PamCfg(3, 0.1, 400))
     assert all(y <= x + 1e-12 for x, y in zip(history, history[1:]))
-    assert history[-1] <= history[0]
+    assert history[-1] < 0.9 * history[0]  # from the identity, the permutation step pays
+    assert any(not torch.equal(p, torch.arange(p.shape[-1])) for p in perms.values())
     probe = Split(digits.train.x[:400], digits.train.y[:400])
     final = objective(arch, "bezier", a, theta, apply_permutation(b, perms), probe).mean()
     assert final.item() == pytest.approx(history[-1], rel=1e-5)

@@ -162,10 +162,19 @@ def test_tiny_training_recovers_planted_permutations(tmp_path, tiny_zoo, digits)
     assert metrics["val_planted_recovery"] >= 0.95  # chance is 1/16
     assert run["best_epoch"] == 29 and (tmp_path / "state.pt").is_file()
 
+    epochs_run = []
     resumed, again = train(
-        tiny_zoo, digits, cfg, torch.device("cpu"), tmp_path / "state.pt", "fp", progress=False
+        tiny_zoo,
+        digits,
+        cfg,
+        torch.device("cpu"),
+        tmp_path / "state.pt",
+        "fp",
+        on_epoch=lambda e, m, _: epochs_run.append(e),
+        progress=False,
     )
-    assert again["best_val_loss_barrier"] == run["best_val_loss_barrier"]  # nothing retrained
+    assert epochs_run == [] and again["best_val_loss_barrier"] == run["best_val_loss_barrier"]
+    assert again["train_seconds"] == run["train_seconds"]  # nothing retrained
 
     path = tmp_path / "aligner.pt"
     save_aligner(path, model, tiny_zoo.arch, {"note": "test"})

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,8 @@ import yaml
 from prefect.testing.utilities import prefect_test_harness
 
 from tests.tiny import tiny_params
+
+pytestmark = pytest.mark.slow  # real Prefect server, MLflow and DVC: minutes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +92,8 @@ def test_misspelt_param_exits_with_one_line(workdir):
     assert not (workdir / "zoo").exists()
 
 
-def test_train_align_evaluate_flows_chain(workdir):
+def _run_chain(workdir: Path) -> tuple[dict, dict]:
+    """zoo -> train_aligner -> align -> evaluate on the tiny config: (trained, summary)."""
     from flows.align import align
     from flows.evaluate import evaluate
     from flows.train_aligner import train_aligner
@@ -102,7 +106,6 @@ def test_train_align_evaluate_flows_chain(workdir):
         out=workdir / "aligner",
         metrics=workdir / "train_aligner.json",
     )
-    assert set(trained) == {"mlp", "cnn"} and (workdir / "aligner" / "cnn.pt").is_file()
     align(params=workdir / "params.yaml", zoo=workdir / "zoo", out=workdir / "aligned")
     summary = evaluate(
         params=workdir / "params.yaml",
@@ -111,6 +114,12 @@ def test_train_align_evaluate_flows_chain(workdir):
         plots=workdir / "plots",
         metrics=workdir / "evaluate.json",
     )
+    return trained, summary
+
+
+def test_train_align_evaluate_flows_chain(workdir):
+    trained, summary = _run_chain(workdir)
+    assert set(trained) == {"mlp", "cnn"} and (workdir / "aligner" / "cnn.pt").is_file()
     for arch in ("mlp", "cnn"):
         assert set(summary[arch]) == {"naive", "weight_matching", "deep_align+weight_matching"}
         assert summary[arch]["weight_matching"]["planted_recovery_mean"] == 1.0
@@ -186,10 +195,17 @@ def test_killed_zoo_stage_resumes_without_losing_work(workdir):
     assert metrics["n_networks"] == 12 and metrics["trained_this_run"] == 12 - len(kept)
 
 
+def _fetched_urls(page: str) -> list[str]:
+    """What a browser would load from elsewhere: src/href and CSS url() not inline or local."""
+    links = re.findall(r"""(?:src|href)\s*=\s*["']?([^"' >]+)""", page)
+    links += re.findall(r"""url\(\s*["']?([^"')]+)""", page)
+    return [u for u in links if not u.startswith(("data:", "#"))]
+
+
 def test_report_renders_self_contained_html(workdir):
     from flows.report import report
 
-    test_train_align_evaluate_flows_chain(workdir)
+    _run_chain(workdir)
     (workdir / "metrics").mkdir()
     for name in ("zoo", "train_aligner", "evaluate"):
         (workdir / "metrics" / f"{name}.json").write_text((workdir / f"{name}.json").read_text())
@@ -200,7 +216,12 @@ def test_report_renders_self_contained_html(workdir):
         out=workdir / "report" / "index.html",
     )
     page = page_path.read_text()
-    assert page.count("data:image/png;base64,") == 2 and "http" not in page
+    assert page.count("data:image/png;base64,") == 2
+    assert _fetched_urls(page) == []
+    assert _fetched_urls('<img src="https://x.org/a.png"><p style="background:url(b.png)">') == [
+        "https://x.org/a.png",
+        "b.png",
+    ]  # twin: the check sees what a browser would fetch
     assert "weight_matching" in page and "Model zoo" in page
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

@@ -13,6 +13,8 @@ from prefect.testing.utilities import prefect_test_harness
 from deepalign.config import load_section
 from tests.tiny import tiny_params
 
+pytestmark = pytest.mark.slow  # real Prefect server, MLflow and DVC: minutes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

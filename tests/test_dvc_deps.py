@@ -1,0 +1,54 @@
+"""dvc.yaml cannot go stale: every project file a stage's command imports is one of its deps."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.imports import ROOT, import_closure
+
+PIPELINES = [ROOT / "dvc.yaml", ROOT / "study" / "dvc.yaml"]
+
+
+def _stages() -> list[tuple[str, dict, Path]]:
+    """(name, stage, working dir) of every stage of every pipeline."""
+    out = []
+    for path in PIPELINES:
+        for name, stage in yaml.safe_load(path.read_text())["stages"].items():
+            wdir = (path.parent / stage.get("wdir", ".")).resolve()
+            out.append((f"{path.relative_to(ROOT)}:{name}", stage, wdir))
+    return out
+
+
+def uncovered(stage: dict, wdir: Path) -> list[str]:
+    """Project files imported by the stage's `python -m` command that no dep covers."""
+    module = re.search(r"python -m (\S+)", stage["cmd"])
+    assert module, f"not a `python -m` stage: {stage['cmd']}"
+    deps = [(wdir / d).resolve() for d in stage.get("deps", [])]
+    missing = []
+    for rel in sorted(import_closure(module.group(1))):
+        path = ROOT / rel
+        if not any(path == d or d in path.parents for d in deps):
+            missing.append(str(rel))
+    return missing
+
+
+@pytest.mark.parametrize("name,stage,wdir", _stages(), ids=[s[0] for s in _stages()])
+def test_stage_deps_cover_every_imported_project_file(name, stage, wdir):
+    assert uncovered(stage, wdir) == [], f"{name}: add these to its deps"
+
+
+def test_a_removed_dep_is_reported():
+    name, stage, wdir = next(s for s in _stages() if s[0] == "dvc.yaml:evaluate")
+    assert uncovered(stage, wdir) == []
+    pruned = stage | {"deps": [d for d in stage["deps"] if d != "deepalign/permspec.py"]}
+    assert uncovered(pruned, wdir) == ["deepalign/permspec.py"]
+
+
+def test_closure_follows_parents_and_from_imports():
+    closure = {str(p) for p in import_closure("flows.train_aligner")}
+    # `from deepalign.deep_align.model import ...` runs both packages' __init__ first
+    assert {"deepalign/__init__.py", "deepalign/deep_align/__init__.py"} <= closure
+    assert "deepalign/deep_align/model.py" in closure and "flows/common.py" in closure
+    assert "deepalign/cli.py" not in closure  # twin: not everything is imported
