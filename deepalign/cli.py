@@ -17,7 +17,7 @@ from rich.table import Table
 
 from deepalign import curves as mc
 from deepalign import lmc
-from deepalign.align import MethodsCfg, Problem, parse_method
+from deepalign.align import Method, MethodsCfg, Problem
 from deepalign.align import align as align_pair
 from deepalign.align.deep_align import DeepAlignCfg
 from deepalign.arch import Arch, resolve_input, state_dict_from_weightspace
@@ -165,7 +165,7 @@ def _align(
     model: Path | None,
 ):
     """Load, check and align one pair with the settings of params.yaml."""
-    parse_method(method)
+    Method.parse(method)  # an unknown name fails before anything loads
     cfg = load_section("align", MethodsCfg, params, allow_extra=True)
     if aligner is not None:
         cfg = dataclasses.replace(cfg, deep_align=DeepAlignCfg([str(aligner)]))

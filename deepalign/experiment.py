@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deepalign.align import MethodsCfg, check_methods, parse_method
+from deepalign.align import Method, MethodsCfg, check_methods
 from deepalign.config import Count, GridPoints, NonNegative, Positive, Seed, invalid
 from deepalign.data import DataCfg, Dataset
+from deepalign.io import digest, file_digest
 from deepalign.lmc import Curve, barriers, interpolate
 from deepalign.pairs import MethodRun, Zoo, align_pairs, planted_recoveries, ring_pairs
 from deepalign.permspec import apply_permutation
@@ -82,26 +81,22 @@ ALIGNMENT_CODE = [
 ]
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
-
-
 def run_fingerprint(method: str, cfg: AlignCfg, data: DataCfg, manifest: Path) -> str:
     """Everything that determines a method's saved alignment."""
-    steps = parse_method(method)
-    settings = {s: asdict(getattr(cfg, s)) for s in steps if hasattr(cfg, s)}
-    files = [Path(p) for p in cfg.deep_align.checkpoints] if "deep_align" in steps else []
+    parsed = Method.parse(method)
+    settings = {s: asdict(c) for s, c in parsed.settings(cfg).items() if c is not None}
+    files = [Path(p) for p in cfg.deep_align.checkpoints] if "deep_align" in parsed.steps else []
     record = {
         "method": method,
         "settings": settings,
-        "files": {str(f): _sha(f) for f in files},
-        "code": {f.relative_to(_PKG).as_posix(): _sha(f) for f in ALIGNMENT_CODE},
+        "files": {str(f): file_digest(f) for f in files},
+        "code": {f.relative_to(_PKG).as_posix(): file_digest(f) for f in ALIGNMENT_CODE},
         "pairs": cfg.pairs,
         "planted": [cfg.planted_pairs, cfg.planted_noise, cfg.seed],
         "data": asdict(data),
         "zoo": manifest_digest(manifest),
     }
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(record)
 
 
 def run_method(method: str, zoo: Zoo, data: Dataset, cfg: AlignCfg) -> MethodRun:

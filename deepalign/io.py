@@ -10,6 +10,7 @@ folder or a special file, with the permissions the umask allows.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -126,6 +127,18 @@ def clean_stale_temps(path: Path) -> list[Path]:
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+def digest(record: Any, length: int = 16) -> str:
+    """The resume key of every stage: sha256 of the record as sorted JSON (values JSON cannot
+    hold as strings), its first `length` hex digits."""
+    blob = json.dumps(record, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, or "missing"."""
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from deepalign.align import BATCHED, MethodsCfg, Problem, align, parse_method
+from deepalign.align import BATCHED, Method, MethodsCfg, Problem, align
 from deepalign.arch import Arch
 from deepalign.assignment import Scores
 from deepalign.data import Split
@@ -67,24 +67,25 @@ class MethodRun:
 
 
 def _batched_start(
-    method: str, zoo: Zoo, pairs: list[tuple[int, int]], cfg: MethodsCfg
-) -> tuple[str, list[Perm | Scores | None], float]:
+    method: Method, zoo: Zoo, pairs: list[tuple[int, int]], cfg: MethodsCfg
+) -> tuple[Method, list[Perm | Scores | None], float]:
     """Run a batchable first step on all pairs at once: the rest of the chain, starts, time."""
-    first, *rest = parse_method(method)
+    first = method.steps[0]
     if first not in BATCHED:
         return method, [None] * len(pairs), 0.0
+    settings = method.settings(cfg)[first]
     refs = zoo.nets[torch.tensor([i for i, _ in pairs])]
     others = zoo.nets[torch.tensor([j for _, j in pairs])]
-    BATCHED[first](refs[:1], others[:1], getattr(cfg, first))  # warm-up: loads the model once
+    BATCHED[first](refs[:1], others[:1], settings)  # warm-up: loads the model once
     start = time.perf_counter()
-    answers = BATCHED[first](refs, others, getattr(cfg, first))
+    answers = BATCHED[first](refs, others, settings)
     seconds = (time.perf_counter() - start) / len(pairs)
     inits = [{g: a[k] for g, a in answers.items()} for k in range(len(pairs))]
-    return "+".join(rest) or "naive", inits, seconds
+    return method.rest(), inits, seconds
 
 
 def align_pairs(
-    method: str,
+    method: str | Method,
     zoo: Zoo,
     pairs: list[tuple[int, int]],
     data: Split | None,
@@ -96,10 +97,11 @@ def align_pairs(
     A batchable first step (DEEP-ALIGN) runs once over all pairs and its time is shared evenly;
     the rest (the Hungarian algorithm at least) runs and is timed per pair.
     """
+    method = Method.parse(method)
     rest, inits, shared = _batched_start(method, zoo, pairs, cfg)
     results = []
     for (i, j), init in tqdm(
-        list(zip(pairs, inits)), desc=method, disable=not progress, mininterval=2.0
+        list(zip(pairs, inits)), desc=method.name, disable=not progress, mininterval=2.0
     ):
         problem = Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch, data)
         results.append(align(rest, problem, cfg, init))

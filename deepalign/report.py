@@ -153,7 +153,8 @@ CONVERGE_COLUMNS = ["steps_to_target", "seconds_to_target", "final_loss_barrier"
 
 
 def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign report") -> str:
-    """A self-contained page (inline CSS, embedded PNGs) of every stage's results."""
+    """A self-contained page (inline CSS, embedded PNGs) of every stage's results; `plots` holds
+    each stage's folder of figures (evaluate/, curves/, converge/)."""
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         "<h2>Model zoo</h2>",
@@ -163,13 +164,13 @@ def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign r
         parts += [
             f"<h2>Linear interpolation: {arch} (test pairs, mean over pairs)</h2>",
             _table(methods, BARRIER_COLUMNS),
-            _image(plots / f"interpolation_{arch}.png"),
+            _image(plots / "evaluate" / f"interpolation_{arch}.png"),
         ]
     for arch, methods in metrics.get("curves", {}).items():
         parts += [
             f"<h2>Bezier curves: {arch}</h2>",
             _table(methods, CURVE_COLUMNS),
-            _image(plots / f"curves_{arch}.png"),
+            _image(plots / "curves" / f"curves_{arch}.png"),
         ]
     for arch, starts in metrics.get("converge", {}).items():
         rows = {k: v for k, v in starts.items() if k != "target_loss_barrier"}
@@ -177,7 +178,7 @@ def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign r
         parts += [
             f"<h2>Sinkhorn re-basin from three starts: {arch} (target {target:.4f})</h2>",
             _table(rows, CONVERGE_COLUMNS),
-            _image(plots / f"refine_convergence_{arch}.png"),
+            _image(plots / "converge" / f"refine_convergence_{arch}.png"),
         ]
     if "train_aligner" in metrics:
         parts += [

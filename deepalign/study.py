@@ -10,7 +10,6 @@ count of the grid (the live model, no checkpoint selection), beside weight match
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from deepalign.data import DataCfg, Dataset
 from deepalign.deep_align.checkpoint import predict
 from deepalign.deep_align.model import DeepAlign
 from deepalign.deep_align.train import AlignerCfg, train
-from deepalign.io import load_checkpoint, write_json
+from deepalign.io import digest, load_checkpoint, write_json
 from deepalign.lmc import barriers, interpolate
 from deepalign.pairs import Zoo, ring_pairs
 from deepalign.permspec import apply_permutation
@@ -121,8 +120,7 @@ def scaling_run(
             if k not in marks and done >= k:
                 marks[k] = (done, test_barrier(model, zoo, data, cfg))
 
-    record = json.dumps([dataclasses.asdict(run_cfg), n_train, cfg.steps], sort_keys=True)
-    fp = hashlib.sha256(record.encode()).hexdigest()[:16]  # other settings: start over
+    fp = digest([dataclasses.asdict(run_cfg), n_train, cfg.steps])  # other settings: start over
     done = state.with_suffix(".marks.json")  # scores of a finished run: a rerun skips it
     saved = json.loads(done.read_text()) if done.is_file() else {}
     if saved.get("fingerprint") == fp:

@@ -8,7 +8,6 @@ one-by-one reference (`train_one`) up to float rounding.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -43,7 +42,13 @@ from deepalign.config import (
 )
 from deepalign.data import DataCfg, Dataset, Split
 from deepalign.errors import DeepAlignError
-from deepalign.io import compact_checkpoint, load_checkpoint, save_checkpoint, write_json
+from deepalign.io import (
+    compact_checkpoint,
+    digest,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
 from deepalign.lmc import evaluate_networks
 from deepalign.weightspace import WeightSpace, stack
 
@@ -118,7 +123,7 @@ def fingerprint(arch: Arch, net: NetCfg, data: DataCfg, seed: int) -> str:
         "seed": seed,
         "version": TRAINING_VERSION,
     }
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(record)
 
 
 def plan(out_dir: Path, net: NetCfg, seed: int) -> list[Job]:
@@ -269,7 +274,7 @@ def manifest_digest(manifest: Path) -> str:
     zoo["networks"] = [
         {k: v for k, v in r.items() if k != "train_seconds"} for r in zoo["networks"]
     ]
-    return hashlib.sha256(json.dumps(zoo, sort_keys=True).encode()).hexdigest()
+    return digest(zoo, length=64)
 
 
 def summarize(records: list[dict], trained_this_run: int) -> dict[str, float]:

@@ -9,7 +9,6 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (offline defaults first)
-from deepalign.align import parse_method
 from deepalign.config import load_section
 from deepalign.data import DataCfg, Dataset, load_dataset
 from deepalign.experiment import AlignCfg, run_fingerprint, run_method
@@ -51,8 +50,6 @@ def align(
 ) -> None:
     """Run every configured method on every configured architecture."""
     data_cfg, cfg = load_section("data", DataCfg, params), load_section("align", AlignCfg, params)
-    for method in cfg.methods:
-        parse_method(method)  # unknown names fail before any work
     data = load_dataset(data_cfg)
     with stage_run("align", data_cfg, cfg) as run:
         futures = [

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
-import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -21,7 +19,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from deepalign.config import Positive, load_section, one_of
 from deepalign.errors import DeepAlignError
-from deepalign.io import clean_stale_temps, write_json
+from deepalign.io import clean_stale_temps, digest, write_json
 from flows.server import prefect_api
 
 EXPERIMENT = "deepalign"
@@ -41,8 +39,7 @@ def flat_params(section: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def params_hash(*sections: Any) -> str:
-    blob = json.dumps([flat_params(s) for s in sections], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return digest([flat_params(s) for s in sections], length=12)
 
 
 def git_commit() -> str:

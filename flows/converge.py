@@ -42,7 +42,7 @@ def converge_arch(
 def converge(
     params: Path = Path("params.yaml"),
     zoo: Path = Path("zoo"),
-    plots: Path = Path("plots"),
+    plots: Path = Path("plots/converge"),
     metrics: Path = Path("metrics/converge.json"),
 ) -> dict:
     """How many Sinkhorn steps each start needs to reach plain Sinkhorn's final barrier."""
@@ -55,8 +55,7 @@ def converge(
     with stage_run("converge", cfg, methods.sinkhorn):
         summary = {arch: converge_arch(arch, zoo, plots, data, methods, cfg) for arch in cfg.archs}
         log_metrics_file(metrics, summary)
-        for arch in cfg.archs:
-            mlflow.log_artifact(str(plots / f"refine_convergence_{arch}.png"))
+        mlflow.log_artifacts(str(plots), artifact_path="plots")
     return summary
 
 

@@ -68,7 +68,7 @@ def curves(
     params: Path = Path("params.yaml"),
     zoo: Path = Path("zoo"),
     aligned: Path = Path("aligned"),
-    plots: Path = Path("plots"),
+    plots: Path = Path("plots/curves"),
     metrics: Path = Path("metrics/curves.json"),
 ) -> dict:
     """Mode-connectivity curves for every configured alignment, logged to MLflow."""
@@ -81,9 +81,7 @@ def curves(
             for arch in cfg.archs
         }
         log_metrics_file(metrics, summary)
-        for arch in cfg.archs:
-            mlflow.log_artifact(str(plots / f"curves_{arch}.png"), artifact_path="plots")
-            mlflow.log_artifact(str(plots / f"curves_{arch}.csv"), artifact_path="plots")
+        mlflow.log_artifacts(str(plots), artifact_path="plots")
     return summary
 
 

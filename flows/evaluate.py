@@ -62,7 +62,8 @@ def evaluate(
     params: Path = Path("params.yaml"),
     zoo: Path = Path("zoo"),
     aligned: Path = Path("aligned"),
-    plots: Path = Path("plots"),
+    plots: Path = Path("plots/evaluate"),
+    table: Path = Path("plots/pairs.csv"),
     metrics: Path = Path("metrics/evaluate.json"),
 ) -> dict:
     """Score every aligned pair along the linear path and log the comparison."""
@@ -83,10 +84,11 @@ def evaluate(
         for arch, future in futures.items():  # fan-out: one task per architecture
             summary[arch], arch_rows = future.result()
             rows += arch_rows
-        write_csv(plots / "pairs.csv", rows)
+        write_csv(table, rows)
         log_metrics_file(metrics, summary)
         log_metrics_file(metrics.with_name("compare.json"), paired_comparisons(rows, cfg))
-        mlflow.log_artifacts(str(plots), artifact_path="plots")
+        mlflow.log_artifacts(str(plots), artifact_path="plots")  # this stage's folder only
+        mlflow.log_artifact(str(table), artifact_path="plots")
     return summary
 
 

@@ -227,6 +227,15 @@ def test_different_architectures_name_the_tensor(trained):
         Problem.of(a, wider)
 
 
+def test_method_parses_once_and_finds_each_steps_settings():
+    chain = align_module.Method.parse("deep_align+sinkhorn")
+    assert chain.steps == ("deep_align", "sinkhorn") and chain.rest().steps == ("sinkhorn",)
+    assert chain.settings(CFG) == {"deep_align": CFG.deep_align, "sinkhorn": CFG.sinkhorn}
+    assert align_module.Method.parse("naive").settings(CFG) == {"naive": None}
+    assert align_module.Method.parse("sinkhorn").rest().steps == ("naive",)
+    assert align_module.Method.parse(chain) is chain
+
+
 def test_unknown_method_lists_known():
     with pytest.raises(DeepAlignError, match="unknown method 'wm'.*known: naive, weight_matching"):
         parse_method("weight_matching+wm")

@@ -52,3 +52,28 @@ def test_closure_follows_parents_and_from_imports():
     assert {"deepalign/__init__.py", "deepalign/deep_align/__init__.py"} <= closure
     assert "deepalign/deep_align/model.py" in closure and "flows/common.py" in closure
     assert "deepalign/cli.py" not in closure  # twin: not everything is imported
+
+
+def _readme_rows() -> dict[str, list[str]]:
+    """The README's stage table: stage -> [flow, params, writes] cells."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`") and cells[1].startswith("`flows/"):
+            rows[cells[0].split("`")[1]] = cells[1:]
+    return rows
+
+
+def test_readme_stage_table_matches_the_pipelines():
+    rows = _readme_rows()
+    names = [name.split(":")[1] for name, _, _ in _stages()]
+    assert sorted(rows) == sorted(names)
+    for name, stage, _ in _stages():
+        flow, params, writes = rows[name.split(":")[1]]
+        module = re.search(r"python -m (\S+)", stage["cmd"]).group(1)
+        assert flow == f"`{module.replace('.', '/')}.py`", name
+        assert re.findall(r"`([^`]+)`", params) == stage.get("params", []), name
+        for kind in ("outs", "metrics", "plots"):
+            for out in stage.get(kind, []):
+                path = next(iter(out)) if isinstance(out, dict) else out
+                assert f"`{path}" in writes, f"{name}: README does not name {path}"

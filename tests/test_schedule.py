@@ -1,17 +1,15 @@
 """The pipeline deployment: registered with its cron schedule, and one run to completion."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from prefect.testing.utilities import prefect_test_harness
 
 from deepalign.config import load_section
-from tests.tiny import tiny_params
+from tests.tiny import tiny_repo
 
 pytestmark = pytest.mark.slow  # real Prefect server, MLflow and DVC: minutes
 
@@ -22,24 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def prefect_server():
     with prefect_test_harness(server_startup_timeout=90):
         yield
-
-
-def tiny_repo(tmp_path: Path) -> Path:
-    """A git + DVC project with this repo's stages and code, and tiny params."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, repo / name)
-    for name in ("deepalign", "flows"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
-    for cmd in (
-        ["git", "init", "-q"],
-        [sys.executable, "-m", "dvc", "init", "-q"],
-        [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
-    ):
-        subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
-    return repo
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,8 @@
 """A tiny configuration for flow tests: the repository's params.yaml, shrunk."""
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -29,3 +32,21 @@ def tiny_params() -> dict:
     params["curves"]["fit"]["epochs"] = 1
     params["curves"]["pam"]["rounds"] = 1
     return params
+
+
+def tiny_repo(tmp_path: Path, params: dict | None = None) -> Path:
+    """A git + DVC project with this repo's stages and code, and tiny params."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    for name in ("deepalign", "flows"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params or tiny_params()))
+    for cmd in (
+        ["git", "init", "-q"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
+    ):
+        subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
+    return repo

@@ -27,6 +27,7 @@ __all__ = [
     "ALIGNERS",
     "SOFT_STARTS",
     "AlignResult",
+    "Method",
     "MethodsCfg",
     "Problem",
     "align",
@@ -68,22 +69,48 @@ BATCHED = {"deep_align": deep_align_batch}
 SOFT_STARTS = {"sinkhorn"}
 
 
+@dataclass(frozen=True)
+class Method:
+    """A registered aligner or an 'a+b' chain (b starts from a's answer): the one parse of a
+    method name, and the one place its steps find their settings."""
+
+    name: str
+    steps: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, name: str | Method) -> Method:
+        """'weight_matching+sinkhorn' -> its steps, each a known aligner, or a clear error."""
+        if isinstance(name, Method):
+            return name
+        steps = tuple(name.split("+"))
+        for step in steps:
+            if step not in ALIGNERS:
+                raise DeepAlignError(f"unknown method '{step}' (known: {', '.join(ALIGNERS)})")
+        return cls(name, steps)
+
+    def settings(self, cfg: MethodsCfg | None) -> dict[str, Any]:
+        """Each step's section of `align` (None for a step without settings, like naive)."""
+        return {s: getattr(cfg, s, None) for s in self.steps}
+
+    def rest(self) -> Method:
+        """The chain after its first step (naive when nothing follows)."""
+        return Method.parse("+".join(self.steps[1:]) or "naive")
+
+
 def parse_method(method: str) -> list[str]:
     """'weight_matching+sinkhorn' -> its steps, each a known method."""
-    steps = method.split("+")
-    for step in steps:
-        if step not in ALIGNERS:
-            raise DeepAlignError(f"unknown method '{step}' (known: {', '.join(ALIGNERS)})")
-    return steps
+    return list(Method.parse(method).steps)
 
 
-def check_methods(key: str, methods: list[str]) -> None:
+def check_methods(key: str, methods: list[str]) -> list[Method]:
     """A params list of method names, each parsed, or an error naming the key."""
+    parsed = []
     for method in methods:
         try:
-            parse_method(method)
+            parsed.append(Method.parse(method))
         except DeepAlignError as e:
             raise invalid(key, method, f"a known method or 'a+b' chain; {e}") from e
+    return parsed
 
 
 @dataclass(frozen=True)
@@ -94,14 +121,14 @@ class AlignResult:
 
 
 def align(
-    method: str, problem: Problem, cfg: MethodsCfg, init: Perm | Scores | None = None
+    method: str | Method, problem: Problem, cfg: MethodsCfg, init: Perm | Scores | None = None
 ) -> AlignResult:
     """Run one (possibly chained) method on one pair and time it; `init` seeds the first step."""
     answer = init
     start = time.perf_counter()
-    for step in parse_method(method):
+    for step, settings in Method.parse(method).settings(cfg).items():
         given = answer if step in SOFT_STARTS else harden(answer)
-        answer = ALIGNERS[step](problem, getattr(cfg, step, None), given)
+        answer = ALIGNERS[step](problem, settings, given)
     perm = harden(answer)
     seconds = time.perf_counter() - start
     value = objective(problem.ref, apply_permutation(problem.other, perm, problem.spec))

@@ -10,8 +10,6 @@ Each step draws `pairs_per_step` anchor networks A from the zoo's train split an
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -43,7 +41,7 @@ from deepalign.data import Dataset
 from deepalign.deep_align.augment import AugmentCfg, planted_copies
 from deepalign.deep_align.checkpoint import predict
 from deepalign.deep_align.model import DeepAlign, Layout, ModelCfg
-from deepalign.io import write_atomic
+from deepalign.io import digest, write_atomic
 from deepalign.lmc import barriers, interpolate, recovery
 from deepalign.pairs import Zoo, ring_pairs
 from deepalign.permspec import Perm, apply_permutation, apply_soft_permutation, invert, perm_spec
@@ -194,7 +192,7 @@ def fingerprint(cfg: AlignerCfg, arch: Arch, manifest: Path, data: Dataset) -> s
         "data": data.name,
         "zoo": manifest_digest(manifest),
     }
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(record)
 
 
 OnEpoch = Callable[[int, dict[str, float], DeepAlign], None]  # epoch, metrics, live model
