@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -59,6 +60,14 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(1) from None
 
     return run
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sweep(ctx: typer.Context) -> None:
+    """Grid of params overrides as DVC experiments logged to MLflow: KEY=V1,V2 ... [--workdir]
+    (runs `python -m flows.pipeline`, the Prefect flow; see its --help)."""
+    cmd = [sys.executable, "-m", "flows.pipeline", *ctx.args]
+    raise typer.Exit(subprocess.run(cmd).returncode)
 
 
 def main() -> None:
@@ -279,3 +288,7 @@ def curve(
         table.add_row(key, f"{metrics[key]:.4f}", f"{metrics['linear_' + key]:.4f}")
     console.print(table)
     console.print(f"fitted in {metrics['seconds_to_fit']:.1f} s; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,11 +15,14 @@ import sys
 from pathlib import Path
 
 import mlflow
+import typer
+import yaml
 from prefect import flow, task
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.errors import DeepAlignError
-from flows.common import EXPERIMENT, flat_metrics, git_commit
+from flows.common import EXPERIMENT, flat_metrics, git_commit, one_line_errors
+from flows.server import prefect_api
 
 
 @task(retries=1, retry_delay_seconds=5)
@@ -39,6 +42,31 @@ def pipeline(workdir: str = ".", targets: list[str] | None = None, force: bool =
     out = dvc(["repro", *(targets or []), *(["--force"] if force else [])], workdir)
     print(out)
     return out
+
+
+def parse_grid(overrides: list[str]) -> dict[str, list]:
+    """['align.pairs=20,50', 'aligner.lr_schedule=cosine'] -> {'align.pairs': [20, 50], ...};
+    each value is read as YAML (numbers, booleans, strings)."""
+    grid: dict[str, list] = {}
+    for item in overrides:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise DeepAlignError(f"'{item}': write an override as key=value[,value...]")
+        if key in grid:
+            raise DeepAlignError(f"'{key}' is given twice")
+        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+    return grid
+
+
+def check_keys(grid: dict[str, list], params: Path) -> None:
+    """Every override names a key that params.yaml has, or an error naming the first that not."""
+    tree = yaml.safe_load(params.read_text())
+    for key in grid:
+        node = tree
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise DeepAlignError(f"{params}: no key '{key}' to sweep ('{part}' is unknown)")
+            node = node[part]
 
 
 def _combinations(grid: dict[str, list]) -> list[dict]:
@@ -63,3 +91,24 @@ def sweep(
                 mlflow.log_metrics(flat_metrics(found))
             results.append({"params": combo, "metrics": found})
     return results
+
+
+def main(
+    overrides: list[str] = typer.Argument(
+        ..., help="params.yaml keys and values to try: align.pairs=20,50 aligner.epochs=50,100"
+    ),
+    workdir: Path = typer.Option(Path("."), help="The DVC project folder."),
+    metrics: str = typer.Option("metrics/evaluate.json", help="Metrics file logged per run."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Run every combination of the overrides as a DVC experiment, each logged to MLflow."""
+    with one_line_errors(debug):
+        grid = parse_grid(overrides)
+        check_keys(grid, workdir / "params.yaml")
+        with prefect_api():
+            for found in sweep(grid, str(workdir), metrics):
+                print(json.dumps(found["params"]), "done")
+
+
+if __name__ == "__main__":
+    typer.run(main)
