@@ -16,15 +16,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from deepalign import curves as mc
-from deepalign import lmc
-from deepalign.align import Method, MethodsCfg, Problem
-from deepalign.align import align as align_pair
-from deepalign.align.deep_align import DeepAlignCfg
-from deepalign.arch import Arch, resolve_input, state_dict_from_weightspace
 from deepalign.config import MAX_POINTS, load_section
-from deepalign.data import DataCfg, Dataset, load_dataset
+from deepalign.core import lmc
+from deepalign.core.arch import Arch, resolve_input, state_dict_from_weightspace
+from deepalign.core.data import DataCfg, Dataset, load_dataset
+from deepalign.core.permspec import apply_permutation, perm_spec, random_permutation
+from deepalign.core.weightspace import check_same_shapes, stack
 from deepalign.errors import DeepAlignError
+from deepalign.evaluation import curves as mc
 from deepalign.io import (
     Checkpoint,
     check_not_input,
@@ -32,8 +31,9 @@ from deepalign.io import (
     save_permuted,
     write_atomic,
 )
-from deepalign.permspec import apply_permutation, perm_spec, random_permutation
-from deepalign.weightspace import check_same_shapes, stack
+from deepalign.methods import Method, MethodsCfg, Problem
+from deepalign.methods import align as align_pair
+from deepalign.methods.learned import DeepAlignCfg
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()

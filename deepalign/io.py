@@ -27,16 +27,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deepalign.arch import (
+from deepalign.core.arch import (
     Arch,
     infer_arch,
     reject_normalisation,
     state_dict_from_weightspace,
     weightspace_from_state_dict,
 )
+from deepalign.core.permspec import Perm, PermSpec, apply_permutation
+from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError
-from deepalign.permspec import Perm, PermSpec, apply_permutation
-from deepalign.weightspace import WeightSpace
 
 FORMAT = "deepalign/1"
 

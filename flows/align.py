@@ -10,9 +10,10 @@ from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.config import load_section
-from deepalign.data import DataCfg, Dataset, load_dataset
-from deepalign.experiment import AlignCfg, run_fingerprint, run_method
-from deepalign.pairs import load_run, load_zoo, save_run
+from deepalign.core.data import DataCfg, Dataset, load_dataset
+from deepalign.evaluation.experiment import AlignCfg, run_fingerprint, run_method
+from deepalign.evaluation.pairs import load_run, save_run
+from deepalign.zoo.store import load_zoo
 from flows.common import cli, stage_run
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 from prefect import flow
 
 import flows  # noqa: F401  (offline defaults first)
-from deepalign.align.weight_matching import WeightMatchingCfg
-from deepalign.bench import benchmark_training, benchmark_weight_matching
 from deepalign.config import Positive, Seed, load_section
-from deepalign.data import DataCfg, load_dataset
-from deepalign.zoo import ZooCfg, make_arch
+from deepalign.core.data import DataCfg, load_dataset
+from deepalign.evaluation.bench import benchmark_training, benchmark_weight_matching
+from deepalign.methods.weight_matching import WeightMatchingCfg
+from deepalign.zoo.build import ZooCfg, make_arch
 from flows.common import cli, log_metrics_file, stage_run
 
 

@@ -9,18 +9,18 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (offline defaults first)
-from deepalign.align import MethodsCfg
 from deepalign.config import load_section
-from deepalign.convergence import (
+from deepalign.core.data import DataCfg, Dataset, load_dataset
+from deepalign.evaluation.convergence import (
     ConvergeCfg,
     refine_rows,
     summarize_convergence,
     summarize_layers,
 )
-from deepalign.data import DataCfg, Dataset, load_dataset
+from deepalign.evaluation.report import plot_convergence
 from deepalign.io import write_csv
-from deepalign.pairs import load_zoo
-from deepalign.report import plot_convergence
+from deepalign.methods import MethodsCfg
+from deepalign.zoo.store import load_zoo
 from flows.common import cli, log_metrics_file, stage_run
 
 

@@ -11,7 +11,9 @@ from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.config import load_section
-from deepalign.curves import (
+from deepalign.core.data import DataCfg, Dataset, load_dataset
+from deepalign.errors import DeepAlignError
+from deepalign.evaluation.curves import (
     CurvesCfg,
     curve_rows,
     endpoints,
@@ -19,11 +21,10 @@ from deepalign.curves import (
     pam_and_evaluate,
     summarize_curves,
 )
-from deepalign.data import DataCfg, Dataset, load_dataset
-from deepalign.errors import DeepAlignError
+from deepalign.evaluation.pairs import load_run
+from deepalign.evaluation.report import plot_curve_accuracy
 from deepalign.io import write_csv
-from deepalign.pairs import load_run, load_zoo
-from deepalign.report import plot_curve_accuracy
+from deepalign.zoo.store import load_zoo
 from flows.common import cli, log_metrics_file, stage_run
 
 

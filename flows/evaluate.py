@@ -10,18 +10,19 @@ from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.config import load_section
-from deepalign.data import DataCfg, Dataset, load_dataset
+from deepalign.core.data import DataCfg, Dataset, load_dataset
 from deepalign.errors import DeepAlignError
-from deepalign.experiment import (
+from deepalign.evaluation.experiment import (
     AlignCfg,
     EvaluateCfg,
     method_metrics,
     pair_curves,
     paired_comparisons,
 )
+from deepalign.evaluation.pairs import load_run
+from deepalign.evaluation.report import interpolation_rows, plot_curves
 from deepalign.io import write_csv
-from deepalign.pairs import load_run, load_zoo
-from deepalign.report import interpolation_rows, plot_curves
+from deepalign.zoo.store import load_zoo
 from flows.common import cli, log_metrics_file, stage_run
 
 

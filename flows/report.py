@@ -10,8 +10,8 @@ from prefect import flow
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.errors import DeepAlignError
+from deepalign.evaluation.report import render_html
 from deepalign.io import write_atomic
-from deepalign.report import render_html
 from flows.common import cli, git_commit, stage_run
 
 STAGES = ("zoo", "train_aligner", "evaluate", "converge", "curves", "bench")

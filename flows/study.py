@@ -8,20 +8,20 @@ import mlflow
 from prefect import flow
 
 import flows  # noqa: F401  (offline defaults first)
-from deepalign.align import MethodsCfg
 from deepalign.config import load_section
-from deepalign.data import DataCfg, load_dataset
-from deepalign.deep_align.train import AlignerCfg
-from deepalign.io import write_csv
-from deepalign.pairs import load_zoo
-from deepalign.report import plot_scaling
-from deepalign.study import (
+from deepalign.core.data import DataCfg, load_dataset
+from deepalign.evaluation.report import plot_scaling
+from deepalign.evaluation.study import (
     StudyCfg,
     build_train_networks,
     scaling_rows,
     weight_matching_barrier,
 )
-from deepalign.zoo import ZooCfg
+from deepalign.io import write_csv
+from deepalign.methods import MethodsCfg
+from deepalign.methods.deep_align.train import AlignerCfg
+from deepalign.zoo.build import ZooCfg
+from deepalign.zoo.store import load_zoo
 from flows.common import cli, log_metrics_file, stage_run
 
 

@@ -11,11 +11,11 @@ from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.config import load_section
-from deepalign.data import DataCfg, Dataset, load_dataset
-from deepalign.deep_align.checkpoint import save_aligner
-from deepalign.deep_align.train import AlignerCfg, augmented_recovery, fingerprint, train
-from deepalign.pairs import load_zoo
-from deepalign.zoo import resolve_device
+from deepalign.core.data import DataCfg, Dataset, load_dataset
+from deepalign.methods.deep_align.checkpoint import save_aligner
+from deepalign.methods.deep_align.train import AlignerCfg, augmented_recovery, fingerprint, train
+from deepalign.zoo.build import resolve_device
+from deepalign.zoo.store import load_zoo
 from flows.common import cli, log_metrics_file, stage_run
 
 

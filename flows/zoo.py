@@ -10,8 +10,8 @@ from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.config import load_section
-from deepalign.data import DataCfg, Dataset, load_dataset
-from deepalign.zoo import (
+from deepalign.core.data import DataCfg, Dataset, load_dataset
+from deepalign.zoo.build import (
     NetCfg,
     ZooCfg,
     fingerprint,

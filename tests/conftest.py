@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import flows  # noqa: F401  (offline defaults before Prefect/MLflow load)
-from deepalign.arch import cnn_arch, mlp_arch
-from deepalign.data import DataCfg, load_dataset
-from deepalign.zoo import init_network
+from deepalign.core.arch import cnn_arch, mlp_arch
+from deepalign.core.data import DataCfg, load_dataset
+from deepalign.zoo.build import init_network
 
 DIGITS = DataCfg("digits", "data", False, 0, 0.1, 0.2)
 

@@ -10,7 +10,7 @@ PACKAGES = ("deepalign", "flows")
 
 
 def module_file(name: str) -> Path | None:
-    """deepalign.align.sinkhorn -> deepalign/align/sinkhorn.py (or the package's __init__)."""
+    """deepalign.methods.sinkhorn -> deepalign/methods/sinkhorn.py (or the package's __init__)."""
     base = ROOT.joinpath(*name.split("."))
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():

@@ -6,21 +6,29 @@ from dataclasses import replace
 import pytest
 import torch
 
-import deepalign.align as align_module
-from deepalign.align import ALIGNERS, MethodsCfg, Problem, align, parse_method, sinkhorn, solve_lap
-from deepalign.align.activation_matching import ActivationMatchingCfg
-from deepalign.align.deep_align import DeepAlignCfg
-from deepalign.align.sinkhorn import SinkhornCfg, _initial_logits
-from deepalign.align.ste import SteCfg
-from deepalign.align.weight_matching import WeightMatchingCfg, objective, weight_matching_trace
-from deepalign.arch import as_input, forward, mlp_arch
-from deepalign.assignment import harden
-from deepalign.data import Split
+import deepalign.methods as align_module
+from deepalign.core.arch import as_input, forward, mlp_arch
+from deepalign.core.assignment import harden
+from deepalign.core.data import Split
+from deepalign.core.lmc import barriers, interpolate, planted_pair, recovery
+from deepalign.core.permspec import apply_permutation, perm_spec, random_permutation
+from deepalign.core.weightspace import WeightSpace, stack
 from deepalign.errors import DeepAlignError
-from deepalign.lmc import barriers, interpolate, planted_pair, recovery
-from deepalign.permspec import apply_permutation, perm_spec, random_permutation
-from deepalign.weightspace import WeightSpace, stack
-from deepalign.zoo import NetCfg, init_network, make_arch, train_batched
+from deepalign.methods import (
+    ALIGNERS,
+    MethodsCfg,
+    Problem,
+    align,
+    parse_method,
+    sinkhorn,
+    solve_lap,
+)
+from deepalign.methods.activation_matching import ActivationMatchingCfg
+from deepalign.methods.learned import DeepAlignCfg
+from deepalign.methods.sinkhorn import SinkhornCfg, _initial_logits
+from deepalign.methods.ste import SteCfg
+from deepalign.methods.weight_matching import WeightMatchingCfg, objective, weight_matching_trace
+from deepalign.zoo.build import NetCfg, init_network, make_arch, train_batched
 
 CFG = MethodsCfg(
     weight_matching=WeightMatchingCfg(max_iter=100, restarts=0, seed=0),

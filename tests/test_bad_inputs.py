@@ -19,17 +19,17 @@ import yaml
 from torch import nn
 from typer.testing import CliRunner
 
-from deepalign.arch import arch_of, forward, mlp_arch
 from deepalign.cli import app
 from deepalign.config import load_section
-from deepalign.curves import CurvesCfg
-from deepalign.data import DataCfg
-from deepalign.deep_align.checkpoint import load_aligner
-from deepalign.deep_align.train import AlignerCfg
+from deepalign.core.arch import arch_of, forward, mlp_arch
+from deepalign.core.data import DataCfg
 from deepalign.errors import DeepAlignError
-from deepalign.experiment import AlignCfg, EvaluateCfg
+from deepalign.evaluation.curves import CurvesCfg
+from deepalign.evaluation.experiment import AlignCfg, EvaluateCfg
 from deepalign.io import load_checkpoint, save_checkpoint, write_json
-from deepalign.zoo import ZooCfg, init_network
+from deepalign.methods.deep_align.checkpoint import load_aligner
+from deepalign.methods.deep_align.train import AlignerCfg
+from deepalign.zoo.build import ZooCfg, init_network
 from flows.common import RunnerCfg
 from flows.schedule import ScheduleCfg
 

@@ -11,12 +11,12 @@ import yaml
 from torch import nn
 from typer.testing import CliRunner
 
-from deepalign.arch import forward, mlp_arch
 from deepalign.cli import app
 from deepalign.config import load_section
-from deepalign.data import DataCfg, load_dataset
+from deepalign.core.arch import forward, mlp_arch
+from deepalign.core.data import DataCfg, load_dataset
 from deepalign.io import load_checkpoint, save_checkpoint
-from deepalign.zoo import init_network
+from deepalign.zoo.build import init_network
 
 ROOT = Path(__file__).resolve().parents[1]
 

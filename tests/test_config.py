@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from deepalign.config import load_section
-from deepalign.data import DataCfg
+from deepalign.core.data import DataCfg
 from deepalign.errors import DeepAlignError
-from deepalign.zoo import ZooCfg
+from deepalign.zoo.build import ZooCfg
 
 ROOT = Path(__file__).resolve().parents[1]
 

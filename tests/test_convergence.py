@@ -5,27 +5,27 @@ from dataclasses import replace
 import pytest
 import torch
 
-from deepalign.align import MethodsCfg, Problem
-from deepalign.align.activation_matching import ActivationMatchingCfg
-from deepalign.align.deep_align import DeepAlignCfg, deep_align_batch
-from deepalign.align.sinkhorn import SinkhornCfg, sinkhorn_rebasin, sinkhorn_trajectory
-from deepalign.align.ste import SteCfg
-from deepalign.align.weight_matching import WeightMatchingCfg
-from deepalign.arch import mlp_arch
-from deepalign.convergence import (
+from deepalign.core.arch import mlp_arch
+from deepalign.core.lmc import barriers, interpolate
+from deepalign.core.permspec import apply_permutation, perm_spec, random_permutation
+from deepalign.core.weightspace import stack
+from deepalign.errors import DeepAlignError
+from deepalign.evaluation.convergence import (
     ConvergeCfg,
     refine_rows,
     summarize_convergence,
     summarize_layers,
 )
-from deepalign.deep_align.checkpoint import predict, save_aligner
-from deepalign.deep_align.model import DeepAlign, Layout, ModelCfg
-from deepalign.errors import DeepAlignError
-from deepalign.lmc import barriers, interpolate
-from deepalign.pairs import Zoo
-from deepalign.permspec import apply_permutation, perm_spec, random_permutation
-from deepalign.weightspace import stack
-from deepalign.zoo import NetCfg, init_network, train_batched
+from deepalign.methods import MethodsCfg, Problem
+from deepalign.methods.activation_matching import ActivationMatchingCfg
+from deepalign.methods.deep_align.checkpoint import predict, save_aligner
+from deepalign.methods.deep_align.model import DeepAlign, Layout, ModelCfg
+from deepalign.methods.learned import DeepAlignCfg, deep_align_batch
+from deepalign.methods.sinkhorn import SinkhornCfg, sinkhorn_rebasin, sinkhorn_trajectory
+from deepalign.methods.ste import SteCfg
+from deepalign.methods.weight_matching import WeightMatchingCfg
+from deepalign.zoo.build import NetCfg, init_network, train_batched
+from deepalign.zoo.store import Zoo
 
 ARCH = mlp_arch(64, [12, 10], 10, "relu")
 SINKHORN = SinkhornCfg("l2", 12, 0.1, 1.0, 20, 1.0, 64, 0)

@@ -3,12 +3,21 @@
 import pytest
 import torch
 
-from deepalign.curves import CurveFitCfg, PamCfg, evaluate, fit, midpoint, objective, pam, point
-from deepalign.data import Split
-from deepalign.lmc import interpolate
-from deepalign.permspec import apply_permutation, identity, perm_spec
-from deepalign.weightspace import lerp, stack
-from deepalign.zoo import NetCfg, init_network, make_arch, train_batched
+from deepalign.core.data import Split
+from deepalign.core.lmc import interpolate
+from deepalign.core.permspec import apply_permutation, identity, perm_spec
+from deepalign.core.weightspace import lerp, stack
+from deepalign.evaluation.curves import (
+    CurveFitCfg,
+    PamCfg,
+    evaluate,
+    fit,
+    midpoint,
+    objective,
+    pam,
+    point,
+)
+from deepalign.zoo.build import NetCfg, init_network, make_arch, train_batched
 
 
 @pytest.fixture(scope="module")

@@ -6,20 +6,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepalign.align import MethodsCfg, Problem, align
-from deepalign.align.deep_align import DeepAlignCfg
-from deepalign.align.sinkhorn import SinkhornCfg
-from deepalign.arch import as_input, cnn_arch, forward, mlp_arch
-from deepalign.deep_align.augment import AugmentCfg, augment, rescale_units
-from deepalign.deep_align.checkpoint import load_aligner, predict, save_aligner
-from deepalign.deep_align.model import DeepAlign, Layout, ModelCfg
-from deepalign.deep_align.train import AlignerCfg, LossCfg, train, validate
+from deepalign.core.arch import as_input, cnn_arch, forward, mlp_arch
+from deepalign.core.lmc import recovery
+from deepalign.core.permspec import (
+    apply_permutation,
+    compose,
+    invert,
+    perm_spec,
+    random_permutation,
+)
+from deepalign.core.weightspace import stack
 from deepalign.errors import DeepAlignError
-from deepalign.lmc import recovery
-from deepalign.pairs import Zoo
-from deepalign.permspec import apply_permutation, compose, invert, perm_spec, random_permutation
-from deepalign.weightspace import stack
-from deepalign.zoo import NetCfg, init_network, make_arch, train_batched
+from deepalign.methods import MethodsCfg, Problem, align
+from deepalign.methods.deep_align.augment import AugmentCfg, augment, rescale_units
+from deepalign.methods.deep_align.checkpoint import load_aligner, predict, save_aligner
+from deepalign.methods.deep_align.model import DeepAlign, Layout, ModelCfg
+from deepalign.methods.deep_align.train import AlignerCfg, LossCfg, train, validate
+from deepalign.methods.learned import DeepAlignCfg
+from deepalign.methods.sinkhorn import SinkhornCfg
+from deepalign.zoo.build import NetCfg, init_network, make_arch, train_batched
+from deepalign.zoo.store import Zoo
 
 MODEL = ModelCfg(dim=16, rounds=1, mlp_ratio=2, head_dim=16, scale_init=10.0, cross_rounds=1)
 ARCHS = {
@@ -223,7 +229,7 @@ def test_corrupt_aligner_checkpoint_is_named(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_one_training_step_on_cuda_matches_the_cpu(tiny_zoo, digits):
-    from deepalign.deep_align.train import build_model, training_step
+    from deepalign.methods.deep_align.train import build_model, training_step
 
     cfg, losses = small_cfg(epochs=1), {}
     for name in ("cpu", "cuda"):

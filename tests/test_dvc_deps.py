@@ -42,15 +42,15 @@ def test_stage_deps_cover_every_imported_project_file(name, stage, wdir):
 def test_a_removed_dep_is_reported():
     name, stage, wdir = next(s for s in _stages() if s[0] == "dvc.yaml:evaluate")
     assert uncovered(stage, wdir) == []
-    pruned = stage | {"deps": [d for d in stage["deps"] if d != "deepalign/permspec.py"]}
-    assert uncovered(pruned, wdir) == ["deepalign/permspec.py"]
+    pruned = stage | {"deps": [d for d in stage["deps"] if d != "deepalign/core/permspec.py"]}
+    assert uncovered(pruned, wdir) == ["deepalign/core/permspec.py"]
 
 
 def test_closure_follows_parents_and_from_imports():
     closure = {str(p) for p in import_closure("flows.train_aligner")}
-    # `from deepalign.deep_align.model import ...` runs both packages' __init__ first
-    assert {"deepalign/__init__.py", "deepalign/deep_align/__init__.py"} <= closure
-    assert "deepalign/deep_align/model.py" in closure and "flows/common.py" in closure
+    # `from deepalign.methods.deep_align.model import ...` runs both packages' __init__ first
+    assert {"deepalign/__init__.py", "deepalign/methods/deep_align/__init__.py"} <= closure
+    assert "deepalign/methods/deep_align/model.py" in closure and "flows/common.py" in closure
     assert "deepalign/cli.py" not in closure  # twin: not everything is imported
 
 
@@ -77,3 +77,9 @@ def test_readme_stage_table_matches_the_pipelines():
             for out in stage.get(kind, []):
                 path = next(iter(out)) if isinstance(out, dict) else out
                 assert f"`{path}" in writes, f"{name}: README does not name {path}"
+
+
+def test_the_code_that_decides_an_alignment_exists():
+    from deepalign.evaluation.experiment import ALIGNMENT_CODE
+
+    assert len(ALIGNMENT_CODE) >= 10 and all(p.is_file() for p in ALIGNMENT_CODE)

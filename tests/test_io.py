@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from deepalign.arch import arch_of
+from deepalign.core.arch import arch_of
 from deepalign.errors import DeepAlignError
 from deepalign.io import atomic_path, load_checkpoint, save_checkpoint
 

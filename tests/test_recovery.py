@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from deepalign.data import DataCfg, Split
+from deepalign.core.data import DataCfg, Split
 from deepalign.io import compact_checkpoint, load_checkpoint
-from deepalign.zoo import NetCfg, fingerprint, is_done, make_arch, plan, train_chunk
+from deepalign.zoo.build import NetCfg, fingerprint, is_done, make_arch, plan, train_chunk
 from tests.tiny import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]

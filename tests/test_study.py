@@ -2,11 +2,11 @@
 
 import torch
 
-from deepalign.data import DataCfg
-from deepalign.pairs import Zoo
-from deepalign.study import build_train_networks, study_zoo
-from deepalign.weightspace import stack
-from deepalign.zoo import NetCfg, ZooCfg, init_network, make_arch, train_batched
+from deepalign.core.data import DataCfg
+from deepalign.core.weightspace import stack
+from deepalign.evaluation.study import build_train_networks, study_zoo
+from deepalign.zoo.build import NetCfg, ZooCfg, init_network, make_arch, train_batched
+from deepalign.zoo.store import Zoo
 
 DIGITS = DataCfg("digits", "data", False, 0, 0.1, 0.2)
 NET = NetCfg("mlp", [8, 8], [], "relu", 3, 1, 1, 2, 64, 3e-3, 0.0)

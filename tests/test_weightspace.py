@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepalign.arch import (
+from deepalign.core.arch import (
     cnn_arch,
     forward,
     forward_batched,
@@ -13,8 +13,7 @@ from deepalign.arch import (
     state_dict_from_weightspace,
     weightspace_from_state_dict,
 )
-from deepalign.errors import DeepAlignError
-from deepalign.permspec import (
+from deepalign.core.permspec import (
     apply_permutation,
     apply_soft_permutation,
     compose,
@@ -24,8 +23,9 @@ from deepalign.permspec import (
     perm_to_matrix,
     random_permutation,
 )
-from deepalign.weightspace import WeightSpace, check_same_shapes, lerp, stack
-from deepalign.zoo import init_network
+from deepalign.core.weightspace import WeightSpace, check_same_shapes, lerp, stack
+from deepalign.errors import DeepAlignError
+from deepalign.zoo.build import init_network
 
 
 def inputs(arch, n=16, seed=0):

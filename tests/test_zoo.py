@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from deepalign.data import DataCfg, Split, load_dataset
+from deepalign.core.data import DataCfg, Split, load_dataset
+from deepalign.core.lmc import evaluate_networks
+from deepalign.core.weightspace import stack
 from deepalign.errors import DeepAlignError
-from deepalign.lmc import evaluate_networks
-from deepalign.weightspace import stack
-from deepalign.zoo import (
+from deepalign.zoo.build import (
     NetCfg,
     fingerprint,
     init_network,

@@ -12,16 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from deepalign.align.activation_matching import ActivationMatchingCfg, activation_matching
-from deepalign.align.deep_align import DeepAlignCfg, deep_align, deep_align_batch
-from deepalign.align.problem import Problem, solve_lap
-from deepalign.align.sinkhorn import SinkhornCfg, sinkhorn, sinkhorn_rebasin
-from deepalign.align.ste import SteCfg, ste
-from deepalign.align.weight_matching import WeightMatchingCfg, objective, weight_matching
-from deepalign.assignment import Scores, harden
 from deepalign.config import invalid
+from deepalign.core.assignment import Scores, harden
+from deepalign.core.permspec import Perm, apply_permutation, identity
 from deepalign.errors import DeepAlignError
-from deepalign.permspec import Perm, apply_permutation, identity
+from deepalign.methods.activation_matching import ActivationMatchingCfg, activation_matching
+from deepalign.methods.learned import DeepAlignCfg, deep_align, deep_align_batch
+from deepalign.methods.problem import Problem, solve_lap
+from deepalign.methods.sinkhorn import SinkhornCfg, sinkhorn, sinkhorn_rebasin
+from deepalign.methods.ste import SteCfg, ste
+from deepalign.methods.weight_matching import WeightMatchingCfg, objective, weight_matching
 
 __all__ = [
     "ALIGNERS",

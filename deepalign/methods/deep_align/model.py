@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepalign.assignment import sinkhorn
 from deepalign.config import Count, Positive, PositiveFloat
-from deepalign.permspec import perm_spec
-from deepalign.weightspace import WeightSpace
+from deepalign.core.assignment import sinkhorn
+from deepalign.core.permspec import perm_spec
+from deepalign.core.weightspace import WeightSpace
 
 
 @dataclass(frozen=True)

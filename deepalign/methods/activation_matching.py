@@ -13,11 +13,11 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from deepalign.align.problem import Problem, solve_lap
-from deepalign.arch import as_input, forward
 from deepalign.config import Count, Positive, one_of
+from deepalign.core.arch import as_input, forward
+from deepalign.core.permspec import Perm
 from deepalign.errors import DeepAlignError
-from deepalign.permspec import Perm
+from deepalign.methods.problem import Problem, solve_lap
 
 STATISTICS = ("correlation", "inner_product")
 

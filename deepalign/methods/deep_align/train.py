@@ -23,8 +23,6 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from deepalign.arch import Arch, as_input, forward_batched
-from deepalign.assignment import sinkhorn
 from deepalign.config import (
     Check,
     Device,
@@ -37,16 +35,24 @@ from deepalign.config import (
     invalid,
     one_of,
 )
-from deepalign.data import Dataset
-from deepalign.deep_align.augment import AugmentCfg, planted_copies
-from deepalign.deep_align.checkpoint import predict
-from deepalign.deep_align.model import DeepAlign, Layout, ModelCfg
+from deepalign.core.arch import Arch, as_input, forward_batched
+from deepalign.core.assignment import sinkhorn
+from deepalign.core.data import Dataset
+from deepalign.core.lmc import barriers, interpolate, recovery
+from deepalign.core.permspec import (
+    Perm,
+    apply_permutation,
+    apply_soft_permutation,
+    invert,
+    perm_spec,
+)
+from deepalign.core.weightspace import WeightSpace, lerp
 from deepalign.io import digest, write_atomic
-from deepalign.lmc import barriers, interpolate, recovery
-from deepalign.pairs import Zoo, ring_pairs
-from deepalign.permspec import Perm, apply_permutation, apply_soft_permutation, invert, perm_spec
-from deepalign.weightspace import WeightSpace, lerp
-from deepalign.zoo import manifest_digest
+from deepalign.methods.deep_align.augment import AugmentCfg, planted_copies
+from deepalign.methods.deep_align.checkpoint import predict
+from deepalign.methods.deep_align.model import DeepAlign, Layout, ModelCfg
+from deepalign.zoo.build import manifest_digest
+from deepalign.zoo.store import Zoo, ring_pairs
 
 
 @dataclass(frozen=True)

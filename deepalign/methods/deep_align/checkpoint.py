@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from deepalign.arch import Arch
-from deepalign.assignment import solve_lap
-from deepalign.deep_align.model import DeepAlign, Layout, ModelCfg
+from deepalign.core.arch import Arch
+from deepalign.core.assignment import solve_lap
+from deepalign.core.permspec import Perm
+from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError
 from deepalign.io import write_atomic
-from deepalign.permspec import Perm
-from deepalign.weightspace import WeightSpace
+from deepalign.methods.deep_align.model import DeepAlign, Layout, ModelCfg
 
 FORMAT = "deepalign-aligner/1"
 

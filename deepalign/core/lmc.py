@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepalign.arch import Arch, as_input, forward_batched
-from deepalign.data import Split
+from deepalign.core.arch import Arch, as_input, forward_batched
+from deepalign.core.data import Split
+from deepalign.core.permspec import Perm, PermSpec, apply_permutation, invert, random_permutation
+from deepalign.core.weightspace import WeightSpace, lerp, stack
 from deepalign.errors import DeepAlignError
-from deepalign.permspec import Perm, PermSpec, apply_permutation, invert, random_permutation
-from deepalign.weightspace import WeightSpace, lerp, stack
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from deepalign.align.problem import Problem
-from deepalign.assignment import Scores
-from deepalign.deep_align.checkpoint import load_aligner
-from deepalign.deep_align.model import DeepAlign
+from deepalign.core.assignment import Scores
+from deepalign.core.permspec import Perm
+from deepalign.core.weightspace import WeightSpace, stack
 from deepalign.errors import DeepAlignError
-from deepalign.permspec import Perm
-from deepalign.weightspace import WeightSpace, stack
+from deepalign.methods.deep_align.checkpoint import load_aligner
+from deepalign.methods.deep_align.model import DeepAlign
+from deepalign.methods.problem import Problem
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ import time
 
 import torch
 
-from deepalign.align import Problem
-from deepalign.align.weight_matching import WeightMatchingCfg, weight_matching_trace
-from deepalign.arch import Arch, mlp_arch
-from deepalign.data import Split
-from deepalign.weightspace import stack
-from deepalign.zoo import NetCfg, init_network, train_batched, train_one
+from deepalign.core.arch import Arch, mlp_arch
+from deepalign.core.data import Split
+from deepalign.core.weightspace import stack
+from deepalign.methods import Problem
+from deepalign.methods.weight_matching import WeightMatchingCfg, weight_matching_trace
+from deepalign.zoo.build import NetCfg, init_network, train_batched, train_one
 
 
 def benchmark_training(

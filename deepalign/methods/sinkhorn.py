@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepalign.align.problem import Problem, solve_lap
-from deepalign.arch import as_input, forward
-from deepalign.assignment import Scores, sinkhorn
 from deepalign.config import Count, Positive, PositiveFloat, Seed, one_of
+from deepalign.core.arch import as_input, forward
+from deepalign.core.assignment import Scores, sinkhorn
+from deepalign.core.permspec import Perm, apply_soft_permutation
+from deepalign.core.weightspace import lerp
 from deepalign.errors import DeepAlignError
-from deepalign.permspec import Perm, apply_soft_permutation
-from deepalign.weightspace import lerp
+from deepalign.methods.problem import Problem, solve_lap
 
 LOSSES = ("l2", "random_lambda", "midpoint")
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deepalign.arch import Arch
-from deepalign.assignment import solve_lap  # noqa: F401  (re-exported for aligners)
-from deepalign.data import Split
+from deepalign.core.arch import Arch
+from deepalign.core.assignment import solve_lap  # noqa: F401  (re-exported for aligners)
+from deepalign.core.data import Split
+from deepalign.core.permspec import PermSpec, perm_spec
+from deepalign.core.weightspace import WeightSpace, check_same_shapes
 from deepalign.errors import DeepAlignError
-from deepalign.permspec import PermSpec, perm_spec
-from deepalign.weightspace import WeightSpace, check_same_shapes
 
 
 @dataclass(frozen=True)

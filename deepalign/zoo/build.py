@@ -20,16 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from deepalign.arch import (
-    ACTIVATIONS,
-    Arch,
-    as_input,
-    cnn_arch,
-    forward_batched,
-    mlp_arch,
-    state_dict_from_weightspace,
-    weightspace_from_state_dict,
-)
 from deepalign.config import (
     Count,
     Device,
@@ -40,7 +30,19 @@ from deepalign.config import (
     invalid,
     one_of,
 )
-from deepalign.data import DataCfg, Dataset, Split
+from deepalign.core.arch import (
+    ACTIVATIONS,
+    Arch,
+    as_input,
+    cnn_arch,
+    forward_batched,
+    mlp_arch,
+    state_dict_from_weightspace,
+    weightspace_from_state_dict,
+)
+from deepalign.core.data import DataCfg, Dataset, Split
+from deepalign.core.lmc import evaluate_networks
+from deepalign.core.weightspace import WeightSpace, stack
 from deepalign.errors import DeepAlignError
 from deepalign.io import (
     compact_checkpoint,
@@ -49,8 +51,6 @@ from deepalign.io import (
     save_checkpoint,
     write_json,
 )
-from deepalign.lmc import evaluate_networks
-from deepalign.weightspace import WeightSpace, stack
 
 SPLITS = ("train", "val", "test")
 TRAINING_VERSION = 1  # bump when a change to the training code should retrain resumed zoos

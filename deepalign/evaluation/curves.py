@@ -22,9 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepalign.align import Problem, check_methods
-from deepalign.align.weight_matching import WeightMatchingCfg, weight_matching
-from deepalign.arch import Arch, as_input, forward_batched
 from deepalign.config import (
     MAX_POINTS,
     Count,
@@ -35,11 +32,14 @@ from deepalign.config import (
     between,
     one_of,
 )
-from deepalign.data import Split
+from deepalign.core.arch import Arch, as_input, forward_batched
+from deepalign.core.data import Split
+from deepalign.core.lmc import evaluate_networks
+from deepalign.core.permspec import Perm, apply_permutation, perm_spec
+from deepalign.core.weightspace import WeightSpace, lerp
 from deepalign.errors import DeepAlignError
-from deepalign.lmc import evaluate_networks
-from deepalign.permspec import Perm, apply_permutation, perm_spec
-from deepalign.weightspace import WeightSpace, lerp
+from deepalign.methods import Problem, check_methods
+from deepalign.methods.weight_matching import WeightMatchingCfg, weight_matching
 
 KINDS = ("bezier", "polyline")
 

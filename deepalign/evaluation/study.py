@@ -17,19 +17,18 @@ from pathlib import Path
 
 import torch
 
-from deepalign.align import Problem
-from deepalign.align.weight_matching import WeightMatchingCfg, weight_matching
 from deepalign.config import GridPoints, Positive
-from deepalign.data import DataCfg, Dataset
-from deepalign.deep_align.checkpoint import predict
-from deepalign.deep_align.model import DeepAlign
-from deepalign.deep_align.train import AlignerCfg, train
+from deepalign.core.data import DataCfg, Dataset
+from deepalign.core.lmc import barriers, interpolate
+from deepalign.core.permspec import apply_permutation
+from deepalign.core.weightspace import WeightSpace, stack
 from deepalign.io import digest, load_checkpoint, write_json
-from deepalign.lmc import barriers, interpolate
-from deepalign.pairs import Zoo, ring_pairs
-from deepalign.permspec import apply_permutation
-from deepalign.weightspace import WeightSpace, stack
-from deepalign.zoo import (
+from deepalign.methods import Problem
+from deepalign.methods.deep_align.checkpoint import predict
+from deepalign.methods.deep_align.model import DeepAlign
+from deepalign.methods.deep_align.train import AlignerCfg, train
+from deepalign.methods.weight_matching import WeightMatchingCfg, weight_matching
+from deepalign.zoo.build import (
     NetCfg,
     ZooCfg,
     fingerprint,
@@ -39,6 +38,7 @@ from deepalign.zoo import (
     resolve_device,
     train_chunk,
 )
+from deepalign.zoo.store import Zoo, ring_pairs
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError
-from deepalign.weightspace import WeightSpace
 
 Perm = dict[str, Tensor]
 Slot = tuple[str, int]  # ("w", layer) or ("b", layer)

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from deepalign.config import Fraction, NonNegative
-from deepalign.permspec import Perm, PermSpec, apply_permutation, invert, random_permutation
-from deepalign.weightspace import WeightSpace
+from deepalign.core.permspec import Perm, PermSpec, apply_permutation, invert, random_permutation
+from deepalign.core.weightspace import WeightSpace
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deepalign.align import Method, MethodsCfg, check_methods
 from deepalign.config import Count, GridPoints, NonNegative, Positive, Seed, invalid
-from deepalign.data import DataCfg, Dataset
+from deepalign.core.data import DataCfg, Dataset
+from deepalign.core.lmc import Curve, barriers, interpolate
+from deepalign.core.permspec import apply_permutation
+from deepalign.evaluation.pairs import MethodRun, align_pairs, planted_recoveries
+from deepalign.evaluation.stats import paired_bootstrap, summarize_pairs
 from deepalign.io import digest, file_digest
-from deepalign.lmc import Curve, barriers, interpolate
-from deepalign.pairs import MethodRun, Zoo, align_pairs, planted_recoveries, ring_pairs
-from deepalign.permspec import apply_permutation
-from deepalign.report import paired_bootstrap, summarize_pairs
-from deepalign.zoo import manifest_digest
+from deepalign.methods import Method, MethodsCfg, check_methods
+from deepalign.zoo.build import manifest_digest
+from deepalign.zoo.store import Zoo, ring_pairs
 
 BARRIER_KEYS = (
     "loss_barrier",
@@ -73,11 +74,11 @@ def paired_comparisons(rows: list[dict], cfg: EvaluateCfg) -> dict[str, dict]:
 
 
 # The code that decides a method's permutations: a change re-runs every method.
-_PKG = Path(__file__).parent
+_PKG = Path(__file__).parents[1]
 ALIGNMENT_CODE = [
-    *sorted((_PKG / "align").glob("*.py")),
-    *(_PKG / f for f in ("assignment.py", "permspec.py", "arch.py")),
-    *(_PKG / "deep_align" / f for f in ("model.py", "checkpoint.py")),
+    *sorted((_PKG / "methods").glob("*.py")),
+    *(_PKG / "core" / f for f in ("assignment.py", "permspec.py", "arch.py")),
+    *(_PKG / "methods" / "deep_align" / f for f in ("model.py", "checkpoint.py")),
 ]
 
 

@@ -22,15 +22,15 @@ from typing import Annotated
 
 import torch
 
-from deepalign.align import MethodsCfg, Problem
-from deepalign.align.deep_align import deep_align_batch
-from deepalign.align.sinkhorn import sinkhorn_trajectory
-from deepalign.align.weight_matching import weight_matching
 from deepalign.config import MAX_POINTS, GridPoints, Positive, between, invalid
-from deepalign.data import Dataset
-from deepalign.lmc import barriers, interpolate
-from deepalign.pairs import Zoo, ring_pairs
-from deepalign.permspec import Perm, apply_permutation
+from deepalign.core.data import Dataset
+from deepalign.core.lmc import barriers, interpolate
+from deepalign.core.permspec import Perm, apply_permutation
+from deepalign.methods import MethodsCfg, Problem
+from deepalign.methods.learned import deep_align_batch
+from deepalign.methods.sinkhorn import sinkhorn_trajectory
+from deepalign.methods.weight_matching import weight_matching
+from deepalign.zoo.store import Zoo, ring_pairs
 
 STARTS = ("identity", "weight_matching", "deep_align")
 

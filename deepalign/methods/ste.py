@@ -12,13 +12,13 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 
-from deepalign.align.problem import Problem
-from deepalign.align.weight_matching import WeightMatchingCfg, weight_matching
-from deepalign.arch import as_input, forward
 from deepalign.config import Count, Positive, PositiveFloat, Seed, one_of
+from deepalign.core.arch import as_input, forward
+from deepalign.core.permspec import Perm, apply_permutation
+from deepalign.core.weightspace import WeightSpace, lerp
 from deepalign.errors import DeepAlignError
-from deepalign.permspec import Perm, apply_permutation
-from deepalign.weightspace import WeightSpace, lerp
+from deepalign.methods.problem import Problem
+from deepalign.methods.weight_matching import WeightMatchingCfg, weight_matching
 
 LAMBDAS = ("midpoint", "random")
 

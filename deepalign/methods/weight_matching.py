@@ -7,10 +7,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from deepalign.align.problem import Problem, solve_lap
 from deepalign.config import Count, Positive, Seed
-from deepalign.permspec import Perm, PermSpec, Slot, apply_permutation, identity, random_permutation
-from deepalign.weightspace import WeightSpace
+from deepalign.core.permspec import (
+    Perm,
+    PermSpec,
+    Slot,
+    apply_permutation,
+    identity,
+    random_permutation,
+)
+from deepalign.core.weightspace import WeightSpace
+from deepalign.methods.problem import Problem, solve_lap
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError
-from deepalign.weightspace import WeightSpace
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,

@@ -1,0 +1,1 @@
+"""Model zoos: training many networks at once, resumably, and reading them back."""
