@@ -213,8 +213,18 @@ def test_tiny_training_recovers_planted_permutations(tmp_path, tiny_zoo, digits)
     assert torch.allclose(out, forward(tiny_zoo.arch, tiny_zoo.nets[22], x), atol=1e-5)
 
     wrong = Problem.of(*[init_network(mlp_arch(64, [16, 12], 10, "relu"), s) for s in (0, 1)])
-    with pytest.raises(DeepAlignError, match="trained for another architecture"):
+    with pytest.raises(DeepAlignError, match=r"fits networks with layers \[16, 12, 10\]"):
         align("deep_align", wrong, methods)
+
+    # a folder stands for its aligners (training states skipped); a missing file is skipped
+    # while another fits, and named when none does
+    (tmp_path / "mlp.state.pt").write_bytes(b"not a checkpoint")
+    for entries in ([str(tmp_path)], [str(tmp_path / "cnn.pt"), str(path)]):
+        cfg = MethodsCfg(None, None, None, None, DeepAlignCfg(entries))
+        assert all(torch.equal(align("deep_align", problem, cfg).perm[g], perm[g]) for g in perm)
+    alone = MethodsCfg(None, None, None, None, DeepAlignCfg([str(tmp_path / "cnn.pt")]))
+    with pytest.raises(DeepAlignError, match=r"cnn.pt \(missing\)"):
+        align("deep_align", problem, alone)
 
 
 def test_corrupt_aligner_checkpoint_is_named(tmp_path):

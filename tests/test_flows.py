@@ -111,7 +111,8 @@ def _run_chain(workdir: Path) -> tuple[dict, dict]:
         params=workdir / "params.yaml",
         zoo=workdir / "zoo",
         aligned=workdir / "aligned",
-        plots=workdir / "plots",
+        plots=workdir / "plots" / "evaluate",
+        table=workdir / "plots" / "pairs.csv",
         metrics=workdir / "evaluate.json",
     )
     return trained, summary
@@ -123,7 +124,9 @@ def test_train_align_evaluate_flows_chain(workdir):
     for arch in ("mlp", "cnn"):
         assert set(summary[arch]) == {"naive", "weight_matching", "deep_align+weight_matching"}
         assert summary[arch]["weight_matching"]["planted_recovery_mean"] == 1.0
-        assert (workdir / "plots" / f"interpolation_{arch}.png").stat().st_size > 10_000
+        assert (
+            workdir / "plots" / "evaluate" / f"interpolation_{arch}.png"
+        ).stat().st_size > 10_000
     assert len((workdir / "plots" / "pairs.csv").read_text().splitlines()) == 1 + 2 * 3 * 2
     stages = set(mlflow.search_runs(experiment_names=["deepalign"])["tags.stage"].dropna())
     assert {"zoo", "train_aligner", "align", "evaluate"} <= stages

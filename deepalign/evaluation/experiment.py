@@ -13,6 +13,7 @@ from deepalign.evaluation.pairs import MethodRun, align_pairs, planted_recoverie
 from deepalign.evaluation.stats import paired_bootstrap, summarize_pairs
 from deepalign.io import digest, file_digest
 from deepalign.methods import Method, MethodsCfg, check_methods
+from deepalign.methods.learned import checkpoint_files
 from deepalign.zoo.build import manifest_digest
 from deepalign.zoo.store import Zoo, ring_pairs
 
@@ -86,7 +87,7 @@ def run_fingerprint(method: str, cfg: AlignCfg, data: DataCfg, manifest: Path) -
     """Everything that determines a method's saved alignment."""
     parsed = Method.parse(method)
     settings = {s: asdict(c) for s, c in parsed.settings(cfg).items() if c is not None}
-    files = [Path(p) for p in cfg.deep_align.checkpoints] if "deep_align" in parsed.steps else []
+    files = checkpoint_files(cfg.deep_align) if "deep_align" in parsed.steps else []
     record = {
         "method": method,
         "settings": settings,

@@ -19,7 +19,19 @@ from deepalign.methods.problem import Problem
 
 @dataclass(frozen=True)
 class DeepAlignCfg:
-    checkpoints: list[str]  # trained aligners; the one for the pair's architecture is used
+    checkpoints: list[str]  # aligner files or folders of them; the one fitting the pair is used
+
+
+def checkpoint_files(cfg: DeepAlignCfg) -> list[Path]:
+    """The aligner files `cfg` names: files as given, a folder's `<arch>.pt` files (not the
+    `.state.pt` training states); missing paths are kept, for the caller to report."""
+    files = []
+    for entry in map(Path, cfg.checkpoints):
+        if entry.is_dir():
+            files += sorted(p for p in entry.glob("*.pt") if not p.name.endswith(".state.pt"))
+        else:
+            files.append(entry)
+    return files
 
 
 @lru_cache(maxsize=8)
@@ -31,14 +43,17 @@ def _load(path: str) -> tuple[DeepAlign, tuple]:
 def model_for(shapes: tuple, cfg: DeepAlignCfg) -> DeepAlign:
     """The checkpoint trained for networks of these weight shapes, or a clear error."""
     seen = []
-    for path in cfg.checkpoints:
+    for path in checkpoint_files(cfg):
+        if not path.is_file():  # an architecture not trained (yet): say so if nothing fits
+            seen.append(f"{path} (missing)")
+            continue
         model, trained_for = _load(str(path))
         if trained_for == shapes:
             return model
         seen.append(f"{path} (layers {[s[0] for s in trained_for]})")
     raise DeepAlignError(
         f"no aligner checkpoint fits networks with layers {[s[0] for s in shapes]}: "
-        f"{', '.join(seen) or 'none given'} trained for another architecture"
+        f"{', '.join(seen) or 'none given'}"
     )
 
 
