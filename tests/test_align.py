@@ -19,7 +19,6 @@ from deepalign.methods import (
     MethodsCfg,
     Problem,
     align,
-    parse_method,
     sinkhorn,
     solve_lap,
 )
@@ -246,7 +245,7 @@ def test_method_parses_once_and_finds_each_steps_settings():
 
 def test_unknown_method_lists_known():
     with pytest.raises(DeepAlignError, match="unknown method 'wm'.*known: naive, weight_matching"):
-        parse_method("weight_matching+wm")
+        align_module.Method.parse("weight_matching+wm")
 
 
 def test_data_methods_without_data_say_so(trained):

@@ -32,7 +32,6 @@ __all__ = [
     "Problem",
     "align",
     "check_methods",
-    "parse_method",
     "sinkhorn",
     "solve_lap",
 ]
@@ -94,23 +93,17 @@ class Method:
 
     def rest(self) -> Method:
         """The chain after its first step (naive when nothing follows)."""
-        return Method.parse("+".join(self.steps[1:]) or "naive")
+        steps = self.steps[1:] or ("naive",)
+        return Method("+".join(steps), steps)
 
 
-def parse_method(method: str) -> list[str]:
-    """'weight_matching+sinkhorn' -> its steps, each a known method."""
-    return list(Method.parse(method).steps)
-
-
-def check_methods(key: str, methods: list[str]) -> list[Method]:
+def check_methods(key: str, methods: list[str]) -> None:
     """A params list of method names, each parsed, or an error naming the key."""
-    parsed = []
     for method in methods:
         try:
-            parsed.append(Method.parse(method))
+            Method.parse(method)
         except DeepAlignError as e:
             raise invalid(key, method, f"a known method or 'a+b' chain; {e}") from e
-    return parsed
 
 
 @dataclass(frozen=True)
