@@ -19,7 +19,7 @@ from rich.table import Table
 from deepalign.config import MAX_POINTS, load_section
 from deepalign.core import lmc
 from deepalign.core.arch import Arch, resolve_input, state_dict_from_weightspace
-from deepalign.core.data import DataCfg, Dataset, load_dataset
+from deepalign.core.data import DATASETS, DataCfg, Dataset, load_dataset
 from deepalign.core.permspec import apply_permutation, perm_spec, random_permutation
 from deepalign.core.weightspace import check_same_shapes, stack
 from deepalign.errors import DeepAlignError
@@ -31,7 +31,7 @@ from deepalign.io import (
     save_permuted,
     write_atomic,
 )
-from deepalign.methods import Method, MethodsCfg, Problem
+from deepalign.methods import ALIGNERS, Method, MethodsCfg, Problem
 from deepalign.methods import align as align_pair
 from deepalign.methods.learned import DeepAlignCfg
 
@@ -93,6 +93,13 @@ MODEL = typer.Option(
     "--model",
     help="A deepalign checkpoint whose architecture bare state_dicts have (conv strides).",
 )
+
+
+REF = typer.Argument(help="Reference network: a deepalign checkpoint or a bare state_dict.")
+OTHER = typer.Argument(help="The other network, of the same architecture as REF.")
+METHOD_HELP = f"One of {', '.join(ALIGNERS)}, or 'a+b' (b refines a's answer)."
+ALIGNER = typer.Option(None, help="DEEP-ALIGN checkpoint (file or folder) for deep_align.")
+DATA_HELP = f"Data set ({', '.join(DATASETS)})"
 
 
 def _model(path: Path | None) -> Arch | None:
@@ -165,10 +172,9 @@ def _pair(
 
 
 def _align(
-    ref: Path,
-    other: Path,
+    pair: tuple[Path, Path],
     method: str,
-    dataset: Dataset | None,
+    data: str | None,
     params: Path,
     aligner: Path | None,
     model: Path | None,
@@ -178,28 +184,28 @@ def _align(
     cfg = load_section("align", MethodsCfg, params, allow_extra=True)
     if aligner is not None:
         cfg = dataclasses.replace(cfg, deep_align=DeepAlignCfg([str(aligner)]))
-    a, b, arch = _pair(ref, other, dataset, model)
+    dataset = _data(data, params)
+    a, b, arch = _pair(*pair, dataset, model)
     problem = Problem.of(a.ws, b.ws, arch, dataset.train if dataset else None)
-    return a, b, arch, problem, align_pair(method, problem, cfg)
+    return a, b, arch, problem, align_pair(method, problem, cfg), dataset
 
 
 @app.command("align")
 @friendly
 def align_cmd(
-    ref: Path,
-    other: Path,
-    method: str = typer.Option("weight_matching", help="Registry name; 'a+b' refines a with b."),
+    ref: Path = REF,
+    other: Path = OTHER,
+    method: str = typer.Option("weight_matching", help=METHOD_HELP),
     out: Path = typer.Option(..., "-o", "--out", help="OTHER permuted into REF's basis."),
-    data: str | None = typer.Option(None, help="Data set for data-driven methods (digits)."),
+    data: str | None = typer.Option(None, help=f"{DATA_HELP} for data-driven methods."),
     params: Path = typer.Option(Path("params.yaml"), help="Method settings: section `align`."),
-    aligner: Path | None = typer.Option(None, help="DEEP-ALIGN checkpoint for deep_align."),
+    aligner: Path | None = ALIGNER,
     model: Path | None = MODEL,
     force: bool = FORCE,
 ) -> None:
     """Permute OTHER's hidden units to match REF; the output computes OTHER's function."""
     check_not_input(out, [ref, other], force)
-    dataset = _data(data, params)
-    a, b, arch, problem, result = _align(ref, other, method, dataset, params, aligner, model)
+    a, b, arch, problem, result, _ = _align((ref, other), method, data, params, aligner, model)
     aligned = apply_permutation(b.ws, result.perm, problem.spec)
     save_permuted(out, b, result.perm, problem.spec, {"aligned_to": str(ref), "method": method})
     before = (a.ws.flatten() - b.ws.flatten()).norm().item()
@@ -225,9 +231,9 @@ def _check_finite(curve: lmc.Curve, *ends: tuple[Checkpoint, Path]) -> None:
 @app.command()
 @friendly
 def interpolate(
-    ref: Path,
-    other: Path,
-    data: str = typer.Option("digits", help="Data set whose test split is scored."),
+    ref: Path = REF,
+    other: Path = OTHER,
+    data: str = typer.Option("digits", help=f"{DATA_HELP} whose test split is scored."),
     points: int = typer.Option(
         25, min=3, max=MAX_POINTS, help="Lambda grid size (odd, both ends included)."
     ),
@@ -255,21 +261,24 @@ def interpolate(
 @app.command()
 @friendly
 def curve(
-    ref: Path,
-    other: Path,
-    method: str = typer.Option("weight_matching", help="Alignment of OTHER before the curve."),
-    data: str = typer.Option("digits", help="Train split fits the curve, test split scores it."),
+    ref: Path = REF,
+    other: Path = OTHER,
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the curve."),
-    params: Path = typer.Option(Path("params.yaml"), help="Sections `align` and `curves`."),
-    aligner: Path | None = typer.Option(None, help="DEEP-ALIGN checkpoint for deep_align."),
-    model: Path | None = MODEL,
+    method: str = typer.Option(
+        "weight_matching", help=f"Alignment before the curve: {METHOD_HELP}"
+    ),
+    data: str = typer.Option("digits", help=f"{DATA_HELP}: train fits the curve, test scores it."),
     force: bool = FORCE,
+    params: Path = typer.Option(Path("params.yaml"), help="Sections `align` and `curves`."),
+    aligner: Path | None = ALIGNER,
+    model: Path | None = MODEL,
 ) -> None:
     """Fit a Bezier curve from REF to aligned OTHER and compare it with the straight line."""
-    check_not_input(out, [ref, other], force)
     cfg = load_section("curves", mc.CurvesCfg, params)
-    dataset = _data(data, params)
-    a, b, arch, problem, result = _align(ref, other, method, dataset, params, aligner, model)
+    check_not_input(out, [ref, other], force)
+    a, b, arch, problem, result, dataset = _align(
+        (ref, other), method, data, params, aligner, model
+    )
     ends = stack([a.ws]), stack([apply_permutation(b.ws, result.perm, problem.spec)])
     fitted = mc.fit_and_evaluate(arch, *ends, dataset.train, dataset.test, cfg)
     metrics = mc.summarize_curves(fitted)

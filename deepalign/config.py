@@ -161,13 +161,21 @@ def read_params(path: Path | str = "params.yaml") -> dict[str, Any]:
     return data
 
 
+def pick(params: dict[str, Any], section: str, where: Path | str = "params.yaml") -> Any:
+    """params['align']['weight_matching'] for 'align.weight_matching'; errors name the key."""
+    data: Any = params
+    for depth, key in enumerate(section.split(".")):
+        if not isinstance(data, dict) or key not in data:
+            known = list(data) if isinstance(data, dict) else []
+            at = ".".join(section.split(".")[:depth] + [key])
+            raise DeepAlignError(f"{where}: missing section '{at}'{_suggest(key, known)}")
+        data = data[key]
+    return data
+
+
 def load_section(
     section: str, cls: type[T], path: Path | str = "params.yaml", allow_extra: bool = False
 ) -> T:
-    """Load one section of params.yaml into `cls`; errors name the file and the key."""
-    params = read_params(path)
-    if section not in params:
-        raise DeepAlignError(
-            f"{path}: missing section '{section}'{_suggest(section, list(params))}"
-        )
-    return build(cls, params[section], f"{path}: {section}", allow_extra)
+    """Load one section (or 'section.sub') of params.yaml into `cls`; errors name file and key."""
+    data = pick(read_params(path), section, path)
+    return build(cls, data, f"{path}: {section}", allow_extra)

@@ -18,7 +18,7 @@ import pickle
 import stat
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +139,39 @@ def digest(record: Any, length: int = 16) -> str:
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes, or "missing"."""
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+
+
+_PKG = Path(__file__).resolve().parent
+
+
+def fingerprint(record: Any, code: Iterable[Path] = ()) -> str:
+    """The resume key of every resumable result (a zoo network, the aligner's training state,
+    a method's alignment, a study run): the settings and inputs that decide it (`record`) and
+    the bytes of the source files that compute it (`code`), so a code change redoes the work."""
+    files = {p.resolve().relative_to(_PKG).as_posix(): file_digest(p) for p in code}
+    return digest({"record": record, "code": files})
+
+
+def load_current(path: Path, fp: str) -> dict | None:
+    """A result saved with `save_current` under the same fingerprint; None when it is missing,
+    unreadable (a truncated or foreign file) or was made with other settings or code."""
+    try:
+        if path.suffix == ".json":
+            blob = json.loads(path.read_text())
+        else:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # missing, truncated or foreign: redo the work
+        return None
+    return blob if isinstance(blob, dict) and blob.get("fingerprint") == fp else None
+
+
+def save_current(path: Path, blob: dict, fp: str) -> None:
+    """Save a resumable result (JSON for .json, else torch) atomically, with its fingerprint."""
+    blob = blob | {"fingerprint": fp}
+    if path.suffix == ".json":
+        write_json(path, blob)
+    else:
+        write_atomic(path, lambda tmp: torch.save(blob, tmp))
 
 
 def write_json(path: Path, data: Any) -> None:

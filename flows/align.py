@@ -2,63 +2,56 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import mlflow
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (offline defaults first)
-from deepalign.config import load_section
 from deepalign.core.data import DataCfg, Dataset, load_dataset
 from deepalign.evaluation.experiment import AlignCfg, run_fingerprint, run_method
 from deepalign.evaluation.pairs import load_run, save_run
 from deepalign.zoo.store import load_zoo
-from flows.common import cli, stage_run
+from flows.common import StageRun, cli, log_method_run, stage_run
+from flows.stages import Paths, Stage
+
+STAGE = Stage(
+    "align",
+    configs={"data_cfg": "data", "cfg": "align"},
+    params=("runner", "data", "align"),
+    reads=("aligner",),
+    deps={"zoo": "zoo"},
+    persist={"out": "aligned"},
+    notes={"out": "(`<arch>/<method>.pt`: permutations, seconds, recovery)"},
+)
 
 
 @task(cache_policy=NO_CACHE)
 def align_method(
-    method: str,
-    arch: str,
-    zoo_dir: Path,
-    out: Path,
-    data: Dataset,
-    data_cfg: DataCfg,
-    cfg: AlignCfg,
-    parent: str,
+    method: str, arch: str, run: StageRun, data: Dataset, data_cfg: DataCfg, cfg: AlignCfg
 ) -> None:
     """Align one architecture's pairs with one method, unless already done with these settings."""
-    path = out / arch / f"{method}.pt"
-    fp = run_fingerprint(method, cfg, data_cfg, zoo_dir / arch / "manifest.json")
-    run = load_run(path, fp)
-    if run is None:
-        run = run_method(method, load_zoo(zoo_dir / arch), data, cfg)
-        save_run(path, run, fp)
-    with mlflow.start_run(run_name=f"{arch}/{method}", nested=True, parent_run_id=parent):
-        mlflow.log_params({"arch": arch, "method": method, "pairs": len(run.pairs)})
-        mlflow.log_metrics(
-            {
-                "seconds_per_pair": run.seconds.mean().item(),
-                "planted_recovery": run.planted_recovery.mean().item(),
-            }
-        )
+    path = run.io.out / arch / f"{method}.pt"
+    fp = run_fingerprint(method, cfg, data_cfg, run.io.zoo / arch / "manifest.json")
+    result = load_run(path, fp)
+    if result is None:
+        result = run_method(method, load_zoo(run.io.zoo / arch), data, cfg)
+        save_run(path, result, fp)
+    seconds, recovery = result.seconds.mean().item(), result.planted_recovery.mean().item()
+    numbers = {"seconds_per_pair": seconds, "planted_recovery": recovery}
+    log_method_run(run, STAGE.name, arch, method, numbers)
 
 
-@flow(name="align")
-def align(
-    params: Path = Path("params.yaml"), zoo: Path = Path("zoo"), out: Path = Path("aligned")
-) -> None:
+@flow(name="align", validate_parameters=False)
+def align(io: Paths, data_cfg: DataCfg, cfg: AlignCfg) -> dict:
     """Run every configured method on every configured architecture."""
-    data_cfg, cfg = load_section("data", DataCfg, params), load_section("align", AlignCfg, params)
     data = load_dataset(data_cfg)
-    with stage_run("align", data_cfg, cfg) as run:
+    with stage_run(STAGE, io, data_cfg, cfg) as run:
         futures = [
-            align_method.submit(method, arch, zoo, out, data, data_cfg, cfg, run.info.run_id)
+            align_method.submit(method, arch, run, data, data_cfg, cfg)
             for arch in cfg.archs
             for method in cfg.methods
         ]
         [f.result() for f in futures]  # fan-out: one task per architecture and method
+    return run.metrics
 
 
 if __name__ == "__main__":

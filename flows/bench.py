@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from prefect import flow
 
 import flows  # noqa: F401  (offline defaults first)
-from deepalign.config import Positive, Seed, load_section
+from deepalign.config import Positive, Seed
 from deepalign.core.data import DataCfg, load_dataset
 from deepalign.evaluation.bench import benchmark_training, benchmark_weight_matching
 from deepalign.methods.weight_matching import WeightMatchingCfg
 from deepalign.zoo.build import ZooCfg, make_arch
-from flows.common import cli, log_metrics_file, stage_run
+from flows.common import cli, stage_run
+from flows.stages import Paths, Stage
 
 
 @dataclass(frozen=True)
@@ -26,14 +26,20 @@ class BenchCfg:
     weight_matching: WeightMatchingCfg
 
 
-@flow(name="bench")
-def bench(params: Path = Path("params.yaml"), metrics: Path = Path("metrics/bench.json")) -> dict:
+STAGE = Stage(
+    "bench",
+    configs={"data_cfg": "data", "zoo_cfg": "zoo", "cfg": "bench"},
+    params=("data", "zoo.archs", "bench"),
+    metrics={"metrics": "metrics/bench.json"},
+)
+
+
+@flow(name="bench", validate_parameters=False)
+def bench(io: Paths, data_cfg: DataCfg, zoo_cfg: ZooCfg, cfg: BenchCfg) -> dict:
     """Time both zoo training paths and weight matching across widths; record them."""
-    data_cfg, zoo_cfg = load_section("data", DataCfg, params), load_section("zoo", ZooCfg, params)
-    cfg = load_section("bench", BenchCfg, params)
     data = load_dataset(data_cfg)
     seeds = list(range(cfg.seed, cfg.seed + cfg.n_batched))
-    with stage_run("bench", cfg, zoo_cfg):
+    with stage_run(STAGE, io, cfg, zoo_cfg) as run:
         results = {
             f"train_{name}": benchmark_training(
                 make_arch(net, data), data.train, net, seeds[: cfg.n_one_by_one], seeds
@@ -43,8 +49,8 @@ def bench(params: Path = Path("params.yaml"), metrics: Path = Path("metrics/benc
         results["weight_matching"] = benchmark_weight_matching(
             cfg.wm_widths, cfg.wm_pairs, cfg.weight_matching
         )
-        log_metrics_file(metrics, results)
-    return results
+        run.metrics["metrics"] = results
+    return run.metrics
 
 
 if __name__ == "__main__":

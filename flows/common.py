@@ -6,21 +6,24 @@ import dataclasses
 import inspect
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+import typing
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import mlflow
 import torch
 import typer
+from prefect import Flow
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from deepalign.config import Positive, load_section, one_of
+from deepalign.config import Positive, build, load_section, one_of, pick, read_params
 from deepalign.errors import DeepAlignError
 from deepalign.io import clean_stale_temps, digest, write_json
 from flows.server import prefect_api
+from flows.stages import ROLES, Paths, Stage
 
 EXPERIMENT = "deepalign"
 
@@ -52,15 +55,55 @@ def git_commit() -> str:
         return "unknown"
 
 
+@dataclass
+class StageRun:
+    """A stage's MLflow run while it runs: its id (parent of nested runs), its paths, and the
+    metrics the stage puts in `metrics` (metrics option -> nested numbers)."""
+
+    id: str
+    io: Paths
+    metrics: dict[str, dict] = field(default_factory=dict)
+
+
 @contextmanager
-def stage_run(stage: str, *sections: Any) -> Iterator[mlflow.ActiveRun]:
-    """One MLflow run per stage execution, tagged with the commit and the params hash."""
+def stage_run(stage: Stage, io: Paths, *configs: Any) -> Iterator[StageRun]:
+    """One MLflow run per stage execution, tagged with the commit and the params hash.
+
+    When the body succeeds, each metrics file the stage declares is written from `metrics` and
+    logged, and its plots and uncached outputs are logged as artifacts.
+    """
     mlflow.set_experiment(EXPERIMENT)
-    tags = {"stage": stage, "git_commit": git_commit(), "params_hash": params_hash(*sections)}
-    with mlflow.start_run(run_name=stage, tags=tags) as run:
-        for section in sections:
-            mlflow.log_params(flat_params(section, f"{type(section).__name__}."))
+    tags = {"stage": stage.name, "git_commit": git_commit(), "params_hash": params_hash(*configs)}
+    with mlflow.start_run(run_name=stage.name, tags=tags) as active:
+        for config in configs:
+            mlflow.log_params(flat_params(config, f"{type(config).__name__}."))
+        run = StageRun(active.info.run_id, io)
         yield run
+        missing = [k for k in stage.metrics if k not in run.metrics]
+        if missing:
+            raise DeepAlignError(f"stage {stage.name} produced no metrics for {missing}")
+        for key in stage.metrics:
+            log_metrics_file(io.at[key], run.metrics[key])
+        for key in (*stage.plots, *stage.uncached):
+            _log_artifact(io.at[key])
+
+
+def _log_artifact(path: Path) -> None:
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=path.name)
+    elif path.is_file():
+        mlflow.log_artifact(str(path))
+
+
+def log_method_run(
+    run: StageRun, stage: str, arch: str, method: str, metrics: dict[str, float]
+) -> None:
+    """One nested MLflow run per architecture and method, tagged so a query finds it."""
+    tags = {"stage": stage, "arch": arch, "method": method}
+    name = f"{arch}/{method}"
+    with mlflow.start_run(run_name=name, nested=True, parent_run_id=run.id, tags=tags):
+        mlflow.log_params({"arch": arch, "method": method})
+        mlflow.log_metrics(metrics)
 
 
 def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -115,9 +158,6 @@ def task_runner(cfg: RunnerCfg) -> TaskRunner:
     raise DeepAlignError(f"runner.kind '{cfg.kind}' is unknown (known: threads, dask)")
 
 
-OUTPUT_PARAMS = ("out", "plots", "metrics")  # flow parameters that name what a stage writes
-
-
 @contextmanager
 def one_line_errors(debug: bool = False) -> Iterator[None]:
     """Bad input (DeepAlignError) becomes one line on stderr and exit 1; --debug re-raises."""
@@ -130,24 +170,53 @@ def one_line_errors(debug: bool = False) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def cli(flow: Callable[..., Any]) -> None:
-    """Run a flow from the command line: its parameters become options, plus --debug.
+def flow_configs(
+    flow: Flow, params: dict[str, Any], where: Path | str = "params.yaml"
+) -> dict[str, Any]:
+    """The typed configs a stage's flow takes, each built from the section its STAGE names."""
+    stage: Stage = sys.modules[flow.fn.__module__].STAGE
+    hints = typing.get_type_hints(flow.fn)
+    return {
+        arg: build(
+            hints[arg], pick(params, section, where), f"{where}: {section}", arg in stage.partial
+        )
+        for arg, section in stage.configs.items()
+    }
+
+
+def cli(flow: Flow) -> None:
+    """Run a stage's flow from the command line: its STAGE's paths become options.
 
     Before the flow runs, temp files an interrupted run left in its outputs are deleted; the
     flow talks to `PREFECT_API_URL`, or to a private server that dies with this process.
     """
+    stage: Stage = sys.modules[flow.fn.__module__].STAGE
 
-    def main(debug: bool = typer.Option(False, help="Show tracebacks."), **kwargs: Any) -> None:
+    def main(params: Path, debug: bool, **paths: Path) -> None:
         with one_line_errors(debug):
-            params = kwargs.get("params", "params.yaml")
+            configs = flow_configs(flow, read_params(params), params)
             runner = task_runner(load_section("runner", RunnerCfg, params))
-            for name in OUTPUT_PARAMS:
-                if isinstance(kwargs.get(name), Path):
-                    clean_stale_temps(kwargs[name])
+            io = stage.paths(**paths)
+            for path in stage.written(io):
+                clean_stale_temps(path)
             with prefect_api():
-                flow.with_options(task_runner=runner)(**kwargs)
+                flow.with_options(task_runner=runner)(io, **configs)
 
-    params = list(inspect.signature(flow.fn).parameters.values())
-    debug = inspect.signature(main).parameters["debug"]
-    main.__signature__ = inspect.Signature([*params, debug])  # type: ignore[attr-defined]
+    def option(name: str, default: Any, help: str) -> inspect.Parameter:
+        kind = inspect.Parameter.KEYWORD_ONLY
+        annotation = Path if isinstance(default, Path) else type(default)
+        return inspect.Parameter(
+            name, kind, default=typer.Option(default, help=help), annotation=annotation
+        )
+
+    sections = ", ".join(dict.fromkeys(stage.configs.values())) or "none"
+    roles = stage.roles()
+    main.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            option("params", Path("params.yaml"), f"The params file (sections: {sections})."),
+            *(option(k, v, ROLES[roles[k]]) for k, v in stage.defaults().items()),
+            option("debug", False, "Show tracebacks."),
+        ]
+    )
+    main.__doc__ = flow.fn.__doc__
     typer.run(main)

@@ -2,61 +2,55 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import mlflow
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (offline defaults first)
-from deepalign.config import load_section
 from deepalign.core.data import DataCfg, Dataset, load_dataset
-from deepalign.evaluation.convergence import (
-    ConvergeCfg,
-    refine_rows,
-    summarize_convergence,
-    summarize_layers,
-)
+from deepalign.evaluation import convergence as cv
 from deepalign.evaluation.report import plot_convergence
 from deepalign.io import write_csv
 from deepalign.methods import MethodsCfg
 from deepalign.zoo.store import load_zoo
-from flows.common import cli, log_metrics_file, stage_run
+from flows.common import StageRun, cli, stage_run
+from flows.stages import Paths, Plot, Stage
+
+STAGE = Stage(
+    "converge",
+    configs={"data_cfg": "data", "methods": "align", "cfg": "converge"},
+    params=("data", "align.weight_matching", "align.sinkhorn", "align.deep_align", "converge"),
+    partial=("methods",),  # the method settings of `align`
+    deps={"zoo": "zoo"},
+    plots={"plots": "plots/converge"},
+    metrics={"metrics": "metrics/converge.json"},
+    plot=Plot(x="steps", y="loss_barrier"),
+    reads=("aligner",),
+    notes={"plots": "(`refine_convergence_<arch>.{csv,png}`)"},
+)
 
 
 @task(cache_policy=NO_CACHE)
 def converge_arch(
-    arch: str, zoo_dir: Path, plots: Path, data: Dataset, methods: MethodsCfg, cfg: ConvergeCfg
+    arch: str, run: StageRun, data: Dataset, methods: MethodsCfg, cfg: cv.ConvergeCfg
 ) -> dict:
     """Barrier-vs-steps of the three starts on one architecture's test pairs."""
-    rows, layers = refine_rows(arch, load_zoo(zoo_dir / arch), data, methods, cfg)
-    summary = summarize_convergence(rows, cfg.steps, methods.sinkhorn.steps)
-    summary["deep_align"]["per_group"] = summarize_layers(layers)
-    write_csv(plots / f"refine_convergence_{arch}.csv", rows)
-    target = summary["target_loss_barrier"]["value"]
-    plot_convergence(plots / f"refine_convergence_{arch}.png", rows, target, f"digits {arch}")
+    rows, layers = cv.refine_rows(arch, load_zoo(run.io.zoo / arch), data, methods, cfg)
+    summary = cv.summarize_convergence(rows, cfg.steps, methods.sinkhorn.steps)
+    summary["deep_align"]["per_group"] = cv.summarize_layers(layers)
+    figure = run.io.plots / f"refine_convergence_{arch}.png"
+    write_csv(figure.with_suffix(".csv"), rows)
+    plot_convergence(figure, rows, summary["target_loss_barrier"]["value"], f"digits {arch}")
     return summary
 
 
-@flow(name="converge")
-def converge(
-    params: Path = Path("params.yaml"),
-    zoo: Path = Path("zoo"),
-    plots: Path = Path("plots/converge"),
-    metrics: Path = Path("metrics/converge.json"),
-) -> dict:
+@flow(name="converge", validate_parameters=False)
+def converge(io: Paths, data_cfg: DataCfg, methods: MethodsCfg, cfg: cv.ConvergeCfg) -> dict:
     """How many Sinkhorn steps each start needs to reach plain Sinkhorn's final barrier."""
-    data_cfg, cfg = (
-        load_section("data", DataCfg, params),
-        load_section("converge", ConvergeCfg, params),
-    )
-    methods = load_section("align", MethodsCfg, params, allow_extra=True)  # the align settings
     data = load_dataset(data_cfg)
-    with stage_run("converge", cfg, methods.sinkhorn):
-        summary = {arch: converge_arch(arch, zoo, plots, data, methods, cfg) for arch in cfg.archs}
-        log_metrics_file(metrics, summary)
-        mlflow.log_artifacts(str(plots), artifact_path="plots")
-    return summary
+    with stage_run(STAGE, io, cfg, methods.sinkhorn) as run:
+        by_arch = {a: converge_arch(a, run, data, methods, cfg) for a in cfg.archs}
+        run.metrics["metrics"] = by_arch
+    return run.metrics
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 from prefect import flow
 
 import flows  # noqa: F401  (offline defaults first)
@@ -13,6 +12,7 @@ from deepalign.errors import DeepAlignError
 from deepalign.evaluation.report import render_html
 from deepalign.io import write_atomic
 from flows.common import cli, git_commit, stage_run
+from flows.stages import Paths, Stage
 
 STAGES = ("zoo", "train_aligner", "evaluate", "converge", "curves", "bench")
 
@@ -29,19 +29,29 @@ def read_metrics(folder: Path) -> dict[str, dict]:
     return found
 
 
-@flow(name="report")
-def report(
-    params: Path = Path("params.yaml"),
-    metrics: Path = Path("metrics"),
-    plots: Path = Path("plots"),
-    out: Path = Path("report/index.html"),
-) -> Path:
+STAGE = Stage(
+    "report",
+    configs={},
+    params=(),
+    folders={"metrics": "metrics", "plots": "plots"},
+    uncached={"out": "report/index.html"},
+    reads=(
+        *(f"metrics/{s}.json" for s in STAGES),
+        *(f"plots/{s}" for s in ("evaluate", "curves", "converge")),
+    ),
+    notes={"out": "(self-contained)"},
+)
+
+
+@flow(name="report", validate_parameters=False)
+def report(io: Paths) -> Path:
     """Render the report and attach it to an MLflow run."""
-    page = render_html(read_metrics(metrics), plots, f"deepalign report ({git_commit()[:8]})")
-    write_atomic(out, lambda tmp: tmp.write_text(page))
-    with stage_run("report"):
-        mlflow.log_artifact(str(out))
-    return out
+    title = f"deepalign report ({git_commit()[:8]})"
+    page = render_html(read_metrics(io.metrics), io.plots, title)
+    write_atomic(io.out, lambda tmp: tmp.write_text(page))
+    with stage_run(STAGE, io):
+        pass  # the page is logged as this run's artifact
+    return io.out
 
 
 if __name__ == "__main__":

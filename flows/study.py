@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import mlflow
 from prefect import flow
 
 import flows  # noqa: F401  (offline defaults first)
-from deepalign.config import load_section
 from deepalign.core.data import DataCfg, load_dataset
 from deepalign.evaluation.report import plot_scaling
 from deepalign.evaluation.study import (
@@ -18,44 +14,55 @@ from deepalign.evaluation.study import (
     weight_matching_barrier,
 )
 from deepalign.io import write_csv
-from deepalign.methods import MethodsCfg
 from deepalign.methods.deep_align.train import AlignerCfg
+from deepalign.methods.weight_matching import WeightMatchingCfg
 from deepalign.zoo.build import ZooCfg
 from deepalign.zoo.store import load_zoo
-from flows.common import cli, log_metrics_file, stage_run
+from flows.common import cli, stage_run
+from flows.stages import Paths, Plot, Stage
+
+STAGE = Stage(
+    "study",
+    configs={
+        "data_cfg": "data",
+        "zoo_cfg": "zoo",
+        "aligner": "aligner",
+        "wm": "align.weight_matching",
+        "cfg": "study",
+    },
+    params=("data", "zoo", "aligner", "align.weight_matching", "study"),
+    deps={"zoo": "zoo"},
+    persist={"out": "study"},
+    plots={"table": "plots/aligner_scaling.csv"},
+    uncached={"figure": "plots/aligner_scaling.png"},
+    metrics={"metrics": "metrics/study.json"},
+    plot=Plot(x="train_networks", y="deep_align"),
+    notes={"out": "(its own zoo, resumable)"},
+    pipeline="study/dvc.yaml",
+)
 
 
-@flow(name="study")
+@flow(name="study", validate_parameters=False)
 def study(
-    params: Path = Path("params.yaml"),
-    zoo: Path = Path("zoo"),
-    out: Path = Path("study"),
-    plots: Path = Path("plots"),
-    metrics: Path = Path("metrics/study.json"),
+    io: Paths,
+    data_cfg: DataCfg,
+    zoo_cfg: ZooCfg,
+    aligner: AlignerCfg,
+    wm: WeightMatchingCfg,
+    cfg: StudyCfg,
 ) -> dict:
     """Test barrier of DEEP-ALIGN per train-set size and step count, and weight matching's."""
-    cfg, aligner = (
-        load_section("study", StudyCfg, params),
-        load_section("aligner", AlignerCfg, params),
-    )
-    zoo_cfg, data_cfg = load_section("zoo", ZooCfg, params), load_section("data", DataCfg, params)
-    wm = load_section("align", MethodsCfg, params, allow_extra=True).weight_matching
-    data, base = load_dataset(data_cfg), load_zoo(zoo / cfg.arch)
-    with stage_run("study", cfg, aligner):
+    data, base = load_dataset(data_cfg), load_zoo(io.zoo / cfg.arch)
+    with stage_run(STAGE, io, cfg, aligner) as run:
         net, size = zoo_cfg.archs[cfg.arch], max(cfg.train_sizes)
-        nets = build_train_networks(out / "zoo" / cfg.arch, net, zoo_cfg, data_cfg, data, size)
-        rows = scaling_rows(nets, base, data, aligner, cfg, out / "zoo")
+        nets = build_train_networks(io.out / "zoo" / cfg.arch, net, zoo_cfg, data_cfg, data, size)
+        rows = scaling_rows(nets, base, data, aligner, cfg, io.out / "zoo")
         wm_barrier = weight_matching_barrier(base, data, cfg, wm)
-        summary = {"weight_matching": wm_barrier} | {
-            f"n{r['train_networks']}_s{r['mark']}": r["deep_align"] for r in rows
-        }
-        write_csv(
-            plots / "aligner_scaling.csv", [r | {"weight_matching": wm_barrier} for r in rows]
-        )
-        plot_scaling(plots / "aligner_scaling.png", rows, wm_barrier, f"digits {cfg.arch}")
-        log_metrics_file(metrics, summary)
-        mlflow.log_artifact(str(plots / "aligner_scaling.png"))
-    return summary
+        marks = {f"n{r['train_networks']}_s{r['mark']}": r["deep_align"] for r in rows}
+        run.metrics["metrics"] = {"weight_matching": wm_barrier} | marks
+        write_csv(io.table, [r | {"weight_matching": wm_barrier} for r in rows])
+        plot_scaling(io.figure, rows, wm_barrier, f"digits {cfg.arch}")
+    return run.metrics
 
 
 if __name__ == "__main__":

@@ -9,82 +9,67 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (offline defaults first)
-from deepalign.config import load_section
 from deepalign.core.data import DataCfg, Dataset, load_dataset
-from deepalign.zoo.build import (
-    NetCfg,
-    ZooCfg,
-    fingerprint,
-    is_done,
-    make_arch,
-    plan,
-    read_records,
-    resolve_device,
-    summarize,
-    train_chunk,
-    write_manifest,
+from deepalign.zoo import build
+from deepalign.zoo.build import NetCfg, ZooCfg
+from flows.common import cli, stage_run
+from flows.stages import Paths, Stage
+
+STAGE = Stage(
+    "zoo",
+    configs={"data_cfg": "data", "cfg": "zoo"},
+    params=("runner", "data", "zoo"),
+    persist={"out": "zoo"},
+    metrics={"metrics": "metrics/zoo.json"},
+    notes={"out": "(`<arch>/net-NNNN.pt` + `manifest.json`)"},
 )
-from flows.common import cli, log_metrics_file, stage_run
+
+
+@task(cache_policy=NO_CACHE)
+def pending(folder: Path, net: NetCfg, data: Dataset, data_cfg: DataCfg, seed: int) -> list[int]:
+    """Indices of networks not yet trained with these settings; drops stale checkpoints."""
+    jobs, fps = build.planned(folder, net, seed, build.make_arch(net, data), data_cfg)
+    planned = {j.path for j in jobs}
+    for stale in folder.glob("net-*.pt"):
+        if stale not in planned:
+            stale.unlink()
+    return [j.index for j in jobs if not build.is_done(j, fps[j.index])]
 
 
 @task(cache_policy=NO_CACHE)
 def train_group(
-    name: str,
-    net: NetCfg,
-    data: Dataset,
-    data_cfg: DataCfg,
-    cfg: ZooCfg,
-    indices: list[int],
-    out: Path,
+    folder: Path, net: NetCfg, data: Dataset, data_cfg: DataCfg, cfg: ZooCfg, indices: list[int]
 ) -> list[dict]:
     """Train one group of networks (one unit of work for the task runner)."""
-    arch, jobs = make_arch(net, data), plan(out / name, net, cfg.seed)
+    arch = build.make_arch(net, data)
+    jobs, fps = build.planned(folder, net, cfg.seed, arch, data_cfg)
     group = [jobs[i] for i in indices]
-    fps = {j.index: fingerprint(arch, net, data_cfg, j.seed) for j in group}
-    return train_chunk(arch, group, data, net, fps, resolve_device(cfg.device))
+    return build.train_chunk(arch, group, data, net, fps, build.resolve_device(cfg.device))
 
 
 @task(cache_policy=NO_CACHE)
-def pending(
-    name: str, net: NetCfg, data: Dataset, data_cfg: DataCfg, cfg: ZooCfg, out: Path
-) -> list[int]:
-    """Indices of networks not yet trained with these settings; drops stale checkpoints."""
-    arch, jobs = make_arch(net, data), plan(out / name, net, cfg.seed)
-    planned = {j.path for j in jobs}
-    for stale in (out / name).glob("net-*.pt"):
-        if stale not in planned:
-            stale.unlink()
-    return [j.index for j in jobs if not is_done(j, fingerprint(arch, net, data_cfg, j.seed))]
-
-
-@task(cache_policy=NO_CACHE)
-def finish(name: str, net: NetCfg, data: Dataset, cfg: ZooCfg, out: Path) -> list[dict]:
-    arch, jobs = make_arch(net, data), plan(out / name, net, cfg.seed)
-    records = read_records(jobs)
-    mlflow.log_artifact(str(write_manifest(out / name, name, arch, records)), artifact_path=name)
+def finish(folder: Path, net: NetCfg, data: Dataset, seed: int) -> list[dict]:
+    """The manifest of one architecture's finished zoo, logged to MLflow."""
+    records = build.read_records(build.plan(folder, net, seed))
+    manifest = build.write_manifest(folder, folder.name, build.make_arch(net, data), records)
+    mlflow.log_artifact(str(manifest), artifact_path=folder.name)
     return records
 
 
-@flow(name="zoo")
-def zoo(
-    params: Path = Path("params.yaml"),
-    out: Path = Path("zoo"),
-    metrics: Path = Path("metrics/zoo.json"),
-) -> dict:
+@flow(name="zoo", validate_parameters=False)
+def zoo(io: Paths, data_cfg: DataCfg, cfg: ZooCfg) -> dict:
     """Build the model zoo and record it in MLflow."""
-    data_cfg, cfg = load_section("data", DataCfg, params), load_section("zoo", ZooCfg, params)
     data = load_dataset(data_cfg)
-    summary = {}
-    with stage_run("zoo", data_cfg, cfg):
+    with stage_run(STAGE, io, data_cfg, cfg) as run:
+        summary = run.metrics.setdefault("metrics", {})
         for name, net in cfg.archs.items():
-            todo = pending(name, net, data, data_cfg, cfg, out)
-            groups = [todo[i : i + cfg.chunk_size] for i in range(0, len(todo), cfg.chunk_size)]
-            futures = [train_group.submit(name, net, data, data_cfg, cfg, g, out) for g in groups]
+            folder = io.out / name
+            todo = pending(folder, net, data, data_cfg, cfg.seed)
+            chunks = [todo[i : i + cfg.chunk_size] for i in range(0, len(todo), cfg.chunk_size)]
+            futures = [train_group.submit(folder, net, data, data_cfg, cfg, c) for c in chunks]
             [f.result() for f in futures]  # fan-out: one task per group of networks
-            records = finish(name, net, data, cfg, out)
-            summary[name] = summarize(records, len(todo))
-        log_metrics_file(metrics, summary)
-    return summary
+            summary[name] = build.summarize(finish(folder, net, data, cfg.seed), len(todo))
+    return run.metrics
 
 
 if __name__ == "__main__":

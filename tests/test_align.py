@@ -8,7 +8,7 @@ import torch
 
 import deepalign.methods as align_module
 from deepalign.core.arch import as_input, forward, mlp_arch
-from deepalign.core.assignment import harden
+from deepalign.core.assignment import Answer
 from deepalign.core.data import Split
 from deepalign.core.lmc import barriers, interpolate, planted_pair, recovery
 from deepalign.core.permspec import apply_permutation, perm_spec, random_permutation
@@ -192,8 +192,8 @@ def test_sinkhorn_starts_from_scores_as_they_are():
     gen = torch.Generator().manual_seed(0)
     scores = {g: torch.randn(n, n, generator=gen) for g, n in spec.sizes.items()}
     perm = random_permutation(spec, gen)
-    from_scores = _initial_logits(problem, CFG.sinkhorn, scores)
-    from_perm = _initial_logits(problem, replace(CFG.sinkhorn, init_scale=3.0), perm)
+    from_scores = _initial_logits(problem, CFG.sinkhorn, Answer(scores=scores))
+    from_perm = _initial_logits(problem, replace(CFG.sinkhorn, init_scale=3.0), Answer(hard=perm))
     assert torch.equal(from_scores[5][0], scores["h0"])
     assert torch.equal(from_scores[4][0], scores["h1"])
     assert torch.equal(from_perm[5][0], 3.0 * torch.eye(5)[perm["h0"]])
@@ -201,7 +201,7 @@ def test_sinkhorn_starts_from_scores_as_they_are():
     assert torch.equal(_initial_logits(problem, CFG.sinkhorn, None)[4][0], torch.zeros(4, 4))
 
 
-def test_chain_gives_scores_only_to_methods_that_start_from_scores(trained, monkeypatch):
+def test_chain_passes_answers_and_hardens_scores_with_the_hungarian(trained, monkeypatch):
     arch, a, b = trained["mlp"]
     problem = Problem.of(a, b, arch)
     gen = torch.Generator().manual_seed(1)
@@ -215,14 +215,20 @@ def test_chain_gives_scores_only_to_methods_that_start_from_scores(trained, monk
 
         return method
 
-    monkeypatch.setitem(ALIGNERS, "soft_spy", spy("soft"))
-    monkeypatch.setitem(ALIGNERS, "hard_spy", spy("hard"))
-    monkeypatch.setattr(align_module, "SOFT_STARTS", {"soft_spy"})
-    result = align("soft_spy+hard_spy", problem, CFG, init=scores)
-    assert all(seen["soft"][g] is scores[g] for g in scores)  # scores passed as they are
-    assert all(torch.equal(seen["hard"][g], solve_lap(scores[g])) for g in scores)
+    monkeypatch.setitem(ALIGNERS, "first_spy", align_module.Aligner(spy("first")))
+    monkeypatch.setitem(
+        ALIGNERS,
+        "wm_spy",
+        align_module.Aligner(
+            align_module._from_permutation(lambda problem, cfg, init: seen.setdefault("wm", init))
+        ),
+    )
+    result = align("first_spy+wm_spy", problem, CFG, init=Answer(scores=scores))
+    assert all(seen["first"].scores[g] is scores[g] for g in scores)  # scores passed as they are
+    assert all(torch.equal(seen["wm"][g], solve_lap(scores[g])) for g in scores)
     assert all(torch.equal(result.perm[g], solve_lap(scores[g])) for g in scores)
-    assert harden(None) is None
+    with pytest.raises(DeepAlignError, match="either a permutation or scores"):
+        Answer()  # twin: an answer must hold something
 
 
 def test_different_architectures_name_the_tensor(trained):

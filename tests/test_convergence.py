@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deepalign.core.arch import mlp_arch
+from deepalign.core.assignment import Answer
 from deepalign.core.lmc import barriers, interpolate
 from deepalign.core.permspec import apply_permutation, perm_spec, random_permutation
 from deepalign.core.weightspace import stack
@@ -36,14 +37,14 @@ def test_trajectory_ends_where_sinkhorn_rebasin_ends():
     problem = Problem.of(ref, other, ARCH)
     marks = sinkhorn_trajectory(problem, SINKHORN, None, [0, 3, 12])
     assert [k for k, _, _ in marks] == [0, 3, 12]
-    final = sinkhorn_rebasin(problem, SINKHORN)
+    final = sinkhorn_rebasin(problem, SINKHORN).perm
     assert all(torch.equal(marks[-1][1][g], final[g]) for g in final)
-    short = sinkhorn_rebasin(problem, replace(SINKHORN, steps=3))
+    short = sinkhorn_rebasin(problem, replace(SINKHORN, steps=3)).perm
     assert all(torch.equal(marks[1][1][g], short[g]) for g in short)
     # step 0 is the start itself: zero logits harden to the identity, a permutation to itself
     assert all(torch.equal(p, torch.arange(len(p))) for p in marks[0][1].values())
     perm = random_permutation(perm_spec(ref), torch.Generator().manual_seed(3))
-    started = sinkhorn_trajectory(problem, SINKHORN, perm, [0])[0][1]
+    started = sinkhorn_trajectory(problem, SINKHORN, Answer(hard=perm), [0])[0][1]
     assert all(torch.equal(started[g], perm[g]) for g in perm)
     assert not all(torch.equal(started[g], marks[0][1][g]) for g in perm)  # twin
 
@@ -127,7 +128,8 @@ def test_layer_rows_score_deep_aligns_permutation_with_one_group_refined(tiny, d
     for k, (i, j) in enumerate([(0, 1), (1, 2)]):
         scores = deep_align_batch(zoo.nets[i : i + 1], zoo.nets[j : j + 1], methods.deep_align)
         problem = Problem.of(zoo.nets[i], zoo.nets[j], ARCH, digits.train)
-        marks = sinkhorn_trajectory(problem, sinkhorn, {g: s[0] for g, s in scores.items()}, [0, 4])
+        start = Answer(scores={g: s[0] for g, s in scores.items()})
+        marks = sinkhorn_trajectory(problem, sinkhorn, start, [0, 4])
         own, refined = marks[0][1], marks[-1][1]
         for r in (r for r in layers if r["pair"] == k):
             g = r["group"]

@@ -1,4 +1,4 @@
-"""dvc.yaml cannot go stale: every project file a stage's command imports is one of its deps."""
+"""dvc.yaml cannot go stale: it is generated from the STAGEs, and covers every imported file."""
 
 import re
 from pathlib import Path
@@ -6,7 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.imports import ROOT, import_closure
+from deepalign.errors import DeepAlignError
+from flows import dvcgen
+from flows.imports import ROOT, import_closure
+from flows.stages import Stage
 
 PIPELINES = [ROOT / "dvc.yaml", ROOT / "study" / "dvc.yaml"]
 
@@ -54,29 +57,40 @@ def test_closure_follows_parents_and_from_imports():
     assert "deepalign/cli.py" not in closure  # twin: not everything is imported
 
 
-def _readme_rows() -> dict[str, list[str]]:
-    """The README's stage table: stage -> [flow, params, writes] cells."""
-    rows = {}
-    for line in (ROOT / "README.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 4 and cells[0].startswith("`") and cells[1].startswith("`flows/"):
-            rows[cells[0].split("`")[1]] = cells[1:]
-    return rows
+def test_dvc_yaml_and_the_readme_table_are_what_the_stages_declare():
+    assert dvcgen.main(["--check"]) == 0, "run `python -m flows.dvcgen`"
 
 
-def test_readme_stage_table_matches_the_pipelines():
-    rows = _readme_rows()
-    names = [name.split(":")[1] for name, _, _ in _stages()]
-    assert sorted(rows) == sorted(names)
-    for name, stage, _ in _stages():
-        flow, params, writes = rows[name.split(":")[1]]
-        module = re.search(r"python -m (\S+)", stage["cmd"]).group(1)
-        assert flow == f"`{module.replace('.', '/')}.py`", name
-        assert re.findall(r"`([^`]+)`", params) == stage.get("params", []), name
-        for kind in ("outs", "metrics", "plots"):
-            for out in stage.get(kind, []):
-                path = next(iter(out)) if isinstance(out, dict) else out
-                assert f"`{path}" in writes, f"{name}: README does not name {path}"
+def test_a_changed_declaration_makes_the_check_fail(monkeypatch, capsys):
+    import flows.curves
+
+    stage = flows.curves.STAGE
+    monkeypatch.setattr(flows.curves, "STAGE", Stage(**(vars(stage) | {"params": ("curves",)})))
+    assert dvcgen.main(["--check"]) == 1
+    stale = "out of date; run `python -m flows.dvcgen`"
+    assert capsys.readouterr().out.splitlines() == [
+        f"{f}: {stale}" for f in ("dvc.yaml", "README.md")
+    ]
+
+
+def test_a_stage_reading_what_no_stage_writes_is_an_error():
+    stages = dvcgen.discover()
+    report = next(s for s in stages if s.name == "report")
+    typo = Stage(**(vars(report) | {"reads": ("metrics/zooo.json",)}))
+    with pytest.raises(
+        DeepAlignError, match=r"flows/report.py: STAGE reads \['metrics/zooo.json'\]"
+    ):
+        dvcgen._topological([*stages, typo])
+
+
+def test_every_stage_reads_its_configs_from_declared_params():
+    """The sections a flow builds its configs from are covered by the stage's DVC params."""
+    for stage in dvcgen.discover():
+        for section in stage.configs.values():
+            assert any(
+                section == p or section.startswith(f"{p}.") or p.startswith(f"{section}.")
+                for p in stage.params
+            ), f"{stage.name}: reads '{section}' but DVC does not track it"
 
 
 def test_the_code_that_decides_an_alignment_exists():

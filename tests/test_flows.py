@@ -17,7 +17,7 @@ import torch
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
-from tests.tiny import tiny_params
+from tests.tiny import configs, tiny_params
 
 pytestmark = pytest.mark.slow  # real Prefect server, MLflow and DVC: minutes
 
@@ -32,21 +32,17 @@ def prefect_server():
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """A tiny params.yaml (both architectures) and an MLflow store in tmp_path."""
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    """An MLflow store in tmp_path (flows get tiny configs built in code: tests.tiny)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
 def test_zoo_flow_writes_zoo_metrics_and_mlflow_run(workdir):
-    from flows.zoo import zoo
+    from flows.zoo import STAGE, zoo
 
-    summary = zoo(
-        params=workdir / "params.yaml",
-        out=workdir / "zoo",
-        metrics=workdir / "metrics" / "zoo.json",
-    )
+    paths = STAGE.paths(workdir)
+    summary = zoo(paths, **configs(zoo))["metrics"]
     manifest = json.loads((workdir / "zoo" / "mlp" / "manifest.json").read_text())
     assert [n["split"] for n in manifest["networks"]] == [
         "train",
@@ -66,16 +62,12 @@ def test_zoo_flow_writes_zoo_metrics_and_mlflow_run(workdir):
         metrics["mlp"]["test_acc_mean"]
     )
 
-    again = zoo(
-        params=workdir / "params.yaml",
-        out=workdir / "zoo",
-        metrics=workdir / "metrics" / "zoo.json",
-    )
+    again = zoo(paths, **configs(zoo))["metrics"]
     assert again["mlp"]["trained_this_run"] == 0 and again["cnn"]["trained_this_run"] == 0
 
 
 def test_misspelt_param_exits_with_one_line(workdir):
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params = tiny_params()
     params["zoo"]["chunk_sise"] = params["zoo"].pop("chunk_size")
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run(
@@ -94,28 +86,13 @@ def test_misspelt_param_exits_with_one_line(workdir):
 
 def _run_chain(workdir: Path) -> tuple[dict, dict]:
     """zoo -> train_aligner -> align -> evaluate on the tiny config: (trained, summary)."""
-    from flows.align import align
-    from flows.evaluate import evaluate
-    from flows.train_aligner import train_aligner
-    from flows.zoo import zoo
+    from flows import align, evaluate, train_aligner, zoo
 
-    zoo(params=workdir / "params.yaml", out=workdir / "zoo", metrics=workdir / "zoo.json")
-    trained = train_aligner(
-        params=workdir / "params.yaml",
-        zoo=workdir / "zoo",
-        out=workdir / "aligner",
-        metrics=workdir / "train_aligner.json",
-    )
-    align(params=workdir / "params.yaml", zoo=workdir / "zoo", out=workdir / "aligned")
-    summary = evaluate(
-        params=workdir / "params.yaml",
-        zoo=workdir / "zoo",
-        aligned=workdir / "aligned",
-        plots=workdir / "plots" / "evaluate",
-        table=workdir / "plots" / "pairs.csv",
-        metrics=workdir / "evaluate.json",
-    )
-    return trained, summary
+    summary = {}
+    for stage in (zoo, train_aligner, align, evaluate):  # the pipeline's paths, under workdir
+        flow = getattr(stage, stage.STAGE.name)
+        summary[stage.STAGE.name] = flow(stage.STAGE.paths(workdir), **configs(flow))
+    return summary["train_aligner"]["metrics"], summary["evaluate"]["metrics"]
 
 
 def test_train_align_evaluate_flows_chain(workdir):
@@ -133,13 +110,14 @@ def test_train_align_evaluate_flows_chain(workdir):
 
 
 def test_dask_runner_gives_the_same_zoo_and_alignment(workdir):
+    from flows import align as align_stage
+    from flows import zoo as zoo_stage
     from flows.align import align
     from flows.common import RunnerCfg, task_runner
     from flows.zoo import zoo
 
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params = tiny_params()
     params["align"].update(archs=["mlp"], methods=["naive", "weight_matching"])
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     results = {}
     # the default runner (one thread: torch calls from two threads at once share its pool and
     # can split reductions differently) against a local Dask worker process with the same
@@ -148,10 +126,10 @@ def test_dask_runner_gives_the_same_zoo_and_alignment(workdir):
         runner = task_runner(RunnerCfg(kind=kind, workers=workers, address=""))
         out = workdir / kind
         metrics = zoo.with_options(task_runner=runner)(
-            params=workdir / "params.yaml", out=out / "zoo", metrics=out / "zoo.json"
-        )
+            zoo_stage.STAGE.paths(out), **configs(zoo, params)
+        )["metrics"]
         align.with_options(task_runner=task_runner(RunnerCfg(kind, workers, "")))(
-            params=workdir / "params.yaml", zoo=out / "zoo", out=out / "aligned"
+            align_stage.STAGE.paths(out), **configs(align, params)
         )
         run = torch.load(out / "aligned" / "mlp" / "weight_matching.pt", weights_only=True)
         results[kind] = (metrics, run["perms"], run["objective"])
@@ -165,7 +143,7 @@ def test_dask_runner_gives_the_same_zoo_and_alignment(workdir):
 
 
 def test_killed_zoo_stage_resumes_without_losing_work(workdir):
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params = tiny_params()
     params["zoo"]["archs"]["mlp"].update(n_train=8, epochs=40)
     params["zoo"]["chunk_size"] = 2
     del params["zoo"]["archs"]["cnn"]
@@ -206,18 +184,10 @@ def _fetched_urls(page: str) -> list[str]:
 
 
 def test_report_renders_self_contained_html(workdir):
-    from flows.report import report
+    from flows.report import STAGE, report
 
     _run_chain(workdir)
-    (workdir / "metrics").mkdir()
-    for name in ("zoo", "train_aligner", "evaluate"):
-        (workdir / "metrics" / f"{name}.json").write_text((workdir / f"{name}.json").read_text())
-    page_path = report(
-        params=workdir / "params.yaml",
-        metrics=workdir / "metrics",
-        plots=workdir / "plots",
-        out=workdir / "report" / "index.html",
-    )
+    page_path = report(STAGE.paths(workdir))
     page = page_path.read_text()
     assert page.count("data:image/png;base64,") == 2
     assert _fetched_urls(page) == []

@@ -6,7 +6,14 @@ from torch import nn
 
 from deepalign.core.arch import arch_of
 from deepalign.errors import DeepAlignError
-from deepalign.io import atomic_path, load_checkpoint, save_checkpoint
+from deepalign.io import (
+    atomic_path,
+    fingerprint,
+    load_checkpoint,
+    load_current,
+    save_checkpoint,
+    save_current,
+)
 
 
 class Residual(nn.Module):
@@ -94,3 +101,24 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fingerprint_follows_settings_and_code():
+    from deepalign.zoo.build import TRAINING_CODE
+
+    record = {"seed": 1}
+    base = fingerprint(record, TRAINING_CODE)
+    assert fingerprint({"seed": 1}, TRAINING_CODE) == base  # same settings, same code
+    assert fingerprint({"seed": 2}, TRAINING_CODE) != base
+    assert fingerprint(record, TRAINING_CODE[1:]) != base  # twin: the code counts
+
+
+def test_a_result_is_reused_only_under_its_fingerprint(tmp_path):
+    for name in ("run.pt", "marks.json"):
+        path = tmp_path / name
+        assert load_current(path, "a") is None  # missing
+        save_current(path, {"marks": {"1": [2, 0.5]}}, "a")
+        assert load_current(path, "a")["marks"] == {"1": [2, 0.5]}
+        assert load_current(path, "b") is None  # other settings or code: redo
+        path.write_bytes(path.read_bytes()[:10])
+        assert load_current(path, "a") is None  # truncated: redo

@@ -1,6 +1,6 @@
 """The package's layers: core <- zoo <- methods <- evaluation; no layer imports one below it."""
 
-from tests.imports import ROOT, _imported
+from flows.imports import ROOT, _imported
 
 LAYERS = ["core", "zoo", "methods", "evaluation"]
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from prefect.testing.utilities import prefect_test_harness
 
 from tests.tiny import tiny_params, tiny_repo
@@ -17,13 +18,25 @@ pytestmark = pytest.mark.slow
 LISTS = ("aligner", "align", "curves", "converge")  # sections with an `archs` list
 
 
+def _repro(repo: Path, env: dict) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+
+def _evaluated(repo: Path) -> tuple[set[str], list[str]]:
+    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    return set(evaluate), sorted(p.name for p in (repo / "plots" / "evaluate").iterdir())
+
+
 def test_dvc_repro_runs_whatever_architectures_params_list(tmp_path):
-    """A third architecture in the zoo, and every list without the CNN: no dvc.yaml edit."""
+    """Every list `[mlp]`, then a third zoo architecture in the lists: no dvc.yaml edit."""
     params = tiny_params()
     wide = copy.deepcopy(params["zoo"]["archs"]["mlp"]) | {"hidden": [7, 5]}
     params["zoo"]["archs"]["wide"] = wide
     for section in LISTS:
-        params[section]["archs"] = ["mlp", "wide"]
+        params[section]["archs"] = ["mlp"]
     repo = tiny_repo(tmp_path, params)
     with prefect_test_harness(server_startup_timeout=90):
         from prefect.settings import PREFECT_API_URL
@@ -34,18 +47,17 @@ def test_dvc_repro_runs_whatever_architectures_params_list(tmp_path):
             "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         }
-        done = subprocess.run(
-            [sys.executable, "-m", "dvc", "repro"],
-            cwd=repo,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
-    assert set(evaluate) == {"mlp", "wide"}
-    names = sorted(p.name for p in (repo / "plots" / "evaluate").iterdir())
-    assert names == [f"interpolation_{a}.{e}" for a in ("mlp", "wide") for e in ("csv", "png")]
+        _repro(repo, env)
+        assert _evaluated(repo) == ({"mlp"}, ["interpolation_mlp.csv", "interpolation_mlp.png"])
+        report = (repo / "report" / "index.html").read_text()
+        assert "Linear interpolation: mlp" in report and "Linear interpolation: cnn" not in report
+
+        for section in LISTS:
+            params[section]["archs"] = ["mlp", "wide"]
+        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+        _repro(repo, env)
+    names = [f"interpolation_{a}.{e}" for a in ("mlp", "wide") for e in ("csv", "png")]
+    assert _evaluated(repo) == ({"mlp", "wide"}, names)
     aligners = [p.name for p in (repo / "aligner").glob("*.pt") if ".state." not in p.name]
     assert sorted(aligners) == ["mlp.pt", "wide.pt"]
     assert set(json.loads((repo / "metrics" / "zoo.json").read_text())) == {"mlp", "cnn", "wide"}

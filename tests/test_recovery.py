@@ -12,7 +12,7 @@ import yaml
 
 from deepalign.core.data import DataCfg, Split
 from deepalign.io import compact_checkpoint, load_checkpoint
-from deepalign.zoo.build import NetCfg, fingerprint, is_done, make_arch, plan, train_chunk
+from deepalign.zoo.build import NetCfg, is_done, make_arch, network_fingerprint, plan, train_chunk
 from tests.tiny import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def test_zoo_checkpoints_hold_only_their_own_network(tmp_path, digits):
         digits.test,
         digits.n_classes,
     )
-    fps = {j.index: fingerprint(arch, net, DIGITS, j.seed) for j in jobs}
+    fps = {j.index: network_fingerprint(arch, net, DIGITS, j.seed) for j in jobs}
     train_chunk(arch, jobs, data, net, fps, torch.device("cpu"), progress=False)
     param_bytes = load_checkpoint(jobs[0].path).ws.flatten().numel() * 4  # ~35 KB
     for job in jobs:  # a file saving the group's stacked storage would be ~4x param_bytes
@@ -45,7 +45,7 @@ def test_zoo_checkpoints_hold_only_their_own_network(tmp_path, digits):
 def test_bloated_zoo_file_is_rewritten_once_with_the_same_content(tmp_path, digits):
     net = wide_net()
     arch, jobs = make_arch(net, digits), plan(tmp_path, net, seed=0)
-    fp = fingerprint(arch, net, DIGITS, jobs[0].seed)
+    fp = network_fingerprint(arch, net, DIGITS, jobs[0].seed)
     stacked = {k: torch.randn(4, *v.shape) for k, v in arch.build().state_dict().items()}
     state = {k: v[1] for k, v in stacked.items()}  # views of a group's tensors, as before
     blob = {

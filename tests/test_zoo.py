@@ -9,11 +9,11 @@ from deepalign.core.weightspace import stack
 from deepalign.errors import DeepAlignError
 from deepalign.zoo.build import (
     NetCfg,
-    fingerprint,
     init_network,
     is_done,
     make_arch,
     manifest_digest,
+    network_fingerprint,
     plan,
     train_batched,
     train_chunk,
@@ -90,14 +90,14 @@ def test_rerun_trains_only_missing_networks(tmp_path, digits):
     net = small_net(epochs=1)
     arch, jobs = make_arch(net, digits), plan(tmp_path, net, seed=10)
     cfg = DataCfg("digits", "data", False, 0, 0.1, 0.2)
-    fps = {j.index: fingerprint(arch, net, cfg, j.seed) for j in jobs}
+    fps = {j.index: network_fingerprint(arch, net, cfg, j.seed) for j in jobs}
     records = train_chunk(arch, jobs, digits, net, fps, CPU, progress=False)
     assert [r["split"] for r in records] == ["train", "train", "train", "val", "test"]
     assert all(is_done(j, fps[j.index]) for j in jobs)
     jobs[2].path.unlink()
     jobs[3].path.write_bytes(b"interrupted")
     assert [j.index for j in jobs if not is_done(j, fps[j.index])] == [2, 3]
-    changed = fingerprint(arch, small_net(epochs=2), cfg, jobs[0].seed)
+    changed = network_fingerprint(arch, small_net(epochs=2), cfg, jobs[0].seed)
     assert not is_done(jobs[0], changed)  # other settings -> retrain
 
     manifest = write_manifest(tmp_path, "mlp", arch, records)

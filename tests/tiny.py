@@ -50,3 +50,10 @@ def tiny_repo(tmp_path: Path, params: dict | None = None) -> Path:
     ):
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
     return repo
+
+
+def configs(flow, params: dict | None = None) -> dict:
+    """The typed configs `flow` takes, built in code from `params` (default: tiny_params())."""
+    from flows.common import flow_configs
+
+    return flow_configs(flow, params or tiny_params(), "tiny params")

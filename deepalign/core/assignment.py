@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from deepalign.core.permspec import Perm
 from deepalign.errors import DeepAlignError
 
 Scores = dict[str, Tensor]  # per group (n, n): ref unit i vs other unit j, higher = more alike
@@ -21,12 +25,25 @@ def solve_lap(score: Tensor) -> Tensor:
     return torch.as_tensor(cols, dtype=torch.long)
 
 
-def harden(answer: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
-    """A permutation per group from an aligner's answer: Hungarian on scores (n, n),
-    permutations (n,) as they are."""
-    if answer is None:
-        return None
-    return {g: solve_lap(t) if t.ndim == 2 else t for g, t in answer.items()}
+@dataclass(frozen=True)
+class Answer:
+    """What every aligner returns for one pair, and the start the next step of a chain gets:
+    a permutation per group (n,), or the scores {g: (n, n)} it comes from. From scores the
+    permutation is their Hungarian solution, solved on first use (so it is timed where used);
+    a step that can start from scores (Sinkhorn) reads `scores`, every other step `perm`."""
+
+    hard: Perm | None = None
+    scores: Scores | None = None
+
+    def __post_init__(self) -> None:
+        if (self.hard is None) == (self.scores is None):
+            raise DeepAlignError("an answer holds either a permutation or scores")
+
+    @cached_property
+    def perm(self) -> Perm:
+        if self.hard is not None:
+            return self.hard
+        return {g: solve_lap(s) for g, s in self.scores.items()}  # type: ignore[union-attr]
 
 
 def _normalise(log_p: Tensor, iterations: int, rows_first: bool) -> Tensor:

@@ -20,12 +20,12 @@ import time
 from dataclasses import dataclass
 from typing import Annotated
 
-import torch
-
 from deepalign.config import MAX_POINTS, GridPoints, Positive, between, invalid
+from deepalign.core.assignment import Answer
 from deepalign.core.data import Dataset
 from deepalign.core.lmc import barriers, interpolate
 from deepalign.core.permspec import Perm, apply_permutation
+from deepalign.evaluation.pairs import batched_answers
 from deepalign.methods import MethodsCfg, Problem
 from deepalign.methods.learned import deep_align_batch
 from deepalign.methods.sinkhorn import sinkhorn_trajectory
@@ -50,26 +50,18 @@ class ConvergeCfg:
 
 
 def _starts(zoo: Zoo, pairs: list[tuple[int, int]], cfg: MethodsCfg) -> dict[str, list]:
-    """Each start's init per pair and its seconds per pair."""
-    refs = zoo.nets[torch.tensor([i for i, _ in pairs])]
-    others = zoo.nets[torch.tensor([j for _, j in pairs])]
-    deep_align_batch(refs[:1], others[:1], cfg.deep_align)  # warm-up: loads the model
-    clock = time.perf_counter()
-    scores = deep_align_batch(refs, others, cfg.deep_align)
-    da_seconds = (time.perf_counter() - clock) / len(pairs)
+    """Each start's answer per pair (None: the identity) and its seconds per pair."""
+    scores, da_seconds = batched_answers(deep_align_batch, zoo, pairs, cfg.deep_align)
     wm, wm_seconds = [], []
     for i, j in pairs:
         clock = time.perf_counter()
-        wm.append(
-            weight_matching(Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch), cfg.weight_matching)
-        )
+        problem = Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch)
+        wm.append(Answer(hard=weight_matching(problem, cfg.weight_matching)))
         wm_seconds.append(time.perf_counter() - clock)
     return {
         "identity": [(None, 0.0)] * len(pairs),
         "weight_matching": list(zip(wm, wm_seconds)),
-        "deep_align": [
-            ({g: s[k] for g, s in scores.items()}, da_seconds) for k in range(len(pairs))
-        ],
+        "deep_align": [(s, da_seconds) for s in scores],
     }
 
 

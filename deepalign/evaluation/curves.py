@@ -42,6 +42,7 @@ from deepalign.methods import Problem, check_methods
 from deepalign.methods.weight_matching import WeightMatchingCfg, weight_matching
 
 KINDS = ("bezier", "polyline")
+PROBE_POINTS = 9  # t grid of PAM's objective: mean training loss along each curve
 
 
 @dataclass(frozen=True)
@@ -155,20 +156,6 @@ def curve_metrics(ev: CurveEval) -> dict[str, Tensor]:
     }
 
 
-@torch.no_grad()
-def objective(
-    arch: Arch,
-    kind: str,
-    a: WeightSpace,
-    theta: WeightSpace,
-    b: WeightSpace,
-    split: Split,
-    points: int = 9,
-) -> Tensor:
-    """Mean training loss along each curve on a fixed t grid: (K,)."""
-    return evaluate(arch, kind, a, theta, b, split, points).loss.mean(1)
-
-
 def _realign(a: WeightSpace, theta: WeightSpace, b: WeightSpace, perm: Perm, rho: float) -> Perm:
     """Weight matching of B against theta + rho * (B as currently aligned), for one pair."""
     spec = perm_spec(b)
@@ -197,7 +184,7 @@ def pam(
     probe = Split(data.x[: cfg.eval_examples], data.y[: cfg.eval_examples])
     b = apply_permutation(b_raw, perms)
     theta = fit(arch, a, b, data, fit_cfg)
-    best = objective(arch, fit_cfg.kind, a, theta, b, probe)
+    best = evaluate(arch, fit_cfg.kind, a, theta, b, probe, PROBE_POINTS).loss.mean(1)  # (K,)
     history = [best.mean().item()]
     for _ in range(cfg.rounds):
         new = [
@@ -209,7 +196,8 @@ def pam(
             break
         new_b = apply_permutation(b_raw, new_perms)
         new_theta = fit(arch, a, new_b, data, fit_cfg, theta=_carry(theta))
-        value = objective(arch, fit_cfg.kind, a, new_theta, new_b, probe)
+        ends = (a, new_theta, new_b)
+        value = evaluate(arch, fit_cfg.kind, *ends, probe, PROBE_POINTS).loss.mean(1)
         better = value < best  # (K,): accept per pair
         perms = {g: torch.where(better[:, None], new_perms[g], perms[g]) for g in perms}
         theta = _select(better, new_theta, theta)

@@ -11,7 +11,7 @@ from deepalign.core.lmc import Curve, barriers, interpolate
 from deepalign.core.permspec import apply_permutation
 from deepalign.evaluation.pairs import MethodRun, align_pairs, planted_recoveries
 from deepalign.evaluation.stats import paired_bootstrap, summarize_pairs
-from deepalign.io import digest, file_digest
+from deepalign.io import file_digest, fingerprint
 from deepalign.methods import Method, MethodsCfg, check_methods
 from deepalign.methods.learned import checkpoint_files
 from deepalign.zoo.build import manifest_digest
@@ -92,13 +92,12 @@ def run_fingerprint(method: str, cfg: AlignCfg, data: DataCfg, manifest: Path) -
         "method": method,
         "settings": settings,
         "files": {str(f): file_digest(f) for f in files},
-        "code": {f.relative_to(_PKG).as_posix(): file_digest(f) for f in ALIGNMENT_CODE},
         "pairs": cfg.pairs,
         "planted": [cfg.planted_pairs, cfg.planted_noise, cfg.seed],
         "data": asdict(data),
         "zoo": manifest_digest(manifest),
     }
-    return digest(record)
+    return fingerprint(record, ALIGNMENT_CODE)
 
 
 def run_method(method: str, zoo: Zoo, data: Dataset, cfg: AlignCfg) -> MethodRun:

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from deepalign.core.assignment import Scores
+from deepalign.core.assignment import Answer, Scores
 from deepalign.core.data import Split
 from deepalign.core.lmc import planted_pair, recovery
 from deepalign.core.permspec import Perm, perm_spec
-from deepalign.io import write_atomic
-from deepalign.methods import BATCHED, Method, MethodsCfg, Problem, align
+from deepalign.core.weightspace import WeightSpace
+from deepalign.errors import DeepAlignError
+from deepalign.io import load_current, save_current
+from deepalign.methods import ALIGNERS, Method, MethodsCfg, Problem, align
 from deepalign.zoo.store import Zoo
 
 
@@ -34,22 +38,32 @@ class MethodRun:
         return {g: p[k] for g, p in self.perms.items()}
 
 
-def _batched_start(
-    method: Method, zoo: Zoo, pairs: list[tuple[int, int]], cfg: MethodsCfg
-) -> tuple[Method, list[Perm | Scores | None], float]:
-    """Run a batchable first step on all pairs at once: the rest of the chain, starts, time."""
-    first = method.steps[0]
-    if first not in BATCHED:
-        return method, [None] * len(pairs), 0.0
-    settings = method.settings(cfg)[first]
+def batched_answers(
+    batch: Callable[[WeightSpace, WeightSpace, Any], Scores],
+    zoo: Zoo,
+    pairs: list[tuple[int, int]],
+    settings: Any,
+) -> tuple[list[Answer], float]:
+    """A batchable method's answer for every pair from one call, and its seconds per pair."""
     refs = zoo.nets[torch.tensor([i for i, _ in pairs])]
     others = zoo.nets[torch.tensor([j for _, j in pairs])]
-    BATCHED[first](refs[:1], others[:1], settings)  # warm-up: loads the model once
+    batch(refs[:1], others[:1], settings)  # warm-up: loads the model once
     start = time.perf_counter()
-    answers = BATCHED[first](refs, others, settings)
+    scores = batch(refs, others, settings)
     seconds = (time.perf_counter() - start) / len(pairs)
-    inits = [{g: a[k] for g, a in answers.items()} for k in range(len(pairs))]
-    return method.rest(), inits, seconds
+    return [Answer(scores={g: s[k] for g, s in scores.items()}) for k in range(len(pairs))], seconds
+
+
+def _batched_start(
+    method: Method, zoo: Zoo, pairs: list[tuple[int, int]], cfg: MethodsCfg
+) -> tuple[Method, list[Answer | None], float]:
+    """Run a batchable first step on all pairs at once: the rest of the chain, starts, time."""
+    first = method.steps[0]
+    batch = ALIGNERS[first].batch
+    if batch is None:
+        return method, [None] * len(pairs), 0.0
+    inits, seconds = batched_answers(batch, zoo, pairs, method.settings(cfg)[first])
+    return method.rest(), list(inits), seconds
 
 
 def align_pairs(
@@ -98,7 +112,7 @@ def planted_recoveries(
     return torch.tensor(out, dtype=torch.float64)
 
 
-def save_run(path: Path, run: MethodRun, fingerprint: str) -> None:
+def save_run(path: Path, run: MethodRun, fp: str) -> None:
     blob = {
         "method": run.method,
         "pairs": [list(p) for p in run.pairs],
@@ -106,18 +120,20 @@ def save_run(path: Path, run: MethodRun, fingerprint: str) -> None:
         "seconds": run.seconds,
         "objective": run.objective,
         "planted_recovery": run.planted_recovery,
-        "fingerprint": fingerprint,
     }
-    write_atomic(path, lambda tmp: torch.save(blob, tmp))
+    save_current(path, blob, fp)
 
 
-def load_run(path: Path, fingerprint: str | None = None) -> MethodRun | None:
-    """A saved run, or None when missing, unreadable or made with other settings."""
-    try:
-        blob = torch.load(path, weights_only=True)
-    except Exception:  # missing, truncated or foreign: recompute
-        return None
-    if fingerprint is not None and blob.get("fingerprint") != fingerprint:
+def load_run(path: Path, fp: str | None = None) -> MethodRun | None:
+    """A saved run (made with fingerprint `fp` when given), or None when missing or unreadable."""
+    if fp is not None:
+        blob = load_current(path, fp)
+    else:
+        try:
+            blob = torch.load(path, weights_only=True)
+        except Exception:  # missing, truncated or foreign
+            return None
+    if blob is None:
         return None
     pairs = [tuple(p) for p in blob["pairs"]]
     return MethodRun(
@@ -128,3 +144,14 @@ def load_run(path: Path, fingerprint: str | None = None) -> MethodRun | None:
         blob["objective"],
         blob["planted_recovery"],
     )
+
+
+def saved_run(aligned: Path, arch: str, method: str) -> MethodRun:
+    """The align stage's result for one architecture and method, or an error saying how."""
+    path = aligned / arch / f"{method}.pt"
+    run = load_run(path)
+    if run is None:
+        raise DeepAlignError(
+            f"{path}: missing; run the align stage with '{method}' in align.methods"
+        )
+    return run

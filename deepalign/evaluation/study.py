@@ -10,7 +10,6 @@ count of the grid (the live model, no checkpoint selection), beside weight match
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,19 +21,18 @@ from deepalign.core.data import DataCfg, Dataset
 from deepalign.core.lmc import barriers, interpolate
 from deepalign.core.permspec import apply_permutation
 from deepalign.core.weightspace import WeightSpace, stack
-from deepalign.io import digest, load_checkpoint, write_json
+from deepalign.io import fingerprint, load_checkpoint, load_current, save_current
 from deepalign.methods import Problem
 from deepalign.methods.deep_align.checkpoint import predict
 from deepalign.methods.deep_align.model import DeepAlign
-from deepalign.methods.deep_align.train import AlignerCfg, train
+from deepalign.methods.deep_align.train import TRAINING_CODE, AlignerCfg, train
 from deepalign.methods.weight_matching import WeightMatchingCfg, weight_matching
 from deepalign.zoo.build import (
     NetCfg,
     ZooCfg,
-    fingerprint,
     is_done,
     make_arch,
-    plan,
+    planned,
     resolve_device,
     train_chunk,
 )
@@ -57,8 +55,8 @@ def build_train_networks(
 ) -> WeightSpace:
     """The zoo recipe's first n train networks (trained, or read where already done)."""
     wide = dataclasses.replace(net, n_train=n, n_val=0, n_test=0)
-    arch, jobs = make_arch(wide, data), plan(folder, wide, zoo.seed)
-    fps = {j.index: fingerprint(arch, net, data_cfg, j.seed) for j in jobs}
+    arch = make_arch(wide, data)
+    jobs, fps = planned(folder, wide, zoo.seed, arch, data_cfg, key=net)
     todo = [j for j in jobs if not is_done(j, fps[j.index])]
     device = resolve_device(zoo.device)
     for start in range(0, len(todo), zoo.chunk_size):
@@ -120,13 +118,14 @@ def scaling_run(
             if k not in marks and done >= k:
                 marks[k] = (done, test_barrier(model, zoo, data, cfg))
 
-    fp = digest([dataclasses.asdict(run_cfg), n_train, cfg.steps])  # other settings: start over
+    record = [dataclasses.asdict(run_cfg), n_train, cfg.steps]  # other settings: start over
+    fp = fingerprint(record, TRAINING_CODE)
     done = state.with_suffix(".marks.json")  # scores of a finished run: a rerun skips it
-    saved = json.loads(done.read_text()) if done.is_file() else {}
-    if saved.get("fingerprint") == fp:
+    saved = load_current(done, fp)
+    if saved is not None:
         return {int(k): tuple(v) for k, v in saved["marks"].items()}
     train(zoo, data, run_cfg, resolve_device(aligner.device), state, fp, score, False)
-    write_json(done, {"fingerprint": fp, "marks": marks})
+    save_current(done, {"marks": marks}, fp)
     return marks
 
 

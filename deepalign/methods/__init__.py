@@ -1,8 +1,9 @@
 """One aligner signature, one registry.
 
-Every method is `fn(problem, cfg, init) -> Perm | Scores`: it brings `problem.other` into
-`problem.ref`'s basis, optionally starting from `init`. "a+b" runs b from a's answer: as
-scores where b can start from scores (SOFT_STARTS), else hardened by the Hungarian algorithm.
+Every method is `run(problem, cfg, init) -> Answer`: it brings `problem.other` into
+`problem.ref`'s basis, optionally starting from `init`, the previous step's `Answer`. "a+b"
+runs b from a's answer: Sinkhorn reads its scores where it has them (DEEP-ALIGN's), every
+other method its permutation (the Hungarian solution of those scores).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from deepalign.config import invalid
-from deepalign.core.assignment import Scores, harden
+from deepalign.core.assignment import Answer, Scores
 from deepalign.core.permspec import Perm, apply_permutation, identity
+from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError
 from deepalign.methods.activation_matching import ActivationMatchingCfg, activation_matching
 from deepalign.methods.learned import DeepAlignCfg, deep_align, deep_align_batch
@@ -25,8 +27,9 @@ from deepalign.methods.weight_matching import WeightMatchingCfg, objective, weig
 
 __all__ = [
     "ALIGNERS",
-    "SOFT_STARTS",
     "AlignResult",
+    "Aligner",
+    "Answer",
     "Method",
     "MethodsCfg",
     "Problem",
@@ -48,24 +51,36 @@ class MethodsCfg:
     deep_align: DeepAlignCfg
 
 
-def naive(problem: Problem, cfg: Any, init: Perm | None = None) -> Perm:
+def naive(problem: Problem, cfg: Any, init: Answer | None = None) -> Answer:
     """No alignment: the identity (or the given start)."""
-    return init or identity(problem.spec)
+    return init or Answer(hard=identity(problem.spec))
 
 
-Aligner = Callable[[Problem, Any, Perm | None], Perm | Scores]
+def _from_permutation(fn: Callable[[Problem, Any, Perm | None], Perm]) -> Callable[..., Answer]:
+    """A method that starts from a permutation and finds one, as a registry entry."""
+
+    def run(problem: Problem, cfg: Any, init: Answer | None = None) -> Answer:
+        return Answer(hard=fn(problem, cfg, init.perm if init else None))
+
+    return run
+
+
+@dataclass(frozen=True)
+class Aligner:
+    """A registered method: one pair at a time, and all pairs at once where it can."""
+
+    run: Callable[[Problem, Any, Answer | None], Answer]
+    batch: Callable[[WeightSpace, WeightSpace, Any], Scores] | None = None  # -> {g: (K, n, n)}
+
+
 ALIGNERS: dict[str, Aligner] = {
-    "naive": naive,
-    "weight_matching": weight_matching,
-    "activation_matching": activation_matching,
-    "ste": ste,
-    "sinkhorn": sinkhorn_rebasin,
-    "deep_align": deep_align,
+    "naive": Aligner(naive),
+    "weight_matching": Aligner(_from_permutation(weight_matching)),
+    "activation_matching": Aligner(_from_permutation(activation_matching)),
+    "ste": Aligner(_from_permutation(ste)),
+    "sinkhorn": Aligner(sinkhorn_rebasin),
+    "deep_align": Aligner(deep_align, batch=deep_align_batch),
 }
-# Methods that can align a whole batch of pairs in one call: fn(refs, others, cfg) -> {g: (K, n, n)}
-BATCHED = {"deep_align": deep_align_batch}
-# Methods that take a start given as scores (n, n), not only as a permutation (n,)
-SOFT_STARTS = {"sinkhorn"}
 
 
 @dataclass(frozen=True)
@@ -114,15 +129,14 @@ class AlignResult:
 
 
 def align(
-    method: str | Method, problem: Problem, cfg: MethodsCfg, init: Perm | Scores | None = None
+    method: str | Method, problem: Problem, cfg: MethodsCfg, init: Answer | None = None
 ) -> AlignResult:
     """Run one (possibly chained) method on one pair and time it; `init` seeds the first step."""
     answer = init
     start = time.perf_counter()
     for step, settings in Method.parse(method).settings(cfg).items():
-        given = answer if step in SOFT_STARTS else harden(answer)
-        answer = ALIGNERS[step](problem, settings, given)
-    perm = harden(answer)
+        answer = ALIGNERS[step].run(problem, settings, answer)
+    perm = answer.perm  # type: ignore[union-attr]  (the Hungarian solve of scores is timed)
     seconds = time.perf_counter() - start
     value = objective(problem.ref, apply_permutation(problem.other, perm, problem.spec))
     return AlignResult(perm, seconds, value)

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from deepalign.core.assignment import Scores
-from deepalign.core.permspec import Perm
+from deepalign.core.assignment import Answer, Scores
 from deepalign.core.weightspace import WeightSpace, stack
 from deepalign.errors import DeepAlignError
 from deepalign.methods.deep_align.checkpoint import load_aligner
@@ -61,13 +60,13 @@ def model_for(shapes: tuple, cfg: DeepAlignCfg) -> DeepAlign:
 def deep_align_batch(ref: WeightSpace, other: WeightSpace, cfg: DeepAlignCfg) -> Scores:
     """Batched pairs in one forward pass: the model's scores {g: (K, n, n)}.
 
-    `align` hardens them with the Hungarian algorithm, or a refinement that can start from
+    As an `Answer`, their permutation is the Hungarian solution; a refinement that can start from
     scores (Sinkhorn) takes them as its initial logits, as in the paper's DEEP-ALIGN + Sinkhorn.
     """
     return model_for(ref.layer_shapes(), cfg)(ref, other)
 
 
-def deep_align(problem: Problem, cfg: DeepAlignCfg, init: Perm | None = None) -> Scores:
+def deep_align(problem: Problem, cfg: DeepAlignCfg, init: Answer | None = None) -> Answer:
     """One pair's scores {g: (n, n)} (`init` is ignored: the model reads the weights alone)."""
     scores = deep_align_batch(stack([problem.ref]), stack([problem.other]), cfg)
-    return {g: s[0] for g, s in scores.items()}
+    return Answer(scores={g: s[0] for g, s in scores.items()})

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from deepalign.config import Count, Positive, PositiveFloat, Seed, one_of
 from deepalign.core.arch import as_input, forward
-from deepalign.core.assignment import Scores, sinkhorn
+from deepalign.core.assignment import Answer, sinkhorn
 from deepalign.core.permspec import Perm, apply_soft_permutation
 from deepalign.core.weightspace import lerp
 from deepalign.errors import DeepAlignError
@@ -58,25 +58,22 @@ def _loss(
     return task_loss(problem, soft, lam, as_input(arch, data.x[idx]), data.y[idx])
 
 
-def _start_logits(start: Tensor | None, n: int, init_scale: float) -> Tensor:
-    """(n, n) logits: zeros without a start, scores as they are, a permutation as a scaled
-    one-hot matrix."""
-    if start is None:
+def _start_logits(init: Answer | None, g: str, n: int, init_scale: float) -> Tensor:
+    """(n, n) logits of group g: zeros without a start, scores as they are, a permutation as a
+    scaled one-hot matrix."""
+    if init is None:
         return torch.zeros(n, n)
-    if start.ndim == 2:
-        return start.detach().float().clone()
-    return init_scale * F.one_hot(start, n).float()
+    if init.scores is not None:
+        return init.scores[g].detach().float().clone()
+    return init_scale * F.one_hot(init.perm[g], n).float()
 
 
-def _initial_logits(
-    problem: Problem, cfg: SinkhornCfg, init: Perm | Scores | None
-) -> dict[int, Tensor]:
+def _initial_logits(problem: Problem, cfg: SinkhornCfg, init: Answer | None) -> dict[int, Tensor]:
     """Logits stacked per group size, (groups, n, n), so one Sinkhorn call serves them all."""
     sizes = sorted(set(problem.spec.sizes.values()))
-    start = init or {}
     return {
         n: torch.stack(
-            [_start_logits(start.get(g), n, cfg.init_scale) for g in _groups_of(problem, n)]
+            [_start_logits(init, g, n, cfg.init_scale) for g in _groups_of(problem, n)]
         ).requires_grad_()
         for n in sizes
     }
@@ -91,7 +88,7 @@ def _per_group(problem: Problem, stacked: dict[int, Tensor]) -> dict[str, Tensor
 
 
 def _descend(
-    problem: Problem, cfg: SinkhornCfg, init: Perm | Scores | None
+    problem: Problem, cfg: SinkhornCfg, init: Answer | None
 ) -> Iterator[tuple[int, dict[str, Tensor]]]:
     """Adam on per-group logits through Sinkhorn: yields (steps taken, logits per group)."""
     if cfg.loss not in LOSSES:
@@ -112,18 +109,18 @@ def _descend(
         yield step, _per_group(problem, logits)
 
 
-def sinkhorn_rebasin(problem: Problem, cfg: SinkhornCfg, init: Perm | Scores | None = None) -> Perm:
+def sinkhorn_rebasin(problem: Problem, cfg: SinkhornCfg, init: Answer | None = None) -> Answer:
     """Adam on per-group logits through Sinkhorn; Hungarian on the final logits.
 
     A start given as scores (DEEP-ALIGN's, {g: (n, n)}) becomes the initial logits as it is;
     one given as a permutation becomes init_scale times its one-hot matrix.
     """
     *_, (_, final) = _descend(problem, cfg, init)
-    return {g: solve_lap(lg) for g, lg in final.items()}
+    return Answer(hard={g: solve_lap(lg) for g, lg in final.items()})
 
 
 def sinkhorn_trajectory(
-    problem: Problem, cfg: SinkhornCfg, init: Perm | Scores | None, at: list[int]
+    problem: Problem, cfg: SinkhornCfg, init: Answer | None, at: list[int]
 ) -> list[tuple[int, Perm, float]]:
     """Hungarian-hardened permutations after each step count in `at` (<= cfg.steps), with the
     seconds spent descending until then (hardening excluded)."""

@@ -47,13 +47,19 @@ from deepalign.errors import DeepAlignError
 from deepalign.io import (
     compact_checkpoint,
     digest,
+    fingerprint,
     load_checkpoint,
     save_checkpoint,
     write_json,
 )
 
 SPLITS = ("train", "val", "test")
-TRAINING_VERSION = 1  # bump when a change to the training code should retrain resumed zoos
+_PKG = Path(__file__).resolve().parents[1]
+# The code that decides a trained network: a change retrains resumed zoos.
+TRAINING_CODE = (
+    _PKG / "zoo" / "build.py",
+    *(_PKG / "core" / f for f in ("arch.py", "weightspace.py", "data.py")),
+)
 
 
 @dataclass(frozen=True)
@@ -114,16 +120,19 @@ def make_arch(net: NetCfg, data: Dataset) -> Arch:
     raise DeepAlignError(f"unknown network kind '{net.kind}' (known: mlp, cnn)")
 
 
-def fingerprint(arch: Arch, net: NetCfg, data: DataCfg, seed: int) -> str:
-    """Hash of everything that determines a trained network."""
-    record = {
-        "arch": arch.to_dict(),
-        "net": asdict(net),
-        "data": asdict(data),
-        "seed": seed,
-        "version": TRAINING_VERSION,
-    }
-    return digest(record)
+def network_fingerprint(arch: Arch, net: NetCfg, data: DataCfg, seed: int) -> str:
+    """The resume key of one trained network: its settings, seed and training code."""
+    record = {"arch": arch.to_dict(), "net": asdict(net), "data": asdict(data), "seed": seed}
+    return fingerprint(record, TRAINING_CODE)
+
+
+def planned(
+    folder: Path, net: NetCfg, seed: int, arch: Arch, data: DataCfg, key: NetCfg | None = None
+) -> tuple[list[Job], dict[int, str]]:
+    """Every network of one architecture's plan, and the fingerprint each is trained under
+    (from `key`'s settings where given: the study trains more networks of the zoo's recipe)."""
+    jobs = plan(folder, net, seed)
+    return jobs, {j.index: network_fingerprint(arch, key or net, data, j.seed) for j in jobs}
 
 
 def plan(out_dir: Path, net: NetCfg, seed: int) -> list[Job]:

@@ -47,7 +47,7 @@ from deepalign.core.permspec import (
     perm_spec,
 )
 from deepalign.core.weightspace import WeightSpace, lerp
-from deepalign.io import digest, write_atomic
+from deepalign.io import fingerprint, load_current, save_current
 from deepalign.methods.deep_align.augment import AugmentCfg, planted_copies
 from deepalign.methods.deep_align.checkpoint import predict
 from deepalign.methods.deep_align.model import DeepAlign, Layout, ModelCfg
@@ -191,14 +191,23 @@ def augmented_recovery(
     return recovery({g: p.cpu() for g, p in found.items()}, {g: t.cpu() for g, t in truth.items()})
 
 
-def fingerprint(cfg: AlignerCfg, arch: Arch, manifest: Path, data: Dataset) -> str:
+_PKG = Path(__file__).resolve().parents[2]
+# The code that decides a trained aligner: a change restarts an interrupted training run.
+TRAINING_CODE = (
+    *sorted((_PKG / "methods" / "deep_align").glob("*.py")),
+    *(_PKG / "core" / f for f in ("arch.py", "assignment.py", "lmc.py", "permspec.py")),
+)
+
+
+def aligner_fingerprint(cfg: AlignerCfg, arch: Arch, manifest: Path, data: Dataset) -> str:
+    """The resume key of a training run: its settings, the zoo it learns from, its code."""
     record = {
         "cfg": asdict(cfg),
         "arch": arch.to_dict(),
         "data": data.name,
         "zoo": manifest_digest(manifest),
     }
-    return digest(record)
+    return fingerprint(record, TRAINING_CODE)
 
 
 OnEpoch = Callable[[int, dict[str, float], DeepAlign], None]  # epoch, metrics, live model
@@ -283,7 +292,6 @@ Trainer = tuple[DeepAlign, torch.optim.Optimizer, torch.Generator, AveragedModel
 def _save_state(path: Path, fp: str, trainer: Trainer, run: dict, epoch: int) -> None:
     model, opt, gen, ema = trainer
     blob = {
-        "fingerprint": fp,
         "epoch": epoch,
         "model": model.state_dict(),
         "opt": opt.state_dict(),
@@ -291,7 +299,7 @@ def _save_state(path: Path, fp: str, trainer: Trainer, run: dict, epoch: int) ->
         "ema": ema.state_dict() if ema else {},
         "run": run,
     }
-    write_atomic(path, lambda tmp: torch.save(blob, tmp))
+    save_current(path, blob, fp)
 
 
 def _resume(
@@ -311,11 +319,8 @@ def _resume(
         "best_epoch": -1,
         "best_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # no state, or a truncated one: start over
-        return fresh
-    if blob.get("fingerprint") != fp:
+    blob = load_current(path, fp)
+    if blob is None:  # no state, a truncated one, or other settings: start over
         return fresh
     model.load_state_dict(blob["model"])
     opt.load_state_dict(blob["opt"])

@@ -1,0 +1,88 @@
+"""A stage's contract, declared once in its flow file as `STAGE = Stage(...)`.
+
+The declaration names the params.yaml sections its typed configs come from, the DVC params
+keys it depends on, and its paths by role: each path is a command-line option (its default:
+the pipeline's path) and a DVC dep, out, metric or plot. dvc.yaml, study/dvc.yaml and the
+README's stage table are generated from these declarations (`python -m flows.dvcgen`;
+`tests/test_dvc_deps.py` fails when they differ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deepalign.errors import DeepAlignError
+
+# Path roles, in the order of the command's options: what DVC does with each.
+ROLES = {
+    "folders": "Folder the stage reads.",
+    "deps": "Input, written by an earlier stage.",
+    "persist": "Output kept across runs: an interrupted run resumes in it.",
+    "plots": "Plots folder or file (kept in git).",
+    "uncached": "Output file (kept in git).",
+    "metrics": "Metrics file (JSON, kept in git).",
+}
+
+
+@dataclass(frozen=True)
+class Paths:
+    """A stage's paths by option name: `io.zoo`, `io.metrics`."""
+
+    at: dict[str, Path]
+
+    def __getattr__(self, name: str) -> Path:
+        if name.startswith("__") or name == "at":
+            raise AttributeError(name)
+        try:
+            return self.at[name]
+        except KeyError:
+            raise AttributeError(f"no path '{name}' (known: {', '.join(self.at)})") from None
+
+
+@dataclass(frozen=True)
+class Plot:
+    """How DVC draws a stage's plots: their x and y columns."""
+
+    x: str
+    y: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage; its name is its flow's module name (`flows/<name>.py`)."""
+
+    name: str
+    configs: dict[str, str]  # flow argument -> params.yaml section ('a.b': a sub-section)
+    params: tuple[str, ...]  # DVC params keys (may be narrower than whole sections)
+    folders: dict[str, str] = field(default_factory=dict)  # option -> path, by role (ROLES)
+    deps: dict[str, str] = field(default_factory=dict)
+    persist: dict[str, str] = field(default_factory=dict)
+    plots: dict[str, str] = field(default_factory=dict)
+    uncached: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, str] = field(default_factory=dict)
+    plot: Plot | None = None  # for every plots path
+    reads: tuple[str, ...] = ()  # further deps: files other stages write
+    partial: tuple[str, ...] = ()  # flow arguments built from only part of their section
+    notes: dict[str, str] = field(default_factory=dict)  # option -> what is inside (README)
+    pipeline: str = "dvc.yaml"  # or study/dvc.yaml (outside the default `dvc repro`)
+
+    def roles(self) -> dict[str, str]:
+        """Path option -> its role, in option order."""
+        return {k: role for role in ROLES for k in getattr(self, role)}
+
+    def defaults(self) -> dict[str, Path]:
+        """Path option -> the pipeline's path."""
+        return {k: Path(p) for role in ROLES for k, p in getattr(self, role).items()}
+
+    def paths(self, root: Path | None = None, **given: Path) -> Paths:
+        """The stage's paths: the pipeline's, under `root` when given, replaced by `given`."""
+        unknown = set(given) - set(self.defaults())
+        if unknown:
+            raise DeepAlignError(f"stage {self.name}: no path option {sorted(unknown)}")
+        base = {k: root / p if root else p for k, p in self.defaults().items()}
+        return Paths(base | {k: Path(v) for k, v in given.items()})
+
+    def written(self, io: Paths) -> list[Path]:
+        """The paths of `io` this stage writes."""
+        return [io.at[k] for k, role in self.roles().items() if role not in ("folders", "deps")]
