@@ -32,7 +32,7 @@ STAGE = Stage(
     },
     params=("data", "zoo", "aligner", "align.weight_matching", "study"),
     deps={"zoo": "zoo"},
-    persist={"out": "study"},
+    persist={"out": "study/zoo"},
     plots={"table": "plots/aligner_scaling.csv"},
     uncached={"figure": "plots/aligner_scaling.png"},
     metrics={"metrics": "metrics/study.json"},
@@ -55,8 +55,8 @@ def study(
     data, base = load_dataset(data_cfg), load_zoo(io.zoo / cfg.arch)
     with stage_run(STAGE, io, cfg, aligner) as run:
         net, size = zoo_cfg.archs[cfg.arch], max(cfg.train_sizes)
-        nets = build_train_networks(io.out / "zoo" / cfg.arch, net, zoo_cfg, data_cfg, data, size)
-        rows = scaling_rows(nets, base, data, aligner, cfg, io.out / "zoo")
+        nets = build_train_networks(io.out / cfg.arch, net, zoo_cfg, data_cfg, data, size)
+        rows = scaling_rows(nets, base, data, aligner, cfg, io.out)
         wm_barrier = weight_matching_barrier(base, data, cfg, wm)
         marks = {f"n{r['train_networks']}_s{r['mark']}": r["deep_align"] for r in rows}
         run.metrics["metrics"] = {"weight_matching": wm_barrier} | marks

@@ -1,6 +1,8 @@
 """dvc.yaml cannot go stale: it is generated from the STAGEs, and covers every imported file."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,12 @@ def test_the_code_that_decides_an_alignment_exists():
     from deepalign.evaluation.experiment import ALIGNMENT_CODE
 
     assert len(ALIGNMENT_CODE) >= 10 and all(p.is_file() for p in ALIGNMENT_CODE)
+
+
+def test_dvc_accepts_the_generated_pipelines():
+    """DVC builds one graph from both files: no output overlaps another stage or dvc.yaml."""
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "dag"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "study" in done.stdout and "evaluate" in done.stdout
