@@ -108,7 +108,10 @@ def _model(path: Path | None) -> Arch | None:
 
 @app.command()
 @friendly
-def info(checkpoint: Path, model: Path | None = MODEL) -> None:
+def info(
+    checkpoint: Path = typer.Argument(help="A deepalign checkpoint or a bare state_dict."),
+    model: Path | None = MODEL,
+) -> None:
     """Print a checkpoint's architecture and the permutation groups derived from it."""
     ckpt = load_checkpoint(checkpoint, _model(model))
     spec = perm_spec(ckpt.ws)
@@ -125,14 +128,15 @@ def info(checkpoint: Path, model: Path | None = MODEL) -> None:
         table.add_row(group, str(spec.sizes[group]), acts)
     console.print(table)
     for key in ("seed", "split", "test_acc", "test_loss"):
-        if key in ckpt.meta:
-            console.print(f"{key}: {ckpt.meta[key]}")
+        value = ckpt.meta.get(key)
+        if value is not None:
+            console.print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
 
 @app.command()
 @friendly
 def permute(
-    checkpoint: Path,
+    checkpoint: Path = typer.Argument(help="A deepalign checkpoint or a bare state_dict."),
     seed: int = SEED,
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the permuted copy."),
     force: bool = FORCE,

@@ -14,13 +14,16 @@ _DEFAULTS = {
     "DVC_NO_ANALYTICS": "1",
     # absolute, so Dask workers and `dvc exp run --temp` copies log to the project's store
     "MLFLOW_TRACKING_URI": f"sqlite:///{Path.cwd() / 'mlflow.db'}",
-    "PREFECT_LOGGING_LEVEL": "WARNING",  # otherwise ~6 INFO lines per flow inside `dvc repro`
+    "PREFECT_LOGGING_LEVEL": "WARNING",  # Prefect's own loggers (client, engine)
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "GIT_PYTHON_REFRESH": "quiet",
-    # a failing flow or task logs its traceback at ERROR; our CLI prints one line instead
-    "PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL": "CRITICAL",
-    "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "CRITICAL",
+    # flow and task runs send their INFO logs to the Prefect API (the UI shows them), while
+    # the terminal stays quiet: ~6 INFO lines per flow inside `dvc repro` otherwise, and a
+    # failing flow's traceback, where our CLI prints one line instead
+    "PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL": "INFO",
+    "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "INFO",
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
 }
 for _key, _value in _DEFAULTS.items():
     os.environ.setdefault(_key, _value)

@@ -83,7 +83,10 @@ def stage_run(stage: Stage, io: Paths, *configs: Any) -> Iterator[StageRun]:
         if missing:
             raise DeepAlignError(f"stage {stage.name} produced no metrics for {missing}")
         for key in stage.metrics:
-            log_metrics_file(io.at[key], run.metrics[key])
+            write_json(io.at[key], run.metrics[key])
+            mlflow.log_artifact(str(io.at[key]))
+            if key not in stage.per_method:
+                mlflow.log_metrics(flat_metrics(run.metrics[key]))
         for key in (*stage.plots, *stage.uncached):
             _log_artifact(io.at[key])
 
@@ -116,13 +119,6 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
         else:
             out[name] = float(value)
     return out
-
-
-def log_metrics_file(path: Path, metrics: dict) -> None:
-    """Write a DVC metrics file and log the same numbers to MLflow as 'group/metric'."""
-    write_json(path, metrics)
-    mlflow.log_metrics(flat_metrics(metrics))
-    mlflow.log_artifact(str(path))
 
 
 @dataclass(frozen=True)
@@ -204,10 +200,11 @@ def cli(flow: Flow) -> None:
 
     def option(name: str, default: Any, help: str) -> inspect.Parameter:
         kind = inspect.Parameter.KEYWORD_ONLY
-        annotation = Path if isinstance(default, Path) else type(default)
-        return inspect.Parameter(
-            name, kind, default=typer.Option(default, help=help), annotation=annotation
-        )
+        if isinstance(default, bool):  # a plain flag: --debug, not --debug/--no-debug <bool>
+            value = typer.Option(default, f"--{name}", help=help)
+            return inspect.Parameter(name, kind, default=value, annotation=bool)
+        value = typer.Option(default, help=help)
+        return inspect.Parameter(name, kind, default=value, annotation=Path)
 
     sections = ", ".join(dict.fromkeys(stage.configs.values())) or "none"
     roles = stage.roles()

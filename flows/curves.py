@@ -24,6 +24,7 @@ STAGE = Stage(
     plots={"plots": "plots/curves"},
     metrics={"metrics": "metrics/curves.json"},
     plot=Plot(x="t", y="curve_acc"),
+    per_method=("metrics",),
     notes={"plots": "(`curves_<arch>.{csv,png}`)"},
 )
 

@@ -68,11 +68,12 @@ def dvc_stage(stage: Stage) -> dict:
     out: dict = {} if wdir == ROOT else {"wdir": ".."}
     out |= {"cmd": command(stage), "deps": code + _reads(stage), "params": list(stage.params)}
     plot = {"cache": False} | (asdict(stage.plot) if stage.plot else {})
+    detail = [p for k, p in stage.metrics.items() if k not in stage.headline]
     out["outs"] = [
         *({p: {"persist": True}} for p in stage.persist.values()),
-        *({p: {"cache": False}} for p in stage.uncached.values()),
+        *({p: {"cache": False}} for p in [*stage.uncached.values(), *detail]),
     ]
-    out["metrics"] = [{p: {"cache": False}} for p in stage.metrics.values()]
+    out["metrics"] = [{stage.metrics[k]: {"cache": False}} for k in stage.headline]
     out["plots"] = [{p: plot} for p in stage.plots.values()]
     return {k: v for k, v in out.items() if v}
 

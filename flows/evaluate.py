@@ -25,6 +25,7 @@ STAGE = Stage(
     uncached={"table": "plots/pairs.csv"},
     metrics={"metrics": "metrics/evaluate.json", "compare": "metrics/compare.json"},
     plot=Plot(x="lambda", y="test_loss"),
+    per_method=("metrics", "compare"),
     notes={"plots": "(`interpolation_<arch>.{csv,png}`)", "table": "(one row per pair)"},
 )
 

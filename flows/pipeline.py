@@ -1,7 +1,8 @@
 """The whole pipeline as one Prefect flow (DVC decides what is up to date), and sweeps.
 
-`pipeline` runs `dvc repro`, so a scheduled run and a shell run give the same outputs and
-the same dvc.lock; each stage still runs its own flow (its own flow run in the Prefect UI).
+`pipeline` runs `dvc repro` one stage at a time, each a task named after the stage whose log
+is DVC's output, so a scheduled run and a shell run give the same outputs and the same
+dvc.lock; each stage still runs its own flow (its own flow run in the Prefect UI).
 `sweep` runs a grid of parameter overrides as DVC experiments and logs each to MLflow.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import mlflow
 import typer
 import yaml
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.errors import DeepAlignError
@@ -25,23 +27,48 @@ from flows.common import EXPERIMENT, flat_metrics, git_commit, one_line_errors
 from flows.server import prefect_api
 
 
-@task(retries=1, retry_delay_seconds=5)
-def dvc(args: list[str], workdir: str) -> str:
-    """Run one dvc command in the project folder; its output tail, or an error naming it."""
+def run_dvc(args: list[str], workdir: str) -> str:
+    """Run one dvc command in the project folder: its output, or an error naming it."""
     env = os.environ | {"DVC_NO_ANALYTICS": "1"}
     cmd = [sys.executable, "-m", "dvc", *args]  # this environment's dvc, whatever PATH says
     done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise DeepAlignError(f"dvc {' '.join(args)} failed in {workdir}: {done.stderr[-1500:]}")
-    return done.stdout[-3000:]
+    return done.stdout
+
+
+@task(retries=1, retry_delay_seconds=5)
+def dvc(args: list[str], workdir: str) -> str:
+    """One dvc command as a task; its output tail is the task's return value."""
+    return run_dvc(args, workdir)[-3000:]
+
+
+@task(task_run_name="{stage}", retries=1, retry_delay_seconds=5)
+def repro_stage(stage: str, workdir: str, force: bool) -> str:
+    """`dvc repro` of one stage (its inputs are up to date by then); its output is this task's
+    log in the Prefect UI."""
+    out = run_dvc(["repro", "--single-item", stage, *(["--force"] if force else [])], workdir)
+    get_run_logger().info("%s", out.strip() or f"{stage}: nothing to do")
+    return out[-3000:]
+
+
+def stage_order(workdir: str, targets: list[str]) -> list[str]:
+    """The default pipeline's stages (or the targets and what they need), inputs first."""
+    dag = run_dvc(["dag", "--dot", *(targets or ["dvc.yaml"])], workdir)
+    edges = re.findall(r'"([^"]+)" -> "([^"]+)"', dag)
+    nodes = re.findall(r'^\s*"([^"]+)";', dag, re.MULTILINE)
+    order: list[str] = []
+    while len(order) < len(nodes):
+        ready = [n for n in nodes if n not in order and all(a in order for a, b in edges if b == n)]
+        order.append(ready[0])
+    return order
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(workdir: str = ".", targets: list[str] | None = None, force: bool = False) -> str:
-    """`dvc repro` of the given stages (all by default) in `workdir`."""
-    out = dvc(["repro", *(targets or []), *(["--force"] if force else [])], workdir)
-    print(out)
-    return out
+    """`dvc repro` of the given stages (all by default) in `workdir`, one task per stage."""
+    outputs = [repro_stage(s, workdir, force) for s in stage_order(workdir, targets or [])]
+    return "".join(outputs)
 
 
 def parse_grid(overrides: list[str]) -> dict[str, list]:

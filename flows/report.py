@@ -9,12 +9,12 @@ from prefect import flow
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.errors import DeepAlignError
-from deepalign.evaluation.report import render_html
+from deepalign.evaluation.report import headline, render_html
 from deepalign.io import write_atomic
 from flows.common import cli, git_commit, stage_run
 from flows.stages import Paths, Stage
 
-STAGES = ("zoo", "train_aligner", "evaluate", "converge", "curves", "bench")
+STAGES = ("zoo", "train_aligner", "evaluate", "compare", "converge", "curves", "bench")
 
 
 def read_metrics(folder: Path) -> dict[str, dict]:
@@ -35,23 +35,25 @@ STAGE = Stage(
     params=(),
     folders={"metrics": "metrics", "plots": "plots"},
     uncached={"out": "report/index.html"},
+    metrics={"headline": "metrics/headline.json"},
+    headline=("headline",),
     reads=(
         *(f"metrics/{s}.json" for s in STAGES),
         *(f"plots/{s}" for s in ("evaluate", "curves", "converge")),
     ),
-    notes={"out": "(self-contained)"},
+    notes={"out": "(self-contained)", "headline": "(the only DVC metrics file)"},
 )
 
 
 @flow(name="report", validate_parameters=False)
-def report(io: Paths) -> Path:
-    """Render the report and attach it to an MLflow run."""
-    title = f"deepalign report ({git_commit()[:8]})"
-    page = render_html(read_metrics(io.metrics), io.plots, title)
+def report(io: Paths) -> dict:
+    """Render the report and the headline metrics; attach both to an MLflow run."""
+    title, found = f"deepalign report ({git_commit()[:8]})", read_metrics(io.metrics)
+    page = render_html(found, io.plots, title)
     write_atomic(io.out, lambda tmp: tmp.write_text(page))
-    with stage_run(STAGE, io):
-        pass  # the page is logged as this run's artifact
-    return io.out
+    with stage_run(STAGE, io) as run:
+        run.metrics["headline"] = headline(found)
+    return run.metrics
 
 
 if __name__ == "__main__":

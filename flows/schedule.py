@@ -1,6 +1,6 @@
 """Serve the pipeline flow on the cron schedule of params.yaml (needs a Prefect server).
 
-prefect server start --host 127.0.0.1 --port 4200 &
+PREFECT_SERVER_ANALYTICS_ENABLED=false prefect server start --host 127.0.0.1 --port 4200 &
 export PREFECT_API_URL=http://127.0.0.1:4200/api
 python -m flows.schedule            # blocks; runs `dvc repro` on schedule
 """

@@ -42,10 +42,12 @@ class Paths:
 
 @dataclass(frozen=True)
 class Plot:
-    """How DVC draws a stage's plots: their x and y columns."""
+    """How DVC draws a stage's plots: their x and y columns, and a template (one under
+    .dvc/plots/; `by_method` draws one line per value of the CSV's `method` column)."""
 
     x: str
     y: str
+    template: str = "by_method"
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,10 @@ class Stage:
     uncached: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=dict)
     plot: Plot | None = None  # for every plots path
+    headline: tuple[str, ...] = ()  # metrics options DVC shows (`dvc metrics show`); the
+    # others are detail files, kept in git and logged to MLflow, but not DVC metrics
+    per_method: tuple[str, ...] = ()  # metrics options whose numbers MLflow holds per method
+    # (nested runs tagged stage/arch/method); the stage's own run keeps the file as an artifact
     reads: tuple[str, ...] = ()  # further deps: files other stages write
     partial: tuple[str, ...] = ()  # flow arguments built from only part of their section
     notes: dict[str, str] = field(default_factory=dict)  # option -> what is inside (README)

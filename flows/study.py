@@ -36,7 +36,7 @@ STAGE = Stage(
     plots={"table": "plots/aligner_scaling.csv"},
     uncached={"figure": "plots/aligner_scaling.png"},
     metrics={"metrics": "metrics/study.json"},
-    plot=Plot(x="train_networks", y="deep_align"),
+    plot=Plot(x="train_networks", y="deep_align", template="linear"),
     notes={"out": "(its own zoo, resumable)"},
     pipeline="study/dvc.yaml",
 )

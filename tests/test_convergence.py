@@ -50,7 +50,7 @@ def test_trajectory_ends_where_sinkhorn_rebasin_ends():
 
 
 def _row(start: str, steps: int, barrier: float, seconds: float) -> dict:
-    return {"start": start, "steps": steps, "loss_barrier": barrier, "seconds": seconds}
+    return {"method": start, "steps": steps, "loss_barrier": barrier, "seconds": seconds}
 
 
 def test_summary_counts_steps_and_seconds_to_the_identity_starts_final_barrier():
@@ -104,7 +104,7 @@ def test_refine_rows_start_where_each_start_puts_them(tiny, digits):
     cfg = ConvergeCfg(["mlp"], 2, [0, 4], 5)
     rows, layers = refine_rows("mlp", zoo, digits, methods, cfg)
     assert len(rows) == 3 * 2 * 2
-    at_zero = {(r["start"], r["pair"]): r["loss_barrier"] for r in rows if r["steps"] == 0}
+    at_zero = {(r["method"], r["pair"]): r["loss_barrier"] for r in rows if r["steps"] == 0}
     da = predict(model, zoo.nets[torch.tensor([0, 1])], zoo.nets[torch.tensor([1, 2])])
     for k, (i, j) in enumerate([(0, 1), (1, 2)]):
         naive = barriers(interpolate(ARCH, zoo.nets[i], zoo.nets[j], digits.test, 5))

@@ -107,6 +107,14 @@ def test_train_align_evaluate_flows_chain(workdir):
     assert len((workdir / "plots" / "pairs.csv").read_text().splitlines()) == 1 + 2 * 3 * 2
     stages = set(mlflow.search_runs(experiment_names=["deepalign"])["tags.stage"].dropna())
     assert {"zoo", "train_aligner", "align", "evaluate"} <= stages
+    query = "tags.stage = 'align' and tags.method = 'weight_matching'"
+    found = mlflow.search_runs(experiment_names=["deepalign"], filter_string=query)
+    assert sorted(found["tags.arch"]) == ["cnn", "mlp"]  # one run per architecture
+    chained = "tags.stage = 'evaluate' and tags.method = 'deep_align+weight_matching'"
+    found = mlflow.search_runs(experiment_names=["deepalign"], filter_string=chained)
+    assert len(found) == 2 and (found["metrics.loss_barrier_mean"] >= 0).all()
+    columns = mlflow.search_runs(experiment_names=["deepalign"]).columns
+    assert not [c for c in columns if "_mean_mean" in c or "-weight_matching" in c]
 
 
 def test_dask_runner_gives_the_same_zoo_and_alignment(workdir):
@@ -200,21 +208,35 @@ def test_report_renders_self_contained_html(workdir):
     if chromium is None:
         pytest.skip("no headless Chromium here (CI installs it)")
     shot = workdir / "report.png"
-    subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--no-first-run",
-            f"--user-data-dir={workdir / 'chrome'}",
-            f"--screenshot={shot}",
-            "--window-size=1200,2000",
-            page_path.as_uri(),
-        ],
-        capture_output=True,
-        timeout=120,
-    )
+    _chromium(chromium, workdir, f"--screenshot={shot}", "--window-size=1200,2000", page_path)
     pixels = plt.imread(shot)
     assert pixels.shape[0] == 2000 and pixels.std() > 0.05  # something was drawn
+    assert _overflow(chromium, workdir, page) <= 0  # fits a 1366-pixel laptop screen
+    wide = page.replace("</body>", "<table><tr><td style='width:3000px'>x</td></tr></table></body>")
+    assert _overflow(chromium, workdir, wide) > 0  # twin: a wide table would scroll
+
+
+def _chromium(chromium: str, workdir: Path, *args) -> str:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    done = subprocess.run(
+        [
+            chromium,
+            *flags,
+            "--no-first-run",
+            f"--user-data-dir={workdir / 'chrome'}",
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return done.stdout
+
+
+def _overflow(chromium: str, workdir: Path, page: str) -> int:
+    """How many pixels the page is wider than a 1366-pixel window (its horizontal scroll)."""
+    probe = "<script>document.title = document.documentElement.scrollWidth - innerWidth</script>"
+    path = workdir / "probe.html"
+    path.write_text(page.replace("</body>", probe + "</body>"))
+    dom = _chromium(chromium, workdir, "--dump-dom", "--window-size=1366,768", path.as_uri())
+    return int(re.search(r"<title>(-?\d+)</title>", dom).group(1))

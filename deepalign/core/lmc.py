@@ -3,7 +3,7 @@
 Barriers (Frankle et al. 2020; Entezari et al. 2022; Git Re-Basin Def. 2.2), on a lambda grid
 that holds both ends and 0.5:
   loss_barrier      max_l [L(l) - ((1-l) L(0) + l L(1))], clipped at 0
-  loss_barrier_mean max_l L(l) - (L(0) + L(1)) / 2
+  loss_barrier_ends max_l L(l) - (L(0) + L(1)) / 2   (against the mean of the two ends)
   loss_auc          trapezoid of the first gap, clipped at 0 per point
 and the same for accuracy with the gap taken below the line.
 """
@@ -75,10 +75,10 @@ def barriers(curve: Curve) -> dict[str, float]:
     mid = int(torch.argmin((lam - 0.5).abs()))
     return {
         "loss_barrier": loss_gap.max().clamp_min(0).item(),
-        "loss_barrier_mean": (curve.loss.max() - 0.5 * (curve.loss[0] + curve.loss[-1])).item(),
+        "loss_barrier_ends": (curve.loss.max() - 0.5 * (curve.loss[0] + curve.loss[-1])).item(),
         "loss_auc": torch.trapezoid(loss_gap.clamp_min(0), lam).item(),
         "acc_barrier": acc_gap.max().clamp_min(0).item(),
-        "acc_barrier_mean": (0.5 * (curve.acc[0] + curve.acc[-1]) - curve.acc.min()).item(),
+        "acc_barrier_ends": (0.5 * (curve.acc[0] + curve.acc[-1]) - curve.acc.min()).item(),
         "acc_auc": torch.trapezoid(acc_gap.clamp_min(0), lam).item(),
         "merged_acc": curve.acc[mid].item(),
         "merged_loss": curve.loss[mid].item(),

@@ -81,7 +81,7 @@ def refine_rows(
                 rows.append(
                     {
                         "arch": name,
-                        "start": start,
+                        "method": start,  # the start: a series in DVC plots
                         "pair": k,
                         "steps": steps,
                         "loss_barrier": _barrier(zoo, (i, j), perm, data, cfg.points),
@@ -146,7 +146,7 @@ def summarize_convergence(rows: list[dict], steps: list[int], full_run: int) -> 
         raise invalid("steps", steps, f"a grid holding align.sinkhorn.steps ({full_run})")
 
     def at(start: str, k: int) -> list[dict]:
-        return [r for r in rows if r["start"] == start and r["steps"] == k]
+        return [r for r in rows if r["method"] == start and r["steps"] == k]
 
     target = _mean(at("identity", full_run), "loss_barrier")
     out: dict[str, dict] = {"target_loss_barrier": {"value": target, "steps": full_run}}

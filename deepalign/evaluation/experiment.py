@@ -19,7 +19,7 @@ from deepalign.zoo.store import Zoo, ring_pairs
 
 BARRIER_KEYS = (
     "loss_barrier",
-    "loss_barrier_mean",
+    "loss_barrier_ends",
     "loss_auc",
     "acc_barrier",
     "acc_auc",

@@ -70,13 +70,17 @@ def plot_curve_accuracy(path: Path, results: dict, title: str) -> None:
     plt.close(fig)
 
 
-def _table(rows: dict[str, dict[str, float]], columns: list[str]) -> str:
+Column = tuple[str, str, str]  # metric key, header, format spec
+
+
+def _table(rows: dict[str, dict[str, float]], columns: list[Column], first: str = "") -> str:
     """An HTML table: one row per key, the given metric columns (missing ones blank)."""
-    head = "".join(f"<th>{c}</th>" for c in ["", *columns])
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in [first, *(c[1] for c in columns)])
     body = ""
     for name, values in rows.items():
         cells = "".join(
-            f"<td>{values[c]:.4g}</td>" if c in values else "<td></td>" for c in columns
+            f"<td>{format(values[k], spec)}</td>" if k in values else "<td></td>"
+            for k, _, spec in columns
         )
         body += f"<tr><th>{html.escape(name)}</th>{cells}</tr>"
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -89,36 +93,71 @@ def _image(path: Path) -> str:
     return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
 
 
-BARRIER_COLUMNS = [
-    "loss_barrier_mean",
-    "loss_barrier_std",
-    "acc_barrier_mean",
-    "loss_auc_mean",
-    "merged_acc_mean",
-    "seconds_per_pair_mean",
-    "planted_recovery_mean",
+BARRIER_COLUMNS: list[Column] = [
+    ("loss_barrier_mean", "loss barrier", ".3f"),
+    ("loss_barrier_std", "± std", ".3f"),
+    ("acc_barrier_mean", "accuracy barrier", ".3f"),
+    ("loss_auc_mean", "loss AUC", ".3f"),
+    ("merged_acc_mean", "merged accuracy", ".3f"),
+    ("seconds_per_pair_mean", "ms per pair", ".1f"),
+    ("planted_recovery_mean", "planted recovery", ".1%"),
 ]
-CURVE_COLUMNS = [
-    "mean_acc",
-    "min_acc",
-    "max_loss",
-    "curve_barrier",
-    "linear_mean_acc",
-    "linear_min_acc",
-    "linear_curve_barrier",
-    "seconds_to_fit",
+CURVE_COLUMNS: list[Column] = [
+    ("mean_acc", "mean accuracy", ".3f"),
+    ("min_acc", "min accuracy", ".3f"),
+    ("curve_barrier", "curve barrier", ".3f"),
+    ("linear_mean_acc", "line: mean accuracy", ".3f"),
+    ("linear_min_acc", "line: min accuracy", ".3f"),
+    ("linear_curve_barrier", "line: barrier", ".3f"),
+    ("seconds_to_fit", "seconds to fit", ".1f"),
 ]
-ZOO_COLUMNS = [
-    "n_networks",
-    "test_acc_mean",
-    "test_acc_std",
-    "test_acc_min",
-    "train_seconds",
-    "networks_per_second",
+ZOO_COLUMNS: list[Column] = [
+    ("n_networks", "networks", ".0f"),
+    ("test_acc_mean", "test accuracy", ".3f"),
+    ("test_acc_std", "± std", ".3f"),
+    ("test_acc_min", "min", ".3f"),
+    ("train_seconds", "training seconds", ".0f"),
+    ("networks_per_second", "networks per second", ".2f"),
+]
+CONVERGE_COLUMNS: list[Column] = [
+    ("steps_to_target", "steps to target", ".0f"),
+    ("seconds_to_target", "seconds to target", ".3f"),
+    ("final_loss_barrier", "final loss barrier", ".3f"),
+]
+COMPARE_COLUMNS: list[Column] = [
+    ("mean_diff", "mean difference", "+.3f"),
+    ("ci_low", "95 % interval: low", "+.3f"),
+    ("ci_high", "high", "+.3f"),
+    ("frac_pairs_a_le_b", "pairs where A <= B", ".0%"),
+]
+TRAIN_COLUMNS: list[Column] = [
+    ("train_seconds", "training seconds", ".0f"),
+    ("best_epoch", "best epoch", ".0f"),
+    ("best_val_loss_barrier", "validation loss barrier", ".3f"),
+    ("device_cuda", "on a GPU", ".0f"),
 ]
 
 
-CONVERGE_COLUMNS = ["steps_to_target", "seconds_to_target", "final_loss_barrier"]
+HEADLINE = {  # dvc metrics show: a few numbers per architecture, a terminal's width
+    "test_acc": ("zoo", "test_acc_mean"),
+    "wm_barrier": ("evaluate", "weight_matching", "loss_barrier_mean"),
+    "da_barrier": ("evaluate", "deep_align", "loss_barrier_mean"),
+    "da_sinkhorn_barrier": ("evaluate", "deep_align+sinkhorn", "loss_barrier_mean"),
+}
+
+
+def headline(metrics: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Per architecture, the zoo's test accuracy and the loss barriers of weight matching,
+    DEEP-ALIGN and DEEP-ALIGN + Sinkhorn (those the run has)."""
+    out: dict[str, dict[str, float]] = {}
+    for arch in metrics.get("evaluate", metrics.get("zoo", {})):
+        for name, (stage, *path) in HEADLINE.items():
+            node = metrics.get(stage, {}).get(arch, {})
+            for key in path:
+                node = node.get(key, {}) if isinstance(node, dict) else {}
+            if isinstance(node, float | int):
+                out.setdefault(arch, {})[name] = round(float(node), 4)
+    return out
 
 
 def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign report") -> str:
@@ -127,18 +166,29 @@ def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign r
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         "<h2>Model zoo</h2>",
-        _table(metrics.get("zoo", {}), ZOO_COLUMNS),
+        _table(metrics.get("zoo", {}), ZOO_COLUMNS, "architecture"),
     ]
     for arch, methods in metrics.get("evaluate", {}).items():
+        ms = {
+            m: v | {"seconds_per_pair_mean": 1e3 * v["seconds_per_pair_mean"]}
+            for m, v in methods.items()
+        }
         parts += [
             f"<h2>Linear interpolation: {arch} (test pairs, mean over pairs)</h2>",
-            _table(methods, BARRIER_COLUMNS),
+            _table(ms, BARRIER_COLUMNS, "method"),
             _image(plots / "evaluate" / f"interpolation_{arch}.png"),
         ]
+        if arch in metrics.get("compare", {}):
+            parts += [
+                f"<h3>Paired differences of the loss barrier, A - B: {arch}</h3>",
+                "<p>Same pairs for both methods; bootstrap interval over pairs (pairs share "
+                "networks, so it is optimistic). Below zero: A connects better.</p>",
+                _table(metrics["compare"][arch], COMPARE_COLUMNS, "A - B"),
+            ]
     for arch, methods in metrics.get("curves", {}).items():
         parts += [
             f"<h2>Bezier curves: {arch}</h2>",
-            _table(methods, CURVE_COLUMNS),
+            _table(methods, CURVE_COLUMNS, "method"),
             _image(plots / "curves" / f"curves_{arch}.png"),
         ]
     for arch, starts in metrics.get("converge", {}).items():
@@ -146,31 +196,38 @@ def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign r
         target = starts.get("target_loss_barrier", {}).get("value", float("nan"))
         parts += [
             f"<h2>Sinkhorn re-basin from three starts: {arch} (target {target:.4f})</h2>",
-            _table(rows, CONVERGE_COLUMNS),
+            _table(rows, CONVERGE_COLUMNS, "start"),
             _image(plots / "converge" / f"refine_convergence_{arch}.png"),
         ]
     if "train_aligner" in metrics:
         parts += [
             "<h2>DEEP-ALIGN training</h2>",
-            _table(
-                metrics["train_aligner"],
-                ["train_seconds", "best_epoch", "best_val_loss_barrier", "device_cuda"],
-            ),
+            _table(metrics["train_aligner"], TRAIN_COLUMNS, "architecture"),
         ]
     bench = metrics.get("bench", {})
     if bench:
         parts += [
             "<h2>Timings</h2>",
             _table(
-                {k: v for k, v in bench.items() if k.startswith("train_")},
-                ["one_by_one_nets_per_s", "batched_nets_per_s", "speedup"],
+                {k.removeprefix("train_"): v for k, v in bench.items() if k.startswith("train_")},
+                [
+                    ("one_by_one_nets_per_s", "one by one: networks/s", ".2f"),
+                    ("batched_nets_per_s", "batched: networks/s", ".2f"),
+                    ("speedup", "speed-up", ".1f"),
+                ],
+                "zoo training",
             ),
-            _table(bench.get("weight_matching", {}), ["seconds_per_pair", "sweeps"]),
+            _table(
+                bench.get("weight_matching", {}),
+                [("seconds_per_pair", "seconds per pair", ".4f"), ("sweeps", "sweeps", ".1f")],
+                "weight matching: width",
+            ),
         ]
     style = (
-        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:"
-        "collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-        "img{max-width:100%}"
+        "body{font-family:sans-serif;margin:1em auto;padding:0 1em;max-width:1100px}"
+        "table{border-collapse:collapse;margin:1em 0;max-width:100%}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+        "tr:first-child th{text-align:center;font-size:90%}img{max-width:100%;height:auto}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
@@ -181,10 +238,10 @@ def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign r
 def plot_convergence(path: Path, rows: list[dict], target: float, title: str) -> None:
     """Mean test loss barrier vs Sinkhorn steps per start, with the target as a line."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for start in dict.fromkeys(r["start"] for r in rows):
-        steps = sorted({r["steps"] for r in rows if r["start"] == start})
+    for start in dict.fromkeys(r["method"] for r in rows):
+        steps = sorted({r["steps"] for r in rows if r["method"] == start})
         values = [
-            [r["loss_barrier"] for r in rows if r["start"] == start and r["steps"] == k]
+            [r["loss_barrier"] for r in rows if r["method"] == start and r["steps"] == k]
             for k in steps
         ]
         mean = [sum(v) / len(v) for v in values]
