@@ -103,7 +103,10 @@ def test_sweep_runs_each_override_as_an_experiment_in_mlflow(scheduled, monkeypa
     coarse, fine = (r["metrics"]["mlp"] for r in results)
     assert coarse != fine  # the override reached the evaluate stage
     for method in coarse:  # 5 lambdas include the 3 (0, 0.5, 1): a max over more points
-        assert fine[method]["loss_barrier_ends_mean"] >= coarse[method]["loss_barrier_ends_mean"] - 1e-9
+        assert (
+            fine[method]["loss_barrier_ends_mean"]
+            >= coarse[method]["loss_barrier_ends_mean"] - 1e-9
+        )
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(EXPERIMENT)
     parent = client.search_runs([exp.experiment_id], "attributes.run_name = 'sweep'")[0]
