@@ -95,8 +95,10 @@ MODEL = typer.Option(
 )
 
 
-REF = typer.Argument(help="Reference network: a deepalign checkpoint or a bare state_dict.")
-OTHER = typer.Argument(help="The other network, of the same architecture as REF.")
+REF = typer.Argument(
+    help="Reference network: a deepalign checkpoint or a bare state_dict.", metavar="REF"
+)
+OTHER = typer.Argument(help="The other network, of the same architecture as REF.", metavar="OTHER")
 METHOD_HELP = f"One of {', '.join(ALIGNERS)}, or 'a+b' (b refines a's answer)."
 ALIGNER = typer.Option(None, help="DEEP-ALIGN checkpoint (file or folder) for deep_align.")
 DATA_HELP = f"Data set ({', '.join(DATASETS)})"
@@ -109,7 +111,9 @@ def _model(path: Path | None) -> Arch | None:
 @app.command()
 @friendly
 def info(
-    checkpoint: Path = typer.Argument(help="A deepalign checkpoint or a bare state_dict."),
+    checkpoint: Path = typer.Argument(
+        help="A deepalign checkpoint or a bare state_dict.", metavar="CHECKPOINT"
+    ),
     model: Path | None = MODEL,
 ) -> None:
     """Print a checkpoint's architecture and the permutation groups derived from it."""
@@ -136,7 +140,9 @@ def info(
 @app.command()
 @friendly
 def permute(
-    checkpoint: Path = typer.Argument(help="A deepalign checkpoint or a bare state_dict."),
+    checkpoint: Path = typer.Argument(
+        help="A deepalign checkpoint or a bare state_dict.", metavar="CHECKPOINT"
+    ),
     seed: int = SEED,
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the permuted copy."),
     force: bool = FORCE,

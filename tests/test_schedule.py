@@ -146,3 +146,19 @@ def test_the_run_carries_each_stage_as_a_task_with_dvc_output_as_its_log(schedul
     texts = {by_task.get(log.task_run_id): log.message for log in logs}
     assert "Running stage 'evaluate'" in texts["evaluate"], texts.get("evaluate")
     assert "python -m flows.zoo" in texts["zoo"]
+
+
+def test_a_dry_experiment_run_succeeds_after_the_pipeline_ran(scheduled):
+    """`dvc exp run -S ... --dry` (which DVC runs in a temporary copy) exits 0 and runs nothing."""
+    repo, env, _, state, _ = scheduled
+    assert state.is_completed(), state
+    ident = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
+    env = {**env, **ident, "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "ran", "--allow-empty"]):
+        subprocess.run(cmd, cwd=repo, check=True, capture_output=True, env=env)
+    before = (repo / "metrics" / "evaluate.json").read_text()
+    dvc = [sys.executable, "-m", "dvc", "exp", "run", "-S", "align.pairs=1", "--dry"]
+    done = subprocess.run(dvc, cwd=repo, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Running stage 'align'" in done.stdout  # the override would rerun align
+    assert (repo / "metrics" / "evaluate.json").read_text() == before  # nothing ran
