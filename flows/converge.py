@@ -20,11 +20,11 @@ STAGE = Stage(
     configs={"data_cfg": "data", "methods": "align", "cfg": "converge"},
     params=("data", "align.weight_matching", "align.sinkhorn", "align.deep_align", "converge"),
     partial=("methods",),  # the method settings of `align`
+    reads=("aligner",),
     deps={"zoo": "zoo"},
     plots={"plots": "plots/converge"},
     metrics={"metrics": "metrics/converge.json"},
     plot=Plot(x="steps", y="loss_barrier"),
-    reads=("aligner",),
     notes={"plots": "(`refine_convergence_<arch>.{csv,png}`)"},
 )
 

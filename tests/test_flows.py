@@ -195,7 +195,10 @@ def test_report_renders_self_contained_html(workdir):
     from flows.report import STAGE, report
 
     _run_chain(workdir)
-    page_path = report(STAGE.paths(workdir))
+    paths = STAGE.paths(workdir)
+    headline = report(paths)["headline"]
+    assert set(headline) == {"mlp", "cnn"} and 0 < headline["mlp"]["test_acc"] <= 1
+    page_path = paths.out
     page = page_path.read_text()
     assert page.count("data:image/png;base64,") == 2
     assert _fetched_urls(page) == []

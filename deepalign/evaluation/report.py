@@ -70,18 +70,55 @@ def plot_curve_accuracy(path: Path, results: dict, title: str) -> None:
     plt.close(fig)
 
 
-Column = tuple[str, str, str]  # metric key, header, format spec
+# headers are metric keys in words: `loss_barrier_std` -> "loss barrier (std)"
+_WORDS = dict(
+    w.split("=", 1)
+    for w in [
+        "acc=accuracy",
+        "auc=AUC",
+        "std=(std)",
+        "val=validation",
+        "diff=difference",
+        "n=",
+        "ci=95%-CI",
+        "frac=share",
+        "a=A",
+        "le=<=",
+        "b=B",
+        "nets=networks",
+        "s=second",
+        "device=on",
+        "cuda=GPU",
+    ]
+)
 
 
-def _table(rows: dict[str, dict[str, float]], columns: list[Column], first: str = "") -> str:
+def _header(key: str) -> str:
+    words = (_WORDS.get(w, w) for w in key.removesuffix("_mean").split("_"))
+    return " ".join(w for w in words if w).replace("95%-CI", "95 % CI")
+
+
+def _cell(key: str, value: float) -> str:
+    """One number at a fixed precision per kind of metric."""
+    if "recovery" in key or key.startswith("frac"):
+        return f"{value:.1%}"
+    if key in ("mean_diff", "ci_low", "ci_high"):
+        return f"{value:+.3f}"
+    if float(value).is_integer():
+        return f"{value:.0f}"
+    return f"{value:.4f}" if "seconds" in key and abs(value) < 1 else f"{value:.3f}"
+
+
+def _keys(names: str, suffix: str = "") -> list[str]:
+    return [f"{n}{suffix}" for n in names.split()]
+
+
+def _table(rows: dict[str, dict[str, float]], columns: list[str], first: str = "") -> str:
     """An HTML table: one row per key, the given metric columns (missing ones blank)."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in [first, *(c[1] for c in columns)])
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in [first, *map(_header, columns)])
     body = ""
     for name, values in rows.items():
-        cells = "".join(
-            f"<td>{format(values[k], spec)}</td>" if k in values else "<td></td>"
-            for k, _, spec in columns
-        )
+        cells = "".join(f"<td>{_cell(k, values[k]) if k in values else ''}</td>" for k in columns)
         body += f"<tr><th>{html.escape(name)}</th>{cells}</tr>"
     return f"<table><tr>{head}</tr>{body}</table>"
 
@@ -93,51 +130,11 @@ def _image(path: Path) -> str:
     return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
 
 
-BARRIER_COLUMNS: list[Column] = [
-    ("loss_barrier_mean", "loss barrier", ".3f"),
-    ("loss_barrier_std", "± std", ".3f"),
-    ("acc_barrier_mean", "accuracy barrier", ".3f"),
-    ("loss_auc_mean", "loss AUC", ".3f"),
-    ("merged_acc_mean", "merged accuracy", ".3f"),
-    ("seconds_per_pair_mean", "ms per pair", ".1f"),
-    ("planted_recovery_mean", "planted recovery", ".1%"),
-]
-CURVE_COLUMNS: list[Column] = [
-    ("mean_acc", "mean accuracy", ".3f"),
-    ("min_acc", "min accuracy", ".3f"),
-    ("curve_barrier", "curve barrier", ".3f"),
-    ("linear_mean_acc", "line: mean accuracy", ".3f"),
-    ("linear_min_acc", "line: min accuracy", ".3f"),
-    ("linear_curve_barrier", "line: barrier", ".3f"),
-    ("seconds_to_fit", "seconds to fit", ".1f"),
-]
-ZOO_COLUMNS: list[Column] = [
-    ("n_networks", "networks", ".0f"),
-    ("test_acc_mean", "test accuracy", ".3f"),
-    ("test_acc_std", "± std", ".3f"),
-    ("test_acc_min", "min", ".3f"),
-    ("train_seconds", "training seconds", ".0f"),
-    ("networks_per_second", "networks per second", ".2f"),
-]
-CONVERGE_COLUMNS: list[Column] = [
-    ("steps_to_target", "steps to target", ".0f"),
-    ("seconds_to_target", "seconds to target", ".3f"),
-    ("final_loss_barrier", "final loss barrier", ".3f"),
-]
-COMPARE_COLUMNS: list[Column] = [
-    ("mean_diff", "mean difference", "+.3f"),
-    ("ci_low", "95 % interval: low", "+.3f"),
-    ("ci_high", "high", "+.3f"),
-    ("frac_pairs_a_le_b", "pairs where A <= B", ".0%"),
-]
-TRAIN_COLUMNS: list[Column] = [
-    ("train_seconds", "training seconds", ".0f"),
-    ("best_epoch", "best epoch", ".0f"),
-    ("best_val_loss_barrier", "validation loss barrier", ".3f"),
-    ("device_cuda", "on a GPU", ".0f"),
-]
-
-
+EVALUATED = "loss_barrier acc_barrier loss_auc merged_acc seconds_per_pair planted_recovery"
+COMPARED = "mean_diff ci_low ci_high frac_pairs_a_le_b"
+CURVED = "mean_acc min_acc curve_barrier linear_mean_acc linear_curve_barrier seconds_to_fit"
+ZOO_COLUMNS = "n_networks test_acc_mean test_acc_std test_acc_min train_seconds networks_per_second"
+TRAINED = "train_seconds best_epoch best_val_loss_barrier device_cuda"
 HEADLINE = {  # dvc metrics show: a few numbers per architecture, a terminal's width
     "test_acc": ("zoo", "test_acc_mean"),
     "wm_barrier": ("evaluate", "weight_matching", "loss_barrier_mean"),
@@ -166,16 +163,12 @@ def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign r
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         "<h2>Model zoo</h2>",
-        _table(metrics.get("zoo", {}), ZOO_COLUMNS, "architecture"),
+        _table(metrics.get("zoo", {}), _keys(ZOO_COLUMNS), "architecture"),
     ]
     for arch, methods in metrics.get("evaluate", {}).items():
-        ms = {
-            m: v | {"seconds_per_pair_mean": 1e3 * v["seconds_per_pair_mean"]}
-            for m, v in methods.items()
-        }
         parts += [
             f"<h2>Linear interpolation: {arch} (test pairs, mean over pairs)</h2>",
-            _table(ms, BARRIER_COLUMNS, "method"),
+            _table(methods, _keys(EVALUATED, "_mean") + ["loss_barrier_std"], "method"),
             _image(plots / "evaluate" / f"interpolation_{arch}.png"),
         ]
         if arch in metrics.get("compare", {}):
@@ -183,12 +176,12 @@ def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign r
                 f"<h3>Paired differences of the loss barrier, A - B: {arch}</h3>",
                 "<p>Same pairs for both methods; bootstrap interval over pairs (pairs share "
                 "networks, so it is optimistic). Below zero: A connects better.</p>",
-                _table(metrics["compare"][arch], COMPARE_COLUMNS, "A - B"),
+                _table(metrics["compare"][arch], _keys(COMPARED), "A - B"),
             ]
     for arch, methods in metrics.get("curves", {}).items():
         parts += [
             f"<h2>Bezier curves: {arch}</h2>",
-            _table(methods, CURVE_COLUMNS, "method"),
+            _table(methods, _keys(CURVED), "method"),
             _image(plots / "curves" / f"curves_{arch}.png"),
         ]
     for arch, starts in metrics.get("converge", {}).items():
@@ -196,13 +189,13 @@ def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign r
         target = starts.get("target_loss_barrier", {}).get("value", float("nan"))
         parts += [
             f"<h2>Sinkhorn re-basin from three starts: {arch} (target {target:.4f})</h2>",
-            _table(rows, CONVERGE_COLUMNS, "start"),
+            _table(rows, _keys("steps_to_target seconds_to_target final_loss_barrier"), "start"),
             _image(plots / "converge" / f"refine_convergence_{arch}.png"),
         ]
     if "train_aligner" in metrics:
         parts += [
             "<h2>DEEP-ALIGN training</h2>",
-            _table(metrics["train_aligner"], TRAIN_COLUMNS, "architecture"),
+            _table(metrics["train_aligner"], _keys(TRAINED), "architecture"),
         ]
     bench = metrics.get("bench", {})
     if bench:
@@ -210,16 +203,12 @@ def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign r
             "<h2>Timings</h2>",
             _table(
                 {k.removeprefix("train_"): v for k, v in bench.items() if k.startswith("train_")},
-                [
-                    ("one_by_one_nets_per_s", "one by one: networks/s", ".2f"),
-                    ("batched_nets_per_s", "batched: networks/s", ".2f"),
-                    ("speedup", "speed-up", ".1f"),
-                ],
+                _keys("one_by_one_nets_per_s batched_nets_per_s speedup"),
                 "zoo training",
             ),
             _table(
                 bench.get("weight_matching", {}),
-                [("seconds_per_pair", "seconds per pair", ".4f"), ("sweeps", "sweeps", ".1f")],
+                _keys("seconds_per_pair sweeps"),
                 "weight matching: width",
             ),
         ]
