@@ -215,8 +215,8 @@ def test_report_renders_self_contained_html(workdir):
     pixels = plt.imread(shot)
     assert pixels.shape[0] == 2000 and pixels.std() > 0.05  # something was drawn
     assert _overflow(chromium, workdir, page) <= 0  # fits a 1366-pixel laptop screen
-    wide = page.replace("</body>", "<table><tr><td style='width:3000px'>x</td></tr></table></body>")
-    assert _overflow(chromium, workdir, wide) > 0  # twin: a wide table would scroll
+    wide = page.replace("</body>", "<div style='min-width:3000px'>x</div></body>")
+    assert _overflow(chromium, workdir, wide) > 0  # twin: a wide block would scroll
 
 
 def _chromium(chromium: str, workdir: Path, *args) -> str:
