@@ -10,6 +10,7 @@ folder or a special file, with the permissions the umask allows.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -144,17 +145,21 @@ def file_digest(path: Path) -> str:
 _PKG = Path(__file__).resolve().parent
 
 
+@functools.cache
+def _code_digests(code: tuple[Path, ...]) -> dict[str, str]:
+    """sha256 of each source file, read once per process (a zoo fingerprints every network)."""
+    return {p.resolve().relative_to(_PKG).as_posix(): file_digest(p) for p in code}
+
+
 def fingerprint(record: Any, code: Iterable[Path] = ()) -> str:
     """The resume key of every resumable result (a zoo network, the aligner's training state,
     a method's alignment, a study run): the settings and inputs that decide it (`record`) and
     the bytes of the source files that compute it (`code`), so a code change redoes the work."""
-    files = {p.resolve().relative_to(_PKG).as_posix(): file_digest(p) for p in code}
-    return digest({"record": record, "code": files})
+    return digest({"record": record, "code": _code_digests(tuple(code))})
 
 
-def load_current(path: Path, fp: str) -> dict | None:
-    """A result saved with `save_current` under the same fingerprint; None when it is missing,
-    unreadable (a truncated or foreign file) or was made with other settings or code."""
+def read_result(path: Path) -> dict | None:
+    """A saved result (JSON for .json, else torch), or None when missing or unreadable."""
     try:
         if path.suffix == ".json":
             blob = json.loads(path.read_text())
@@ -162,7 +167,14 @@ def load_current(path: Path, fp: str) -> dict | None:
             blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # missing, truncated or foreign: redo the work
         return None
-    return blob if isinstance(blob, dict) and blob.get("fingerprint") == fp else None
+    return blob if isinstance(blob, dict) else None
+
+
+def load_current(path: Path, fp: str) -> dict | None:
+    """A result saved with `save_current` under the same fingerprint; None when it is missing,
+    unreadable (a truncated or foreign file) or was made with other settings or code."""
+    blob = read_result(path)
+    return blob if blob is not None and blob.get("fingerprint") == fp else None
 
 
 def save_current(path: Path, blob: dict, fp: str) -> None:

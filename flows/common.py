@@ -166,11 +166,16 @@ def one_line_errors(debug: bool = False) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def stage_of(flow: Flow) -> Stage:
+    """The STAGE declared beside a stage's flow."""
+    return sys.modules[flow.fn.__module__].STAGE
+
+
 def flow_configs(
     flow: Flow, params: dict[str, Any], where: Path | str = "params.yaml"
 ) -> dict[str, Any]:
     """The typed configs a stage's flow takes, each built from the section its STAGE names."""
-    stage: Stage = sys.modules[flow.fn.__module__].STAGE
+    stage = stage_of(flow)
     hints = typing.get_type_hints(flow.fn)
     return {
         arg: build(
@@ -186,7 +191,7 @@ def cli(flow: Flow) -> None:
     Before the flow runs, temp files an interrupted run left in its outputs are deleted; the
     flow talks to `PREFECT_API_URL`, or to a private server that dies with this process.
     """
-    stage: Stage = sys.modules[flow.fn.__module__].STAGE
+    stage = stage_of(flow)
 
     def main(params: Path, debug: bool, **paths: Path) -> None:
         with one_line_errors(debug):

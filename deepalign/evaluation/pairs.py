@@ -18,7 +18,7 @@ from deepalign.core.lmc import planted_pair, recovery
 from deepalign.core.permspec import Perm, perm_spec
 from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError
-from deepalign.io import load_current, save_current
+from deepalign.io import load_current, read_result, save_current
 from deepalign.methods import ALIGNERS, Method, MethodsCfg, Problem, align
 from deepalign.zoo.store import Zoo
 
@@ -126,13 +126,7 @@ def save_run(path: Path, run: MethodRun, fp: str) -> None:
 
 def load_run(path: Path, fp: str | None = None) -> MethodRun | None:
     """A saved run (made with fingerprint `fp` when given), or None when missing or unreadable."""
-    if fp is not None:
-        blob = load_current(path, fp)
-    else:
-        try:
-            blob = torch.load(path, weights_only=True)
-        except Exception:  # missing, truncated or foreign
-            return None
+    blob = read_result(path) if fp is None else load_current(path, fp)
     if blob is None:
         return None
     pairs = [tuple(p) for p in blob["pairs"]]
