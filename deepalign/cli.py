@@ -35,7 +35,7 @@ from deepalign.methods import ALIGNERS, Method, MethodsCfg, Problem
 from deepalign.methods import align as align_pair
 from deepalign.methods.learned import DeepAlignCfg
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
 console = Console()
 _state = {"debug": False}
 DEFAULT_DATA = DataCfg("digits", "data", False, 0, 0.1, 0.2)  # the split params.yaml ships

@@ -103,7 +103,7 @@ def _combinations(grid: dict[str, list]) -> list[dict]:
 
 @flow(name="sweep", log_prints=True)
 def sweep(
-    grid: dict[str, list], workdir: str = ".", metrics: str = "metrics/evaluate.json"
+    grid: dict[str, list], workdir: str = ".", metrics: str = "metrics/headline.json"
 ) -> list[dict]:
     """One DVC experiment per combination of overrides ({'align.pairs': [10, 20]}), in MLflow."""
     results = []
@@ -125,7 +125,10 @@ def main(
         ..., help="params.yaml keys and values to try: align.pairs=20,50 aligner.epochs=50,100"
     ),
     workdir: Path = typer.Option(Path("."), help="The DVC project folder."),
-    metrics: str = typer.Option("metrics/evaluate.json", help="Metrics file logged per run."),
+    metrics: str = typer.Option(
+        "metrics/headline.json",
+        help="Metrics file logged per run (the headline: one line per arch).",
+    ),
     debug: bool = typer.Option(False, help="Show tracebacks."),
 ) -> None:
     """Run every combination of the overrides as a DVC experiment, each logged to MLflow."""

@@ -101,12 +101,11 @@ def test_sweep_runs_each_override_as_an_experiment_in_mlflow(scheduled, monkeypa
     results = sweep({"evaluate.points": [3, 5]}, workdir=str(repo))
 
     assert [r["params"] for r in results] == [{"evaluate.points": 3}, {"evaluate.points": 5}]
-    coarse, fine = (r["metrics"]["mlp"] for r in results)
-    assert coarse != fine  # the override reached the evaluate stage
-    for method in coarse:  # 5 lambdas include the 3 (0, 0.5, 1): a max over more points
+    coarse, fine = (r["metrics"]["mlp"] for r in results)  # the headline: one line per arch
+    assert set(coarse) >= {"test_acc", "wm_barrier"}
+    for key in coarse:  # 5 lambdas include the 3 (0, 0.5, 1): barriers are a max over more points
         assert (
-            fine[method]["loss_barrier_ends_mean"]
-            >= coarse[method]["loss_barrier_ends_mean"] - 1e-9
+            fine[key] >= coarse[key] - 1e-4 if key.endswith("barrier") else fine[key] == coarse[key]
         )
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(EXPERIMENT)
@@ -115,7 +114,7 @@ def test_sweep_runs_each_override_as_an_experiment_in_mlflow(scheduled, monkeypa
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     assert sorted(c.data.params["evaluate.points"] for c in children) == ["3", "5"]
-    assert all(c.data.metrics for c in children)
+    assert all(set(c.data.metrics) == {f"mlp/{k}" for k in coarse} for c in children)
 
 
 def test_the_run_carries_each_stage_as_a_task_with_dvc_output_as_its_log(scheduled):
