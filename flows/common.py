@@ -19,9 +19,10 @@ import typer
 from prefect import Flow
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from deepalign.config import Positive, build, load_section, one_of, pick, read_params
+from deepalign.config import Count, Positive, build, load_section, one_of, pick, read_params
 from deepalign.errors import DeepAlignError
 from deepalign.io import clean_stale_temps, digest, write_json
+from deepalign.threads import threads_for
 from flows.server import prefect_api
 from flows.stages import ROLES, Paths, Stage
 
@@ -128,10 +129,18 @@ class RunnerCfg:
     kind: Annotated[str, one_of("threads", "dask")]
     workers: Positive  # threads, or local Dask worker processes
     address: str  # a Dask scheduler (tcp://host:8786); "" starts a local cluster
+    threads: Count  # intra-op threads per worker for batched work; 0: cores / workers
+    pair_threads: Positive  # intra-op threads per worker for per-pair work
 
 
-def task_runner(cfg: RunnerCfg) -> TaskRunner:
-    """Prefect's thread pool, or a DaskTaskRunner on a given or a local 127.0.0.1 cluster."""
+def stage_threads(stage: Stage, cfg: RunnerCfg) -> int:
+    """Torch's intra-op threads for the stage's tasks (the thread policy, `deepalign.threads`)."""
+    return threads_for(stage.work, cfg.workers, cfg.threads, cfg.pair_threads)
+
+
+def task_runner(cfg: RunnerCfg, threads: int = 1) -> TaskRunner:
+    """Prefect's thread pool, or a DaskTaskRunner on a given or a local 127.0.0.1 cluster
+    whose worker processes get `threads` intra-op threads each."""
     if cfg.kind == "threads":
         return ThreadPoolTaskRunner(max_workers=cfg.workers)
     if cfg.kind == "dask":
@@ -139,16 +148,15 @@ def task_runner(cfg: RunnerCfg) -> TaskRunner:
 
         if cfg.address:
             return DaskTaskRunner(address=cfg.address)
-        threads = str(max(1, torch.get_num_threads() // cfg.workers))  # no oversubscription
         local = {
             "n_workers": cfg.workers,
             "threads_per_worker": 1,
             "processes": True,
             "host": "127.0.0.1",
             "dashboard_address": None,
-            # Dask pins workers to 1 BLAS thread; share this machine's cores instead (with one
-            # worker its arithmetic, hence its networks, match the thread runner's exactly)
-            "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+            # Dask pins workers to 1 BLAS thread; give them the thread policy's count instead
+            # (with one worker its arithmetic, hence its networks, match the thread runner's)
+            "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
         }
         return DaskTaskRunner(cluster_kwargs=local)
     raise DeepAlignError(f"runner.kind '{cfg.kind}' is unknown (known: threads, dask)")
@@ -196,7 +204,10 @@ def cli(flow: Flow) -> None:
     def main(params: Path, debug: bool, **paths: Path) -> None:
         with one_line_errors(debug):
             configs = flow_configs(flow, read_params(params), params)
-            runner = task_runner(load_section("runner", RunnerCfg, params))
+            runner_cfg = load_section("runner", RunnerCfg, params)
+            threads = stage_threads(stage, runner_cfg)
+            torch.set_num_threads(threads)
+            runner = task_runner(runner_cfg, threads)
             io = stage.paths(**paths)
             for path in stage.written(io):
                 clean_stale_temps(path)

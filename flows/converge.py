@@ -17,6 +17,7 @@ from flows.stages import Paths, Plot, Stage
 
 STAGE = Stage(
     "converge",
+    work="pairs",
     configs={"data_cfg": "data", "methods": "align", "cfg": "converge"},
     params=("data", "align.weight_matching", "align.sinkhorn", "align.deep_align", "converge"),
     partial=("methods",),  # the method settings of `align`

@@ -18,6 +18,7 @@ from flows.stages import Paths, Plot, Stage
 
 STAGE = Stage(
     "curves",
+    work="pairs",
     configs={"data_cfg": "data", "cfg": "curves"},
     params=("data", "curves"),
     deps={"zoo": "zoo", "aligned": "aligned"},

@@ -14,7 +14,7 @@ from deepalign.io import write_atomic
 from flows.common import cli, git_commit, stage_run
 from flows.stages import Paths, Stage
 
-STAGES = ("zoo", "train_aligner", "evaluate", "compare", "converge", "curves", "bench")
+STAGES = ("zoo", "train_aligner", "evaluate", "compare", "converge", "curves")
 
 
 def read_metrics(folder: Path) -> dict[str, dict]:

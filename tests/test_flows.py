@@ -131,12 +131,13 @@ def test_dask_runner_gives_the_same_zoo_and_alignment(workdir):
     # can split reductions differently) against a local Dask worker process with the same
     # number of torch threads, so the float arithmetic is the same
     for kind, workers in (("threads", 1), ("dask", 1)):
-        runner = task_runner(RunnerCfg(kind=kind, workers=workers, address=""))
+        cfg = RunnerCfg(kind=kind, workers=workers, address="", threads=0, pair_threads=1)
+        runner = task_runner(cfg, torch.get_num_threads())
         out = workdir / kind
         metrics = zoo.with_options(task_runner=runner)(
             zoo_stage.STAGE.paths(out), **configs(zoo, params)
         )["metrics"]
-        align.with_options(task_runner=task_runner(RunnerCfg(kind, workers, "")))(
+        align.with_options(task_runner=task_runner(cfg, torch.get_num_threads()))(
             align_stage.STAGE.paths(out), **configs(align, params)
         )
         run = torch.load(out / "aligned" / "mlp" / "weight_matching.pt", weights_only=True)

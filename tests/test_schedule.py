@@ -140,7 +140,7 @@ def test_the_run_carries_each_stage_as_a_task_with_dvc_output_as_its_log(schedul
             return tasks, logs
 
     tasks, logs = asyncio.run(read())
-    stages = ["zoo", "bench", "train_aligner", "align", "converge", "curves", "evaluate", "report"]
+    stages = ["zoo", "train_aligner", "align", "converge", "curves", "evaluate", "report"]
     assert sorted(t.name for t in tasks if t.name in stages) == sorted(stages)
     by_task = {t.id: t.name for t in tasks}
     texts: dict = {}

@@ -1,17 +1,23 @@
-"""Benchmarks: zoo training throughput, and weight matching's cost against width."""
+"""Benchmarks: zoo training throughput, weight matching's cost against width, and seconds
+per pair of each method on a quiet machine and beside a CPU-bound process."""
 
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from deepalign.core.arch import Arch, mlp_arch
 from deepalign.core.data import Split
 from deepalign.core.weightspace import stack
-from deepalign.methods import Problem
+from deepalign.methods import MethodsCfg, Problem, align
 from deepalign.methods.weight_matching import WeightMatchingCfg, weight_matching_trace
+from deepalign.threads import threads
 from deepalign.zoo.build import NetCfg, init_network, train_batched, train_one
 
 
@@ -46,4 +52,43 @@ def benchmark_weight_matching(widths: list[int], pairs: int, cfg: WeightMatching
             "seconds_per_pair": statistics.median(seconds),
             "sweeps": statistics.median(sweeps),
         }
+    return out
+
+
+@contextmanager
+def competing_process() -> Iterator[None]:
+    """Another CPU-bound process (a Python busy loop) running for the duration of the block."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let it reach the scheduler
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def seconds_per_pair(method: str, problems: list[Problem], cfg: MethodsCfg) -> float:
+    """Median seconds of `method` over the problems (one run each)."""
+    return statistics.median(align(method, p, cfg).seconds for p in problems)
+
+
+def benchmark_busy(
+    methods: list[str], problems: list[Problem], cfg: MethodsCfg, thread_counts: dict[str, int]
+) -> dict[str, dict[str, float]]:
+    """Per method and named thread count ({'one_thread': 1, 'all_cores': 2}): median seconds
+    per pair on a quiet machine, beside one busy process, and their ratio."""
+    out: dict[str, dict[str, float]] = {}
+    for method in methods:
+        for name, n in thread_counts.items():
+            with threads(n):
+                idle = seconds_per_pair(method, problems, cfg)
+                with competing_process():
+                    busy = seconds_per_pair(method, problems, cfg)
+            out.setdefault(method, {}).update(
+                {
+                    f"{name}_idle_s": idle,
+                    f"{name}_busy_s": busy,
+                    f"{name}_busy_over_idle": busy / idle,
+                }
+            )
     return out

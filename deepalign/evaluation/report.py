@@ -197,21 +197,6 @@ def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign r
             "<h2>DEEP-ALIGN training</h2>",
             _table(metrics["train_aligner"], _keys(TRAINED), "architecture"),
         ]
-    bench = metrics.get("bench", {})
-    if bench:
-        parts += [
-            "<h2>Timings</h2>",
-            _table(
-                {k.removeprefix("train_"): v for k, v in bench.items() if k.startswith("train_")},
-                _keys("one_by_one_nets_per_s batched_nets_per_s speedup"),
-                "zoo training",
-            ),
-            _table(
-                bench.get("weight_matching", {}),
-                _keys("seconds_per_pair sweeps"),
-                "weight matching: width",
-            ),
-        ]
     style = (
         "body{font-family:sans-serif;margin:1em auto;padding:0 1em;max-width:1100px}"
         "table{border-collapse:collapse;margin:1em 0;max-width:100%}"

@@ -185,7 +185,8 @@ def train_batched(
 ) -> WeightSpace:
     """Train B networks at once from batched `ws`; network b shuffles data with seeds[b]."""
     params = [t.detach().clone().to(device).requires_grad_() for t in ws.tensors()]
-    opt = torch.optim.Adam(params, lr=net.lr, weight_decay=net.weight_decay)
+    # fused: one kernel per step for all tensors (~10% of an MLP step on CPU otherwise)
+    opt = torch.optim.Adam(params, lr=net.lr, weight_decay=net.weight_decay, fused=True)
     x, y = as_input(arch, data.x).to(device), data.y.to(device)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     n, bs = len(y), net.batch_size
