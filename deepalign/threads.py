@@ -1,12 +1,15 @@
 """Thread policy: how many intra-op threads torch gets for which kind of work.
 
-Per-pair work (one pair's LAP scores, a Sinkhorn or STE optimisation, a curve fit) multiplies
+Per-pair work (aligning one pair: LAP scores, a Sinkhorn or STE optimisation) multiplies
 matrices of a few dozen rows: a second thread saves nothing, and while another process holds
 a core torch's OpenMP workers spin-wait for it. On the 2-core machine of issue 14, weight
 matching went from 12 ms to 23 ms per pair beside one busy process with 2 threads, and stayed
 at 8-12 ms with 1; a Sinkhorn pair went from 1.3 s to 5.9 s with 2 threads, 0.75-1.0 s with 1.
-So per-pair work runs on `pair_threads` (1) threads, and more pairs run side by side as
-tasks; batched work (zoo training, DEEP-ALIGN training) shares the cores among the workers.
+So per-pair work runs on `pair_threads` (1) threads, with more pairs side by side as tasks.
+Batched work (zoo and DEEP-ALIGN training, interpolation and curve evaluation over many
+networks) runs one task at a time on all the cores: there a second thread pays (a
+one-thread evaluate stage took 71 s against 31 s), and two Python threads of small tensor
+ops contend for the GIL. Dask workers are processes: each gets cores / workers threads.
 
 `OMP_NUM_THREADS`, when set, is the number of cores this process may use.
 """

@@ -3,13 +3,17 @@ each method's seconds per pair idle and beside a busy process (the thread policy
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from prefect import flow
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.config import Positive, Seed
-from deepalign.core.data import DataCfg, load_dataset
+from deepalign.core.data import DataCfg, Dataset, load_dataset
 from deepalign.evaluation.bench import (
     benchmark_busy,
     benchmark_training,
@@ -17,10 +21,12 @@ from deepalign.evaluation.bench import (
 )
 from deepalign.methods import MethodsCfg, Problem, check_methods
 from deepalign.methods.weight_matching import WeightMatchingCfg
-from deepalign.threads import available_cores
-from deepalign.zoo.build import ZooCfg, init_network, make_arch
-from flows.common import cli, stage_run
+from deepalign.threads import available_cores, threads
+from deepalign.zoo.build import NetCfg, ZooCfg, init_network, make_arch
+from flows.common import RunnerCfg, cli, stage_run, stage_runner, task_runner
 from flows.stages import Paths, Stage
+from flows.zoo import STAGE as ZOO
+from flows.zoo import train_group
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,7 @@ class BenchCfg:
     weight_matching: WeightMatchingCfg
     busy_methods: list[str]  # timed idle and beside a busy process, 1 thread and all cores
     busy_pairs: Positive  # independently initialised pairs of the zoo's MLP per method
+    runner_networks: Positive  # networks trained on the thread runner and on local Dask
 
     def __post_init__(self) -> None:
         check_methods("busy_methods", self.busy_methods)
@@ -40,10 +47,17 @@ class BenchCfg:
 
 STAGE = Stage(
     "bench",
-    configs={"data_cfg": "data", "zoo_cfg": "zoo", "methods": "align", "cfg": "bench"},
+    configs={
+        "data_cfg": "data",
+        "zoo_cfg": "zoo",
+        "methods": "align",
+        "runner": "runner",
+        "cfg": "bench",
+    },
     params=(
         "data",
-        "zoo.archs",
+        "zoo",
+        "runner",
         "align.weight_matching",
         "align.activation_matching",
         "align.ste",
@@ -56,15 +70,53 @@ STAGE = Stage(
 )
 
 
+@flow(name="zoo-chunks", validate_parameters=False)
+def zoo_chunks(folder: Path, net: NetCfg, data: Dataset, data_cfg: DataCfg, cfg: ZooCfg) -> None:
+    """The zoo stage's fan-out alone (a group of networks per task), without MLflow."""
+    indices = list(range(net.n_train))
+    chunks = [indices[i : i + cfg.chunk_size] for i in range(0, len(indices), cfg.chunk_size)]
+    futures = [train_group.submit(folder, net, data, data_cfg, cfg, c) for c in chunks]
+    [f.result() for f in futures]
+
+
+def time_runners(
+    data: Dataset, data_cfg: DataCfg, zoo_cfg: ZooCfg, runner: RunnerCfg, n: int
+) -> dict[str, float]:
+    """Wall seconds of training n networks of the first architecture as the zoo stage does,
+    on the thread runner and on a local Dask cluster (its start included), each as the zoo
+    stage would use it; and of one network, each runner's fixed cost (cluster start, imports)."""
+    name, net = next(iter(zoo_cfg.archs.items()))
+    out: dict[str, float] = {"networks": n}
+    for kind in ("threads", "dask"):
+        cfg, n_threads = stage_runner(ZOO, dataclasses.replace(runner, kind=kind, address=""))
+        out |= {f"{kind}_workers": cfg.workers, f"{kind}_threads": n_threads}
+        for size, key in ((1, f"{kind}_one_network_s"), (n, f"{kind}_s")):
+            sized = dataclasses.replace(net, n_train=size, n_val=0, n_test=0)
+            with tempfile.TemporaryDirectory(prefix="deepalign-runner-") as tmp, threads(n_threads):
+                start = time.perf_counter()
+                zoo_chunks.with_options(task_runner=task_runner(cfg, n_threads))(
+                    Path(tmp) / name, sized, data, data_cfg, zoo_cfg
+                )
+                out[key] = time.perf_counter() - start
+    out["dask_over_threads"] = out["dask_s"] / out["threads_s"]
+    return out
+
+
 @flow(name="bench", validate_parameters=False)
 def bench(
-    io: Paths, data_cfg: DataCfg, zoo_cfg: ZooCfg, methods: MethodsCfg, cfg: BenchCfg
+    io: Paths,
+    data_cfg: DataCfg,
+    zoo_cfg: ZooCfg,
+    methods: MethodsCfg,
+    runner: RunnerCfg,
+    cfg: BenchCfg,
 ) -> dict:
     """Time both zoo training paths, weight matching across widths, and each method idle and
     beside a busy process; record them."""
     data = load_dataset(data_cfg)
     seeds = list(range(cfg.seed, cfg.seed + cfg.n_batched))
-    with stage_run(STAGE, io, cfg, zoo_cfg) as run:
+    cores = available_cores()
+    with stage_run(STAGE, io, cfg, zoo_cfg) as run, threads(cores):
         results = {
             f"train_{name}": benchmark_training(
                 make_arch(net, data), data.train, net, seeds[: cfg.n_one_by_one], seeds
@@ -74,12 +126,13 @@ def bench(
         results["weight_matching"] = benchmark_weight_matching(
             cfg.wm_widths, cfg.wm_pairs, cfg.weight_matching
         )
+        results["zoo_runners"] = time_runners(data, data_cfg, zoo_cfg, runner, cfg.runner_networks)
         arch = make_arch(next(iter(zoo_cfg.archs.values())), data)  # the first zoo architecture
         nets = [init_network(arch, cfg.seed + k) for k in range(2 * cfg.busy_pairs)]
         problems = [Problem.of(a, b, arch, data.train) for a, b in zip(nets[::2], nets[1::2])]
-        counts = {"one_thread": 1, "all_cores": available_cores()}
+        counts = {"one_thread": 1, "all_cores": cores}
         results["per_pair"] = benchmark_busy(cfg.busy_methods, problems, methods, counts)
-        results["cores"] = available_cores()
+        results["cores"] = cores
         run.metrics["metrics"] = results
     return run.metrics
 

@@ -133,9 +133,17 @@ class RunnerCfg:
     pair_threads: Positive  # intra-op threads per worker for per-pair work
 
 
-def stage_threads(stage: Stage, cfg: RunnerCfg) -> int:
-    """Torch's intra-op threads for the stage's tasks (the thread policy, `deepalign.threads`)."""
-    return threads_for(stage.work, cfg.workers, cfg.threads, cfg.pair_threads)
+def stage_runner(stage: Stage, cfg: RunnerCfg) -> tuple[RunnerCfg, int]:
+    """The runner settings and torch threads per task of a stage (`deepalign.threads`).
+
+    Per-pair stages run `workers` tasks at once on `pair_threads` each. Batched stages on the
+    thread runner run one task at a time on all the cores (two Python threads of small tensor
+    ops contend for the GIL, and one multi-threaded task keeps the zoo bit-reproducible);
+    on Dask, each of its `workers` processes gets its share of the cores.
+    """
+    if stage.work == "batched" and cfg.kind == "threads":
+        cfg = dataclasses.replace(cfg, workers=1)
+    return cfg, threads_for(stage.work, cfg.workers, cfg.threads, cfg.pair_threads)
 
 
 def task_runner(cfg: RunnerCfg, threads: int = 1) -> TaskRunner:
@@ -205,7 +213,7 @@ def cli(flow: Flow) -> None:
         with one_line_errors(debug):
             configs = flow_configs(flow, read_params(params), params)
             runner_cfg = load_section("runner", RunnerCfg, params)
-            threads = stage_threads(stage, runner_cfg)
+            runner_cfg, threads = stage_runner(stage, runner_cfg)
             torch.set_num_threads(threads)
             runner = task_runner(runner_cfg, threads)
             io = stage.paths(**paths)

@@ -17,7 +17,6 @@ from flows.stages import Paths, Plot, Stage
 
 STAGE = Stage(
     "converge",
-    work="pairs",
     configs={"data_cfg": "data", "methods": "align", "cfg": "converge"},
     params=("data", "align.weight_matching", "align.sinkhorn", "align.deep_align", "converge"),
     partial=("methods",),  # the method settings of `align`
@@ -49,8 +48,8 @@ def converge(io: Paths, data_cfg: DataCfg, methods: MethodsCfg, cfg: cv.Converge
     """How many Sinkhorn steps each start needs to reach plain Sinkhorn's final barrier."""
     data = load_dataset(data_cfg)
     with stage_run(STAGE, io, cfg, methods.sinkhorn) as run:
-        by_arch = {a: converge_arch(a, run, data, methods, cfg) for a in cfg.archs}
-        run.metrics["metrics"] = by_arch
+        futures = {a: converge_arch.submit(a, run, data, methods, cfg) for a in cfg.archs}
+        run.metrics["metrics"] = {a: f.result() for a, f in futures.items()}
     return run.metrics
 
 

@@ -18,7 +18,6 @@ from flows.stages import Paths, Plot, Stage
 
 STAGE = Stage(
     "curves",
-    work="pairs",
     configs={"data_cfg": "data", "cfg": "curves"},
     params=("data", "curves"),
     deps={"zoo": "zoo", "aligned": "aligned"},
@@ -58,7 +57,8 @@ def curves(io: Paths, data_cfg: DataCfg, cfg: mc.CurvesCfg) -> dict:
     data = load_dataset(data_cfg)
     torch.manual_seed(cfg.fit.seed)
     with stage_run(STAGE, io, data_cfg, cfg) as run:
-        run.metrics["metrics"] = {a: curves_for_arch(a, run, data, cfg) for a in cfg.archs}
+        futures = {a: curves_for_arch.submit(a, run, data, cfg) for a in cfg.archs}
+        run.metrics["metrics"] = {a: f.result() for a, f in futures.items()}
     return run.metrics
 
 

@@ -18,7 +18,6 @@ from flows.stages import Paths, Plot, Stage
 
 STAGE = Stage(
     "evaluate",
-    work="pairs",
     configs={"data_cfg": "data", "align_cfg": "align", "cfg": "evaluate"},
     params=("runner", "data", "align.archs", "align.methods", "evaluate"),
     deps={"zoo": "zoo", "aligned": "aligned"},

@@ -11,7 +11,7 @@ from deepalign.evaluation.experiment import AlignCfg
 from deepalign.methods import Problem
 from deepalign.threads import available_cores, threads, threads_for
 from deepalign.zoo.build import init_network
-from flows.common import RunnerCfg, stage_threads
+from flows.common import RunnerCfg, stage_runner
 from flows.stages import Stage
 from tests.tiny import ROOT
 
@@ -23,9 +23,14 @@ def test_per_pair_work_gets_the_pair_threads_and_batched_work_shares_the_cores(m
     assert threads_for("batched", workers=4) == 2  # 8 cores among 4 workers
     assert threads_for("batched", workers=16) == 1  # never 0
     assert threads_for("batched", workers=4, threads=3) == 3  # given explicitly
-    cfg = RunnerCfg("threads", 2, "", 0, 1)
-    assert stage_threads(Stage("a", {}, (), work="pairs"), cfg) == 1
-    assert stage_threads(Stage("z", {}, ()), cfg) == 4
+
+    pairs, batched = Stage("a", {}, (), work="pairs"), Stage("z", {}, ())
+    threads_2, dask_2 = RunnerCfg("threads", 2, "", 0, 1), RunnerCfg("dask", 2, "", 0, 1)
+    assert stage_runner(pairs, threads_2) == (threads_2, 1)  # 2 tasks of 1 thread
+    assert stage_runner(pairs, dask_2) == (dask_2, 1)
+    one_task, n = stage_runner(batched, threads_2)  # one task on all 8 cores
+    assert (one_task.workers, n) == (1, 8)
+    assert stage_runner(batched, dask_2) == (dask_2, 4)  # 2 processes of 4 threads
 
 
 def test_without_omp_num_threads_the_cores_are_the_cpu_affinity(monkeypatch):

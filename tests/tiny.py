@@ -18,7 +18,9 @@ def tiny_params() -> dict:
         net["hidden"] = net["hidden"][:2]
         net["strides"] = net["strides"][:2]
     params["zoo"]["chunk_size"] = 3
-    params["bench"].update(n_one_by_one=1, n_batched=2, wm_widths=[8], wm_pairs=1, busy_pairs=1)
+    params["bench"].update(
+        n_one_by_one=1, n_batched=2, wm_widths=[8], wm_pairs=1, busy_pairs=1, runner_networks=2
+    )
     params["bench"]["busy_methods"] = ["weight_matching"]
     params["aligner"].update(epochs=2, val_every=1, val_pairs=2, pairs_per_step=2)
     params["aligner"]["model"].update(dim=8, head_dim=8, rounds=1)
