@@ -5,7 +5,7 @@ point theta:
   bezier:   phi(t) = (1-t)^2 A + 2t(1-t) theta + t^2 B
   polyline: phi(t) = A + 2t (theta - A) for t <= 1/2, theta + (2t-1)(B - theta) after
 With theta = (A + B) / 2 both are the straight line. Many pairs train at once: every tensor
-has a leading pair dimension, and the forward pass is vmapped.
+has a leading pair dimension, and one batched forward pass (`forward_batched`) runs them all.
 
 PAM (proximal alternating minimisation, Tatro et al.) alternates fitting theta with
 re-aligning B to the curve: weight matching of B against theta + rho * (current B), the

@@ -1,7 +1,8 @@
 """The model zoo: many small networks of one architecture trained from distinct seeds.
 
-Networks train many at a time: their parameters are stacked along a batch dimension, the
-forward pass is vmapped, and Adam (elementwise) updates them as independent networks. Each
+Networks train many at a time: their parameters are stacked along a batch dimension, one
+batched forward pass (`forward_batched`: batched matmuls, grouped convolutions) serves them
+all, and Adam (elementwise, fused) updates them as independent networks. Each
 network keeps its own initialisation and data order, so the batched path matches the
 one-by-one reference (`train_one`) up to float rounding.
 """
