@@ -123,6 +123,13 @@ def test_batched_forms_match_per_network(net, request, gen):
         one = {g: p[b] for g, p in perms.items()}
         assert same_tensors(permuted[b], apply_permutation(ws, one))
         assert torch.allclose(out[b], forward(arch, ws, x), atol=1e-6)
+    per_net = torch.stack([x * (b + 1) for b in range(3)])  # (3, N, ...): each its own inputs
+    out = forward_batched(arch, batch, per_net)
+    for b, ws in enumerate(nets):
+        assert torch.allclose(out[b], forward(arch, ws, per_net[b]), atol=1e-5)
+    assert torch.allclose(
+        forward_batched(arch, batch[:1], x)[0], forward(arch, nets[0], x), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("net", ["mlp", "cnn"])
