@@ -1,0 +1,1 @@
+"""deepalign: align, merge and compare neural networks through their permutation symmetries."""

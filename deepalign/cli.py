@@ -34,7 +34,6 @@ from deepalign.io import (
 from deepalign.methods import ALIGNERS, Method, MethodsCfg, Problem
 from deepalign.methods import align as align_pair
 from deepalign.methods.learned import DeepAlignCfg
-from deepalign.threads import threads_for
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
 console = Console()
@@ -45,7 +44,7 @@ DEFAULT_DATA = DataCfg("digits", "data", False, 0, 0.1, 0.2)  # the split params
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
     _state["debug"] = debug
-    torch.set_num_threads(threads_for("pairs", workers=1))  # one pair at a time: 1 thread
+    torch.set_num_threads(1)  # one pair at a time: small matrices (deepalign.threads)
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -15,7 +15,6 @@ from flows.stages import Paths, Stage
 
 STAGE = Stage(
     "align",
-    work="pairs",
     configs={"data_cfg": "data", "cfg": "align"},
     params=("runner", "data", "align"),
     reads=("aligner",),

@@ -25,7 +25,6 @@ from deepalign.threads import available_cores, threads
 from deepalign.zoo.build import NetCfg, ZooCfg, init_network, make_arch
 from flows.common import RunnerCfg, cli, stage_run, stage_runner, task_runner
 from flows.stages import Paths, Stage
-from flows.zoo import STAGE as ZOO
 from flows.zoo import train_group
 
 
@@ -88,7 +87,7 @@ def time_runners(
     name, net = next(iter(zoo_cfg.archs.items()))
     out: dict[str, float] = {"networks": n}
     for kind in ("threads", "dask"):
-        cfg, n_threads = stage_runner(ZOO, dataclasses.replace(runner, kind=kind, address=""))
+        cfg, n_threads = stage_runner(dataclasses.replace(runner, kind=kind, address=""))
         out |= {f"{kind}_workers": cfg.workers, f"{kind}_threads": n_threads}
         for size, key in ((1, f"{kind}_one_network_s"), (n, f"{kind}_s")):
             sized = dataclasses.replace(net, n_train=size, n_val=0, n_test=0)

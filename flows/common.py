@@ -22,7 +22,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from deepalign.config import Count, Positive, build, load_section, one_of, pick, read_params
 from deepalign.errors import DeepAlignError
 from deepalign.io import clean_stale_temps, digest, write_json
-from deepalign.threads import threads_for
+from deepalign.threads import ALLOCATOR_ENV, keep_freed_memory, set_pair_threads, threads_for
 from flows.server import prefect_api
 from flows.stages import ROLES, Paths, Stage
 
@@ -133,17 +133,17 @@ class RunnerCfg:
     pair_threads: Positive  # intra-op threads per worker for per-pair work
 
 
-def stage_runner(stage: Stage, cfg: RunnerCfg) -> tuple[RunnerCfg, int]:
+def stage_runner(cfg: RunnerCfg) -> tuple[RunnerCfg, int]:
     """The runner settings and torch threads per task of a stage (`deepalign.threads`).
 
-    Per-pair stages run `workers` tasks at once on `pair_threads` each. Batched stages on the
-    thread runner run one task at a time on all the cores (two Python threads of small tensor
-    ops contend for the GIL, and one multi-threaded task keeps the zoo bit-reproducible);
-    on Dask, each of its `workers` processes gets its share of the cores.
+    On the thread runner a stage runs one task at a time on all the cores (two Python threads
+    of small tensor ops contend for the GIL, and one multi-threaded task keeps the zoo
+    bit-reproducible); on Dask, each of its `workers` processes gets its share of the cores.
+    Per-pair loops inside a task lower the threads to `pair_threads`.
     """
-    if stage.work == "batched" and cfg.kind == "threads":
+    if cfg.kind == "threads":
         cfg = dataclasses.replace(cfg, workers=1)
-    return cfg, threads_for(stage.work, cfg.workers, cfg.threads, cfg.pair_threads)
+    return cfg, threads_for(cfg.workers, cfg.threads)
 
 
 def task_runner(cfg: RunnerCfg, threads: int = 1) -> TaskRunner:
@@ -152,19 +152,24 @@ def task_runner(cfg: RunnerCfg, threads: int = 1) -> TaskRunner:
     if cfg.kind == "threads":
         return ThreadPoolTaskRunner(max_workers=cfg.workers)
     if cfg.kind == "dask":
+        import dask
         from prefect_dask import DaskTaskRunner
 
         if cfg.address:
             return DaskTaskRunner(address=cfg.address)
+        # Dask sets these in a worker's environment before it starts: 1 BLAS thread and
+        # MALLOC_TRIM_THRESHOLD_=65536 (a trim after every free; batched training ran at half
+        # speed, `deepalign.threads`). Give them the thread policy's count and the allocator
+        # setting of the stage processes instead; with one worker its arithmetic, hence its
+        # networks, match the thread runner's.
+        spawn_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env | ALLOCATOR_ENV})
         local = {
             "n_workers": cfg.workers,
             "threads_per_worker": 1,
             "processes": True,
             "host": "127.0.0.1",
             "dashboard_address": None,
-            # Dask pins workers to 1 BLAS thread; give them the thread policy's count instead
-            # (with one worker its arithmetic, hence its networks, match the thread runner's)
-            "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
         }
         return DaskTaskRunner(cluster_kwargs=local)
     raise DeepAlignError(f"runner.kind '{cfg.kind}' is unknown (known: threads, dask)")
@@ -213,8 +218,10 @@ def cli(flow: Flow) -> None:
         with one_line_errors(debug):
             configs = flow_configs(flow, read_params(params), params)
             runner_cfg = load_section("runner", RunnerCfg, params)
-            runner_cfg, threads = stage_runner(stage, runner_cfg)
+            runner_cfg, threads = stage_runner(runner_cfg)
             torch.set_num_threads(threads)
+            set_pair_threads(runner_cfg.pair_threads)
+            keep_freed_memory()
             runner = task_runner(runner_cfg, threads)
             io = stage.paths(**paths)
             for path in stage.written(io):

@@ -42,7 +42,7 @@ def scale(
     """Per size n: build an n-network zoo, then align n pairs of it with DEEP-ALIGN and with
     weight matching, each in a fresh process (wall time, peak memory)."""
     net = zoo_cfg.archs[cfg.arch]
-    cores = threads_for("batched", workers=1)
+    cores = threads_for(workers=1)
     results: dict[str, dict] = {"zoo": {}, "deep_align": {}, "weight_matching": {}}
     with stage_run(STAGE, io, cfg) as run:
         results["process_memory_mb"] = sc.in_fresh_process(sc.idle, n_threads=1)["peak_memory_mb"]

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deepalign.errors import DeepAlignError
-from deepalign.threads import Work
 
 # Path roles, in the order of the command's options: what DVC does with each.
 ROLES = {
@@ -73,7 +72,6 @@ class Stage:
     partial: tuple[str, ...] = ()  # flow arguments built from only part of their section
     notes: dict[str, str] = field(default_factory=dict)  # option -> what is inside (README)
     pipeline: str = "dvc.yaml"  # or study/dvc.yaml (outside the default `dvc repro`)
-    work: Work = "batched"  # or "pairs": tasks of small per-pair problems (deepalign.threads)
 
     def roles(self) -> dict[str, str]:
         """Path option -> its role, in option order."""

@@ -192,13 +192,13 @@ def test_sinkhorn_starts_from_scores_as_they_are():
     gen = torch.Generator().manual_seed(0)
     scores = {g: torch.randn(n, n, generator=gen) for g, n in spec.sizes.items()}
     perm = random_permutation(spec, gen)
-    from_scores = _initial_logits(problem, CFG.sinkhorn, Answer(scores=scores))
-    from_perm = _initial_logits(problem, replace(CFG.sinkhorn, init_scale=3.0), Answer(hard=perm))
-    assert torch.equal(from_scores[5][0], scores["h0"])
-    assert torch.equal(from_scores[4][0], scores["h1"])
-    assert torch.equal(from_perm[5][0], 3.0 * torch.eye(5)[perm["h0"]])
-    assert not from_perm[4][0].equal(scores["h1"])  # twin: a permutation is not used as scores
-    assert torch.equal(_initial_logits(problem, CFG.sinkhorn, None)[4][0], torch.zeros(4, 4))
+    both = _initial_logits(problem, CFG.sinkhorn, [Answer(scores=scores), None])  # (K, G, n, n)
+    from_perm = _initial_logits(problem, replace(CFG.sinkhorn, init_scale=3.0), [Answer(hard=perm)])
+    assert torch.equal(both[5][0, 0], scores["h0"])
+    assert torch.equal(both[4][0, 0], scores["h1"])
+    assert torch.equal(from_perm[5][0, 0], 3.0 * torch.eye(5)[perm["h0"]])
+    assert not from_perm[4][0, 0].equal(scores["h1"])  # twin: a permutation is not used as scores
+    assert torch.equal(both[4][1, 0], torch.zeros(4, 4))  # the second pair: no start
 
 
 def test_chain_passes_answers_and_hardens_scores_with_the_hungarian(trained, monkeypatch):
@@ -267,3 +267,26 @@ def test_recovery_counts_units():
     swapped = {g: p.clone() for g, p in truth.items()}
     swapped["h0"][[0, 1]] = swapped["h0"][[1, 0]]  # two of eight units wrong
     assert recovery(swapped, truth) == 0.75
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "weight_matching+sinkhorn"])
+def test_pairs_aligned_together_get_the_answers_they_get_alone(trained, digits, method):
+    arch, a, b = trained["mlp"]
+    data = small_split(digits)
+    planted = apply_permutation(
+        b, random_permutation(perm_spec(b), torch.Generator().manual_seed(2))
+    )
+    problems = [Problem.of(x, y, arch, data) for x, y in ((a, b), (b, a), (a, planted))]
+    together = align_module.align_all(method, problems, CFG)
+    alone = [align(method, p, CFG) for p in problems]
+    for t, s in zip(together, alone):
+        assert all(torch.equal(t.perm[g], s.perm[g]) for g in s.perm)
+    if method == "sinkhorn":  # one batched run, its time shared evenly
+        spent = [r.seconds for r in together]
+        assert max(spent) - min(spent) < 1e-3 < min(spent)
+    # twin: answers follow their problems, not their positions in the batch
+    backwards = align_module.align_all(method, problems[::-1], CFG)
+    assert all(
+        torch.equal(x.perm[g], y.perm[g]) for x, y in zip(backwards, together[::-1]) for g in x.perm
+    )
+    assert not all(torch.equal(together[0].perm[g], together[2].perm[g]) for g in together[0].perm)

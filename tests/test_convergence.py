@@ -35,18 +35,18 @@ SINKHORN = SinkhornCfg("l2", 12, 0.1, 1.0, 20, 1.0, 64, 0)
 def test_trajectory_ends_where_sinkhorn_rebasin_ends():
     ref, other = init_network(ARCH, 0), init_network(ARCH, 1)
     problem = Problem.of(ref, other, ARCH)
-    marks = sinkhorn_trajectory(problem, SINKHORN, None, [0, 3, 12])
+    marks = sinkhorn_trajectory([problem], SINKHORN, [None], [0, 3, 12])
     assert [k for k, _, _ in marks] == [0, 3, 12]
     final = sinkhorn_rebasin(problem, SINKHORN).perm
-    assert all(torch.equal(marks[-1][1][g], final[g]) for g in final)
+    assert all(torch.equal(marks[-1][1][0][g], final[g]) for g in final)
     short = sinkhorn_rebasin(problem, replace(SINKHORN, steps=3)).perm
-    assert all(torch.equal(marks[1][1][g], short[g]) for g in short)
+    assert all(torch.equal(marks[1][1][0][g], short[g]) for g in short)
     # step 0 is the start itself: zero logits harden to the identity, a permutation to itself
-    assert all(torch.equal(p, torch.arange(len(p))) for p in marks[0][1].values())
+    assert all(torch.equal(p, torch.arange(len(p))) for p in marks[0][1][0].values())
     perm = random_permutation(perm_spec(ref), torch.Generator().manual_seed(3))
-    started = sinkhorn_trajectory(problem, SINKHORN, Answer(hard=perm), [0])[0][1]
+    started = sinkhorn_trajectory([problem], SINKHORN, [Answer(hard=perm)], [0])[0][1][0]
     assert all(torch.equal(started[g], perm[g]) for g in perm)
-    assert not all(torch.equal(started[g], marks[0][1][g]) for g in perm)  # twin
+    assert not all(torch.equal(started[g], marks[0][1][0][g]) for g in perm)  # twin
 
 
 def _row(start: str, steps: int, barrier: float, seconds: float) -> dict:
@@ -129,8 +129,8 @@ def test_layer_rows_score_deep_aligns_permutation_with_one_group_refined(tiny, d
         scores = deep_align_batch(zoo.nets[i : i + 1], zoo.nets[j : j + 1], methods.deep_align)
         problem = Problem.of(zoo.nets[i], zoo.nets[j], ARCH, digits.train)
         start = Answer(scores={g: s[0] for g, s in scores.items()})
-        marks = sinkhorn_trajectory(problem, sinkhorn, start, [0, 4])
-        own, refined = marks[0][1], marks[-1][1]
+        marks = sinkhorn_trajectory([problem], sinkhorn, [start], [0, 4])  # this pair alone
+        own, refined = marks[0][1][0], marks[-1][1][0]
         for r in (r for r in layers if r["pair"] == k):
             g = r["group"]
             assert r["agreement"] == pytest.approx((own[g] == refined[g]).double().mean().item())

@@ -1,5 +1,9 @@
 """The thread policy (deepalign.threads) and the busy-machine benchmark it rests on."""
 
+import os
+import subprocess
+import sys
+
 import psutil
 import pytest
 import torch
@@ -9,28 +13,40 @@ from deepalign.core.arch import mlp_arch
 from deepalign.evaluation.bench import benchmark_busy, competing_process
 from deepalign.evaluation.experiment import AlignCfg
 from deepalign.methods import Problem
-from deepalign.threads import available_cores, threads, threads_for
+from deepalign.threads import (
+    ALLOCATOR_ENV,
+    available_cores,
+    per_pair,
+    set_pair_threads,
+    threads,
+    threads_for,
+)
 from deepalign.zoo.build import init_network
-from flows.common import RunnerCfg, stage_runner
-from flows.stages import Stage
+from flows.common import RunnerCfg, stage_runner, task_runner
 from tests.tiny import ROOT
 
 
-def test_per_pair_work_gets_the_pair_threads_and_batched_work_shares_the_cores(monkeypatch):
+def test_tasks_share_the_cores_and_per_pair_loops_get_the_pair_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "8")
     assert available_cores() == 8
-    assert threads_for("pairs", workers=4, pair_threads=1) == 1
-    assert threads_for("batched", workers=4) == 2  # 8 cores among 4 workers
-    assert threads_for("batched", workers=16) == 1  # never 0
-    assert threads_for("batched", workers=4, threads=3) == 3  # given explicitly
+    assert threads_for(workers=4) == 2  # 8 cores among 4 workers
+    assert threads_for(workers=16) == 1  # never 0
+    assert threads_for(workers=4, threads=3) == 3  # given explicitly
 
-    pairs, batched = Stage("a", {}, (), work="pairs"), Stage("z", {}, ())
     threads_2, dask_2 = RunnerCfg("threads", 2, "", 0, 1), RunnerCfg("dask", 2, "", 0, 1)
-    assert stage_runner(pairs, threads_2) == (threads_2, 1)  # 2 tasks of 1 thread
-    assert stage_runner(pairs, dask_2) == (dask_2, 1)
-    one_task, n = stage_runner(batched, threads_2)  # one task on all 8 cores
+    one_task, n = stage_runner(threads_2)  # one task on all 8 cores
     assert (one_task.workers, n) == (1, 8)
-    assert stage_runner(batched, dask_2) == (dask_2, 4)  # 2 processes of 4 threads
+    assert stage_runner(dask_2) == (dask_2, 4)  # 2 processes of 4 threads
+
+    with threads(4):
+        set_pair_threads(2)
+        with per_pair():
+            assert torch.get_num_threads() == 2
+        set_pair_threads(8)
+        with per_pair():
+            assert torch.get_num_threads() == 4  # lowered, never raised
+        assert torch.get_num_threads() == 4
+    set_pair_threads(1)
 
 
 def test_without_omp_num_threads_the_cores_are_the_cpu_affinity(monkeypatch):
@@ -67,3 +83,41 @@ def test_busy_benchmark_reports_idle_busy_and_their_ratio():
     assert row["one_thread_busy_over_idle"] == pytest.approx(
         row["one_thread_busy_s"] / row["one_thread_idle_s"]
     )
+
+
+_FAULTS = """
+import resource, sys, torch
+from deepalign.threads import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+for _ in range(10):  # 16 MiB allocated and freed: glibc settles on where to keep it
+    torch.ones(4 << 20).sum()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    torch.ones(4 << 20).sum()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _page_faults(mode: str) -> int:
+    env = os.environ | {"MALLOC_TRIM_THRESHOLD_": "65536"}  # as Dask starts its workers
+    out = subprocess.run(
+        [sys.executable, "-c", _FAULTS, mode], env=env, capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.split()[-1])
+
+
+def test_kept_freed_memory_is_reused_without_page_faults():
+    kept, returned = _page_faults("keep"), _page_faults("default")
+    # 20 more tensors of 16 MiB reuse freed blocks (a few heap moves at most; each 4096 pages)
+    assert kept <= 5 * 4096
+    assert returned > 20 * 1000  # twin: each returned to the kernel, 4096 pages faulted again
+
+
+def test_local_dask_workers_start_with_the_thread_and_allocator_policy():
+    import dask
+
+    task_runner(RunnerCfg("dask", 2, "", 0, 1), threads=3)
+    env = dask.config.get("distributed.nanny.pre-spawn-environ")
+    assert env["OMP_NUM_THREADS"] == "3"
+    assert all(env[k] == v for k, v in ALLOCATOR_ENV.items())

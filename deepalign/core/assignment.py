@@ -54,6 +54,18 @@ def _normalise(log_p: Tensor, iterations: int, rows_first: bool) -> Tensor:
     return log_p
 
 
+def sinkhorn_groups(logits: Scores, iterations: int, tau: float = 1.0) -> Scores:
+    """`sinkhorn` of every group's (..., n, n) logits, groups of one shape in one call."""
+    shapes: dict[tuple[int, ...], list[str]] = {}
+    for g, lg in logits.items():
+        shapes.setdefault(tuple(lg.shape), []).append(g)
+    out = {}
+    for groups in shapes.values():
+        soft = sinkhorn(torch.stack([logits[g] for g in groups]), iterations, tau)
+        out |= dict(zip(groups, soft.unbind(0)))
+    return {g: out[g] for g in logits}
+
+
 def sinkhorn(logits: Tensor, iterations: int, tau: float = 1.0) -> Tensor:
     """Doubly-stochastic matrix from scores: (..., n, n) -> (..., n, n).
 

@@ -16,20 +16,15 @@ when that group alone takes the refined permutation.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from typing import Annotated
 
 from deepalign.config import MAX_POINTS, GridPoints, Positive, between, invalid
-from deepalign.core.assignment import Answer
 from deepalign.core.data import Dataset
 from deepalign.core.lmc import barriers, interpolate
 from deepalign.core.permspec import Perm, apply_permutation
-from deepalign.evaluation.pairs import batched_answers
-from deepalign.methods import MethodsCfg, Problem
-from deepalign.methods.learned import deep_align_batch
+from deepalign.methods import MethodsCfg, Problem, align_all
 from deepalign.methods.sinkhorn import sinkhorn_trajectory
-from deepalign.methods.weight_matching import weight_matching
 from deepalign.zoo.store import Zoo, ring_pairs
 
 STARTS = ("identity", "weight_matching", "deep_align")
@@ -49,19 +44,12 @@ class ConvergeCfg:
             raise invalid("steps", self.steps, "distinct step counts in ascending order")
 
 
-def _starts(zoo: Zoo, pairs: list[tuple[int, int]], cfg: MethodsCfg) -> dict[str, list]:
+def _starts(problems: list[Problem], cfg: MethodsCfg) -> dict[str, list]:
     """Each start's answer per pair (None: the identity) and its seconds per pair."""
-    scores, da_seconds = batched_answers(deep_align_batch, zoo, pairs, cfg.deep_align)
-    wm, wm_seconds = [], []
-    for i, j in pairs:
-        clock = time.perf_counter()
-        problem = Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch)
-        wm.append(Answer(hard=weight_matching(problem, cfg.weight_matching)))
-        wm_seconds.append(time.perf_counter() - clock)
+    found = {m: align_all(m, problems, cfg) for m in ("weight_matching", "deep_align")}
     return {
-        "identity": [(None, 0.0)] * len(pairs),
-        "weight_matching": list(zip(wm, wm_seconds)),
-        "deep_align": [(s, da_seconds) for s in scores],
+        "identity": [(None, 0.0)] * len(problems),
+        **{m: [(r.answer, r.seconds) for r in results] for m, results in found.items()},
     }
 
 
@@ -69,27 +57,29 @@ def refine_rows(
     name: str, zoo: Zoo, data: Dataset, methods: MethodsCfg, cfg: ConvergeCfg
 ) -> tuple[list[dict], list[dict]]:
     """One row per (start, pair, steps): the loss barrier and the seconds spent so far; and
-    one row per (pair, hidden group) diagnosing DEEP-ALIGN's own permutation."""
+    one row per (pair, hidden group) diagnosing DEEP-ALIGN's own permutation. Each start's
+    descents run on all pairs at once (seconds are per pair)."""
     pairs = ring_pairs(zoo.indices("test"), cfg.pairs)
+    problems = [Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch, data.train) for i, j in pairs]
     sinkhorn = dataclasses.replace(methods.sinkhorn, steps=cfg.steps[-1])
     rows, layers = [], []
-    for start, inits in _starts(zoo, pairs, methods).items():
-        for k, ((i, j), (init, start_seconds)) in enumerate(zip(pairs, inits)):
-            problem = Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch, data.train)
-            marks = sinkhorn_trajectory(problem, sinkhorn, init, cfg.steps)
-            for steps, perm, seconds in marks:
+    for start, begun in _starts(problems, methods).items():
+        inits, start_seconds = [a for a, _ in begun], [s for _, s in begun]
+        marks = sinkhorn_trajectory(problems, sinkhorn, inits, cfg.steps)
+        for k, (i, j) in enumerate(pairs):
+            for steps, perms, seconds in marks:
                 rows.append(
                     {
                         "arch": name,
                         "method": start,  # the start: a series in DVC plots
                         "pair": k,
                         "steps": steps,
-                        "loss_barrier": _barrier(zoo, (i, j), perm, data, cfg.points),
-                        "seconds": start_seconds + seconds,
+                        "loss_barrier": _barrier(zoo, (i, j), perms[k], data, cfg.points),
+                        "seconds": start_seconds[k] + seconds,
                     }
                 )
             if start == "deep_align":
-                own, refined = marks[0][1], marks[-1][1]
+                own, refined = marks[0][1][k], marks[-1][1][k]
                 layers += _layer_rows(zoo, (i, j), own, refined, data, cfg.points, k)
     return rows, layers
 

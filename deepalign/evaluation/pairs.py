@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
-from deepalign.core.assignment import Answer, Scores
 from deepalign.core.data import Split
 from deepalign.core.lmc import planted_pair, recovery
 from deepalign.core.permspec import Perm, perm_spec
-from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError
 from deepalign.io import load_current, read_result, save_current
-from deepalign.methods import ALIGNERS, Method, MethodsCfg, Problem, align
+from deepalign.methods import Method, MethodsCfg, Problem, align_all
 from deepalign.zoo.store import Zoo
 
 
@@ -38,57 +32,22 @@ class MethodRun:
         return {g: p[k] for g, p in self.perms.items()}
 
 
-def batched_answers(
-    batch: Callable[[WeightSpace, WeightSpace, Any], Scores],
-    zoo: Zoo,
-    pairs: list[tuple[int, int]],
-    settings: Any,
-) -> tuple[list[Answer], float]:
-    """A batchable method's answer for every pair from one call, and its seconds per pair."""
-    refs = zoo.nets[torch.tensor([i for i, _ in pairs])]
-    others = zoo.nets[torch.tensor([j for _, j in pairs])]
-    batch(refs[:1], others[:1], settings)  # warm-up: loads the model once
-    start = time.perf_counter()
-    scores = batch(refs, others, settings)
-    seconds = (time.perf_counter() - start) / len(pairs)
-    return [Answer(scores={g: s[k] for g, s in scores.items()}) for k in range(len(pairs))], seconds
-
-
-def _batched_start(
-    method: Method, zoo: Zoo, pairs: list[tuple[int, int]], cfg: MethodsCfg
-) -> tuple[Method, list[Answer | None], float]:
-    """Run a batchable first step on all pairs at once: the rest of the chain, starts, time."""
-    first = method.steps[0]
-    batch = ALIGNERS[first].batch
-    if batch is None:
-        return method, [None] * len(pairs), 0.0
-    inits, seconds = batched_answers(batch, zoo, pairs, method.settings(cfg)[first])
-    return method.rest(), list(inits), seconds
-
-
 def align_pairs(
     method: str | Method,
     zoo: Zoo,
     pairs: list[tuple[int, int]],
     data: Split | None,
     cfg: MethodsCfg,
-    progress: bool = True,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Run `method` on every pair: stacked perms, seconds and objectives.
 
-    A batchable first step (DEEP-ALIGN) runs once over all pairs and its time is shared evenly;
-    the rest (the Hungarian algorithm at least) runs and is timed per pair.
+    Steps that can (DEEP-ALIGN, Sinkhorn re-basin) run on all pairs at once, their time shared
+    evenly; the rest (the Hungarian algorithm at least) runs and is timed per pair.
     """
-    method = Method.parse(method)
-    rest, inits, shared = _batched_start(method, zoo, pairs, cfg)
-    results = []
-    for (i, j), init in tqdm(
-        list(zip(pairs, inits)), desc=method.name, disable=not progress, mininterval=2.0
-    ):
-        problem = Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch, data)
-        results.append(align(rest, problem, cfg, init))
+    problems = [Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch, data) for i, j in pairs]
+    results = align_all(method, problems, cfg)
     perms = {g: torch.stack([r.perm[g] for r in results]) for g in results[0].perm}
-    seconds = torch.tensor([r.seconds + shared for r in results], dtype=torch.float64)
+    seconds = torch.tensor([r.seconds for r in results], dtype=torch.float64)
     return perms, seconds, torch.tensor([r.objective for r in results], dtype=torch.float64)
 
 
@@ -104,12 +63,14 @@ def planted_recoveries(
     """Recovery of planted permutations of perturbed copies of the given networks: (P,)."""
     gen = torch.Generator().manual_seed(seed)
     spec = perm_spec(zoo.nets[indices[0]])
-    out = []
-    for i in indices:
-        copy, truth = planted_pair(zoo.nets[i], spec, noise, gen)
-        found = align(method, Problem.of(zoo.nets[i], copy, zoo.arch, data), cfg).perm
-        out.append(recovery(found, truth))
-    return torch.tensor(out, dtype=torch.float64)
+    copies = [planted_pair(zoo.nets[i], spec, noise, gen) for i in indices]
+    problems = [
+        Problem.of(zoo.nets[i], copy, zoo.arch, data) for i, (copy, _) in zip(indices, copies)
+    ]
+    found = align_all(method, problems, cfg)
+    return torch.tensor(
+        [recovery(r.perm, truth) for r, (_, truth) in zip(found, copies)], dtype=torch.float64
+    )
 
 
 def save_run(path: Path, run: MethodRun, fp: str) -> None:

@@ -3,27 +3,35 @@
 Every method is `run(problem, cfg, init) -> Answer`: it brings `problem.other` into
 `problem.ref`'s basis, optionally starting from `init`, the previous step's `Answer`. "a+b"
 runs b from a's answer: Sinkhorn reads its scores where it has them (DEEP-ALIGN's), every
-other method its permutation (the Hungarian solution of those scores).
+other method its permutation (the Hungarian solution of those scores). A method that can
+align many pairs at once (DEEP-ALIGN's forward pass, Sinkhorn re-basin's batched descent) also
+registers `batch(problems, cfg, inits) -> answers`; `align_all` uses it for every pair of a
+chain's step together and shares its time evenly among them.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from deepalign.config import invalid
-from deepalign.core.assignment import Answer, Scores
+from deepalign.core.assignment import Answer
 from deepalign.core.permspec import Perm, apply_permutation, identity
-from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError
 from deepalign.methods.activation_matching import ActivationMatchingCfg, activation_matching
-from deepalign.methods.learned import DeepAlignCfg, deep_align, deep_align_batch
+from deepalign.methods.learned import DeepAlignCfg, deep_align, deep_align_problems
 from deepalign.methods.problem import Problem, solve_lap
-from deepalign.methods.sinkhorn import SinkhornCfg, sinkhorn, sinkhorn_rebasin
+from deepalign.methods.sinkhorn import (
+    SinkhornCfg,
+    sinkhorn,
+    sinkhorn_rebasin,
+    sinkhorn_rebasin_batch,
+)
 from deepalign.methods.ste import SteCfg, ste
 from deepalign.methods.weight_matching import WeightMatchingCfg, objective, weight_matching
+from deepalign.threads import per_pair
 
 __all__ = [
     "ALIGNERS",
@@ -34,6 +42,7 @@ __all__ = [
     "MethodsCfg",
     "Problem",
     "align",
+    "align_all",
     "check_methods",
     "sinkhorn",
     "solve_lap",
@@ -65,12 +74,16 @@ def _from_permutation(fn: Callable[[Problem, Any, Perm | None], Perm]) -> Callab
     return run
 
 
+Batch = Callable[[Sequence[Problem], Any, Sequence[Answer | None]], list[Answer]]
+
+
 @dataclass(frozen=True)
 class Aligner:
     """A registered method: one pair at a time, and all pairs at once where it can."""
 
     run: Callable[[Problem, Any, Answer | None], Answer]
-    batch: Callable[[WeightSpace, WeightSpace, Any], Scores] | None = None  # -> {g: (K, n, n)}
+    batch: Batch | None = None  # many pairs of one architecture at once, one answer each
+    warm_up: bool = False  # one untimed call before timing (DEEP-ALIGN loads its checkpoint)
 
 
 ALIGNERS: dict[str, Aligner] = {
@@ -78,8 +91,8 @@ ALIGNERS: dict[str, Aligner] = {
     "weight_matching": Aligner(_from_permutation(weight_matching)),
     "activation_matching": Aligner(_from_permutation(activation_matching)),
     "ste": Aligner(_from_permutation(ste)),
-    "sinkhorn": Aligner(sinkhorn_rebasin),
-    "deep_align": Aligner(deep_align, batch=deep_align_batch),
+    "sinkhorn": Aligner(sinkhorn_rebasin, batch=sinkhorn_rebasin_batch),
+    "deep_align": Aligner(deep_align, batch=deep_align_problems, warm_up=True),
 }
 
 
@@ -124,19 +137,57 @@ def check_methods(key: str, methods: list[str]) -> None:
 @dataclass(frozen=True)
 class AlignResult:
     perm: Perm
-    seconds: float  # wall time of the alignment alone
+    seconds: float  # wall time of the alignment alone (a batched step's share of it)
     objective: float  # <ref, aligned other>, the weight-matching objective
+    answer: Answer  # what the last step returned (DEEP-ALIGN: its scores)
+
+
+def _step_all(
+    aligner: Aligner, problems: Sequence[Problem], settings: Any, answers: list[Answer | None]
+) -> tuple[list[Answer], list[float]]:
+    """One step of a chain on every pair: all at once where the method can, else one by one;
+    each pair's answer and seconds."""
+    if aligner.batch is None:
+        out, seconds = [], []
+        with per_pair():
+            for problem, answer in zip(problems, answers):
+                start = time.perf_counter()
+                out.append(aligner.run(problem, settings, answer))
+                seconds.append(time.perf_counter() - start)
+        return out, seconds
+    if aligner.warm_up:
+        aligner.batch(problems[:1], settings, answers[:1])
+    start = time.perf_counter()
+    out = aligner.batch(problems, settings, answers)
+    share = (time.perf_counter() - start) / len(problems)
+    return out, [share] * len(problems)
+
+
+def align_all(
+    method: str | Method,
+    problems: Sequence[Problem],
+    cfg: MethodsCfg,
+    inits: Sequence[Answer | None] | None = None,
+) -> list[AlignResult]:
+    """Run one (possibly chained) method on pairs of one architecture and time each pair;
+    `inits` seed the first step. The Hungarian solve of scores is timed per pair."""
+    answers: list[Answer | None] = list(inits) if inits is not None else [None] * len(problems)
+    seconds = [0.0] * len(problems)
+    for step, settings in Method.parse(method).settings(cfg).items():
+        answers, spent = _step_all(ALIGNERS[step], problems, settings, answers)
+        seconds = [s + t for s, t in zip(seconds, spent)]
+    results = []
+    for problem, answer, spent in zip(problems, answers, seconds):
+        start = time.perf_counter()
+        perm = answer.perm  # type: ignore[union-attr]
+        spent += time.perf_counter() - start
+        value = objective(problem.ref, apply_permutation(problem.other, perm, problem.spec))
+        results.append(AlignResult(perm, spent, value, answer))  # type: ignore[arg-type]
+    return results
 
 
 def align(
     method: str | Method, problem: Problem, cfg: MethodsCfg, init: Answer | None = None
 ) -> AlignResult:
     """Run one (possibly chained) method on one pair and time it; `init` seeds the first step."""
-    answer = init
-    start = time.perf_counter()
-    for step, settings in Method.parse(method).settings(cfg).items():
-        answer = ALIGNERS[step].run(problem, settings, answer)
-    perm = answer.perm  # type: ignore[union-attr]  (the Hungarian solve of scores is timed)
-    seconds = time.perf_counter() - start
-    value = objective(problem.ref, apply_permutation(problem.other, perm, problem.spec))
-    return AlignResult(perm, seconds, value)
+    return align_all(method, [problem], cfg, [init])[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from deepalign.core.assignment import Answer, Scores
-from deepalign.core.weightspace import WeightSpace, stack
+from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError
 from deepalign.methods.deep_align.checkpoint import load_aligner
 from deepalign.methods.deep_align.model import DeepAlign
@@ -66,7 +67,16 @@ def deep_align_batch(ref: WeightSpace, other: WeightSpace, cfg: DeepAlignCfg) ->
     return model_for(ref.layer_shapes(), cfg)(ref, other)
 
 
+def deep_align_problems(
+    problems: Sequence[Problem], cfg: DeepAlignCfg, inits: Sequence[Answer | None]
+) -> list[Answer]:
+    """Every pair's scores {g: (n, n)} from one forward pass (`inits` are ignored: the model
+    reads the weights alone)."""
+    pairs = Problem.stack(problems)
+    scores = deep_align_batch(pairs.ref, pairs.other, cfg)
+    return [Answer(scores={g: s[k] for g, s in scores.items()}) for k in range(len(problems))]
+
+
 def deep_align(problem: Problem, cfg: DeepAlignCfg, init: Answer | None = None) -> Answer:
-    """One pair's scores {g: (n, n)} (`init` is ignored: the model reads the weights alone)."""
-    scores = deep_align_batch(stack([problem.ref]), stack([problem.other]), cfg)
-    return Answer(scores={g: s[0] for g, s in scores.items()})
+    """One pair's scores {g: (n, n)}: `deep_align_problems` of one."""
+    return deep_align_problems([problem], cfg, [init])[0]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from deepalign.core.arch import Arch
 from deepalign.core.assignment import solve_lap  # noqa: F401  (re-exported for aligners)
 from deepalign.core.data import Split
 from deepalign.core.permspec import PermSpec, perm_spec
-from deepalign.core.weightspace import WeightSpace, check_same_shapes
+from deepalign.core.weightspace import WeightSpace, check_same_shapes, stack
 from deepalign.errors import DeepAlignError
 
 
@@ -33,6 +34,16 @@ class Problem:
         """Check that both networks share one architecture and derive the spec."""
         check_same_shapes(ref, other, ("reference", "other"))
         return cls(perm_spec(ref), ref, other, arch, data)
+
+    @classmethod
+    def stack(cls, problems: Sequence[Problem]) -> Problem:
+        """K problems of one architecture as one: `ref` and `other` batched, (K, ...) each."""
+        first = problems[0]
+        for k, p in enumerate(problems[1:], start=1):
+            check_same_shapes(first.ref, p.ref, ("pair 0", f"pair {k}"))
+        ref = stack([p.ref.detach() for p in problems])
+        other = stack([p.other.detach() for p in problems])
+        return cls(first.spec, ref, other, first.arch, first.data)
 
     def needs_data(self, method: str) -> tuple[Arch, Split]:
         if self.arch is None or self.data is None:

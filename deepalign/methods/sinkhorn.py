@@ -1,9 +1,16 @@
-"""Log-domain Sinkhorn, and Sinkhorn re-basin (Pena et al. 2023): learn soft permutations."""
+"""Log-domain Sinkhorn, and Sinkhorn re-basin (Pena et al. 2023): learn soft permutations.
+
+Re-basin runs on many pairs at once: their logits are stacked, one batched forward pass
+(`forward_batched`) scores every pair's interpolated network, and Adam (elementwise) updates
+each pair as if alone. All pairs draw the same image batches and lambdas from one generator
+seeded with `seed`, as each would alone, so a pair's answer does not depend on the pairs
+beside it (up to float rounding).
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -12,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepalign.config import Count, Positive, PositiveFloat, Seed, one_of
-from deepalign.core.arch import as_input, forward
+from deepalign.core.arch import as_input, forward_batched
 from deepalign.core.assignment import Answer, sinkhorn
 from deepalign.core.permspec import Perm, apply_soft_permutation
 from deepalign.core.weightspace import lerp
@@ -34,28 +41,30 @@ class SinkhornCfg:
     seed: Seed
 
 
-def l2_loss(problem: Problem, soft: dict[str, Tensor]) -> Tensor:
-    aligned = apply_soft_permutation(problem.other, soft, problem.spec)
-    return sum(((a - b) ** 2).sum() for a, b in zip(problem.ref.tensors(), aligned.tensors()))
+def l2_loss(pairs: Problem, soft: dict[str, Tensor]) -> Tensor:
+    """Sum over pairs of ||ref - P#other||^2 (batched `pairs`, soft {g: (K, n, n)})."""
+    aligned = apply_soft_permutation(pairs.other, soft, pairs.spec)
+    return sum(((a - b) ** 2).sum() for a, b in zip(pairs.ref.tensors(), aligned.tensors()))
 
 
-def task_loss(
-    problem: Problem, mats: dict[str, Tensor], lam: float, x: Tensor, y: Tensor
-) -> Tensor:
-    """Cross-entropy of (1 - lam) * ref + lam * P#other on a batch."""
-    aligned = apply_soft_permutation(problem.other, mats, problem.spec)
-    return F.cross_entropy(forward(problem.arch, lerp(problem.ref, aligned, lam), x), y)
+def task_loss(pairs: Problem, mats: dict[str, Tensor], lam: float, x: Tensor, y: Tensor) -> Tensor:
+    """Sum over pairs of the mean cross-entropy of (1 - lam) ref + lam P#other on x (N, ...)."""
+    aligned = apply_soft_permutation(pairs.other, mats, pairs.spec)
+    logits = forward_batched(pairs.arch, lerp(pairs.ref, aligned, lam), x)  # (K, N, C)
+    return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]), reduction="sum") / len(
+        y
+    )
 
 
 def _loss(
-    problem: Problem, cfg: SinkhornCfg, soft: dict[str, Tensor], gen: torch.Generator
+    pairs: Problem, cfg: SinkhornCfg, soft: dict[str, Tensor], gen: torch.Generator
 ) -> Tensor:
     if cfg.loss == "l2":
-        return l2_loss(problem, soft)
-    arch, data = problem.needs_data(f"sinkhorn ({cfg.loss})")
+        return l2_loss(pairs, soft)
+    arch, data = pairs.needs_data(f"sinkhorn ({cfg.loss})")
     idx = torch.randint(len(data.y), (cfg.batch_size,), generator=gen)
     lam = 0.5 if cfg.loss == "midpoint" else float(torch.rand((), generator=gen))
-    return task_loss(problem, soft, lam, as_input(arch, data.x[idx]), data.y[idx])
+    return task_loss(pairs, soft, lam, as_input(arch, data.x[idx]), data.y[idx])
 
 
 def _start_logits(init: Answer | None, g: str, n: int, init_scale: float) -> Tensor:
@@ -68,67 +77,85 @@ def _start_logits(init: Answer | None, g: str, n: int, init_scale: float) -> Ten
     return init_scale * F.one_hot(init.perm[g], n).float()
 
 
-def _initial_logits(problem: Problem, cfg: SinkhornCfg, init: Answer | None) -> dict[int, Tensor]:
-    """Logits stacked per group size, (groups, n, n), so one Sinkhorn call serves them all."""
-    sizes = sorted(set(problem.spec.sizes.values()))
-    return {
-        n: torch.stack(
-            [_start_logits(init, g, n, cfg.init_scale) for g in _groups_of(problem, n)]
-        ).requires_grad_()
-        for n in sizes
-    }
-
-
 def _groups_of(problem: Problem, n: int) -> list[str]:
     return [g for g, size in problem.spec.sizes.items() if size == n]
 
 
+def _initial_logits(
+    problem: Problem, cfg: SinkhornCfg, inits: Sequence[Answer | None]
+) -> dict[int, Tensor]:
+    """Logits stacked per group size, (K, groups, n, n), so one Sinkhorn call serves them all."""
+    return {
+        n: torch.stack(
+            [
+                torch.stack(
+                    [_start_logits(init, g, n, cfg.init_scale) for g in _groups_of(problem, n)]
+                )
+                for init in inits
+            ]
+        ).requires_grad_()
+        for n in sorted(set(problem.spec.sizes.values()))
+    }
+
+
 def _per_group(problem: Problem, stacked: dict[int, Tensor]) -> dict[str, Tensor]:
-    return {g: stacked[n][k] for n in stacked for k, g in enumerate(_groups_of(problem, n))}
+    """{n: (K, groups, n, n)} -> {g: (K, n, n)}."""
+    return {g: stacked[n][:, k] for n in stacked for k, g in enumerate(_groups_of(problem, n))}
 
 
 def _descend(
-    problem: Problem, cfg: SinkhornCfg, init: Answer | None
+    problems: Sequence[Problem], cfg: SinkhornCfg, inits: Sequence[Answer | None]
 ) -> Iterator[tuple[int, dict[str, Tensor]]]:
-    """Adam on per-group logits through Sinkhorn: yields (steps taken, logits per group)."""
+    """Adam on every pair's logits through Sinkhorn: yields (steps taken, {g: (K, n, n)})."""
     if cfg.loss not in LOSSES:
         raise DeepAlignError(f"unknown sinkhorn loss '{cfg.loss}' (known: {', '.join(LOSSES)})")
+    pairs = Problem.stack(problems)
     gen = torch.Generator().manual_seed(cfg.seed)
-    logits = _initial_logits(problem, cfg, init)
+    logits = _initial_logits(pairs, cfg, inits)
     opt = torch.optim.Adam(logits.values(), lr=cfg.lr)
-    problem = Problem(
-        problem.spec, problem.ref.detach(), problem.other.detach(), problem.arch, problem.data
-    )
-    yield 0, _per_group(problem, logits)
+    yield 0, _per_group(pairs, logits)
     for step in range(1, cfg.steps + 1):
         soft = {n: sinkhorn(lg, cfg.iterations, cfg.tau) for n, lg in logits.items()}
-        loss = _loss(problem, cfg, _per_group(problem, soft), gen)
+        loss = _loss(pairs, cfg, _per_group(pairs, soft), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        yield step, _per_group(problem, logits)
+        yield step, _per_group(pairs, logits)
 
 
-def sinkhorn_rebasin(problem: Problem, cfg: SinkhornCfg, init: Answer | None = None) -> Answer:
-    """Adam on per-group logits through Sinkhorn; Hungarian on the final logits.
+def _harden(logits: dict[str, Tensor]) -> list[Perm]:
+    """Hungarian per pair and group: {g: (K, n, n)} -> K permutations."""
+    count = next(iter(logits.values())).shape[0]
+    return [{g: solve_lap(lg[k]) for g, lg in logits.items()} for k in range(count)]
+
+
+def sinkhorn_rebasin_batch(
+    problems: Sequence[Problem], cfg: SinkhornCfg, inits: Sequence[Answer | None]
+) -> list[Answer]:
+    """Adam on every pair's logits through Sinkhorn; Hungarian on each pair's final logits.
 
     A start given as scores (DEEP-ALIGN's, {g: (n, n)}) becomes the initial logits as it is;
     one given as a permutation becomes init_scale times its one-hot matrix.
     """
-    *_, (_, final) = _descend(problem, cfg, init)
-    return Answer(hard={g: solve_lap(lg) for g, lg in final.items()})
+    *_, (_, final) = _descend(problems, cfg, inits)
+    return [Answer(hard=perm) for perm in _harden(final)]
+
+
+def sinkhorn_rebasin(problem: Problem, cfg: SinkhornCfg, init: Answer | None = None) -> Answer:
+    """One pair: `sinkhorn_rebasin_batch` of one."""
+    return sinkhorn_rebasin_batch([problem], cfg, [init])[0]
 
 
 def sinkhorn_trajectory(
-    problem: Problem, cfg: SinkhornCfg, init: Answer | None, at: list[int]
-) -> list[tuple[int, Perm, float]]:
-    """Hungarian-hardened permutations after each step count in `at` (<= cfg.steps), with the
-    seconds spent descending until then (hardening excluded)."""
+    problems: Sequence[Problem], cfg: SinkhornCfg, inits: Sequence[Answer | None], at: list[int]
+) -> list[tuple[int, list[Perm], float]]:
+    """Per step count in `at` (<= cfg.steps): each pair's Hungarian-hardened permutation, and
+    the seconds per pair spent descending until then (all pairs at once; hardening excluded)."""
     marks, out = set(at), []
     start = time.perf_counter()
-    for step, logits in _descend(problem, cfg, init):
+    for step, logits in _descend(problems, cfg, inits):
         if step in marks:
             elapsed = time.perf_counter() - start
-            out.append((step, {g: solve_lap(lg) for g, lg in logits.items()}, elapsed))
+            out.append((step, _harden(logits), elapsed / len(problems)))
             start = time.perf_counter() - elapsed  # hardening does not count
     return out

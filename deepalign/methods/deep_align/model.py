@@ -88,14 +88,16 @@ class Block(nn.Module):
         nxt: Tensor | None,
         e_out: Tensor | None,
     ) -> Tensor:  # h: (B, n, D)
+        """fwd[o] = sum_{i,c} E_m[o, i, c] A h_prev[i] (.) W_fwd[c], bwd[i] likewise through
+        E_{m+1}[o, i, c], each as one batched matmul over (neighbour, edge feature)."""
         zeros = torch.zeros_like(h)
         fwd = bwd = zeros
-        if self.fwd is not None:  # e_in: (B, n, n_prev, e), prev: (B, n_prev, D)
-            msg = torch.einsum("boic,bid->bocd", e_in, self.fwd(prev)) / math.sqrt(prev.shape[1])
-            fwd = torch.einsum("bocd,cd->bod", msg, self.fwd_edge)
-        if self.bwd is not None:  # e_out: (B, n_next, n, e), nxt: (B, n_next, D)
-            msg = torch.einsum("boic,bod->bicd", e_out, self.bwd(nxt)) / math.sqrt(nxt.shape[1])
-            bwd = torch.einsum("bicd,cd->bid", msg, self.bwd_edge)
+        if self.fwd is not None:  # e_in: (B, n, n_prev * e), prev: (B, n_prev, D)
+            q = self.fwd(prev).unsqueeze(2) * self.fwd_edge  # (B, n_prev, e, D)
+            fwd = torch.bmm(e_in, q.flatten(1, 2)) / math.sqrt(prev.shape[1])
+        if self.bwd is not None:  # e_out: (B, n, n_next * e), nxt: (B, n_next, D)
+            r = self.bwd(nxt).unsqueeze(2) * self.bwd_edge  # (B, n_next, e, D)
+            bwd = torch.bmm(e_out, r.flatten(1, 2)) / math.sqrt(nxt.shape[1])
         mean = h.mean(1, keepdim=True).expand_as(h)
         return h + self.update(self.norm(torch.cat([h, fwd, bwd, mean], dim=-1)))
 
@@ -130,15 +132,17 @@ class Encoder(nn.Module):
 
     def forward(self, ws: WeightSpace) -> list[Tensor]:
         ws = self.normalise(ws)
-        edges = edge_features(ws, self.layout)
+        edges = edge_features(ws, self.layout)  # [(B, out, in, e)]
+        rows = [e.flatten(2) for e in edges]  # a unit's incoming edges: (B, out, in * e)
+        cols = [e.transpose(1, 2).flatten(2) for e in edges]  # outgoing: (B, in, out * e)
         batch = ws.batch_size
         h = [self.pos_in.expand(batch, -1, -1)]
         h += [emb(b.unsqueeze(-1)) for emb, b in zip(self.bias_embed, ws.biases)]
         h[-1] = h[-1] + self.pos_out
         last = len(h) - 1
         for m, block in zip(self.order, self.blocks):
-            prev, e_in = (h[m - 1], edges[m - 1]) if m > 0 else (None, None)
-            nxt, e_out = (h[m + 1], edges[m]) if m < last else (None, None)
+            prev, e_in = (h[m - 1], rows[m - 1]) if m > 0 else (None, None)
+            nxt, e_out = (h[m + 1], cols[m]) if m < last else (None, None)
             h[m] = block(h[m], prev, e_in, nxt, e_out)
         return h[1:last]
 

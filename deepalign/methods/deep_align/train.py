@@ -36,7 +36,7 @@ from deepalign.config import (
     one_of,
 )
 from deepalign.core.arch import Arch, as_input, forward_batched
-from deepalign.core.assignment import sinkhorn
+from deepalign.core.assignment import sinkhorn_groups
 from deepalign.core.data import Dataset
 from deepalign.core.lmc import barriers, interpolate, recovery
 from deepalign.core.permspec import (
@@ -143,10 +143,7 @@ def training_step(
     )
     fa, fb, fc = zip(*(f.split(k) for f in feats))
     supervised = _supervised(model.logits(list(fa), list(fc)), target)
-    soft = {
-        g: sinkhorn(lg, cfg.sinkhorn_iterations, cfg.tau)
-        for g, lg in model.logits(list(fa), list(fb)).items()
-    }
+    soft = sinkhorn_groups(model.logits(list(fa), list(fb)), cfg.sinkhorn_iterations, cfg.tau)
     aligned = apply_soft_permutation(b, soft, spec)
     low, high = cfg.loss.lmc_lambda
     lam = (low + (high - low) * torch.rand(k, generator=gen)).to(x.device)
@@ -226,8 +223,10 @@ def train(
     """Train with AdamW, validate every `val_every` epochs, keep the best; resumable via `state`."""
     torch.manual_seed(cfg.seed)
     model = build_model(zoo, cfg.model).to(device)
+    # fused: one kernel for the ~200 parameter tensors (a third of an MLP step on the CPU
+    # went to the per-tensor update otherwise)
     opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True, fused=True
     )
     gen = torch.Generator().manual_seed(cfg.seed)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema else None
@@ -252,7 +251,7 @@ def train(
             losses = training_step(model, zoo.arch, train_nets, x, y, cfg, gen)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
             opt.step()
             if ema:
                 ema.update_parameters(model)
