@@ -30,3 +30,8 @@ for _key, _value in _DEFAULTS.items():
 
 # Prefect's event queue warns "Still processing items" at every short-lived process exit.
 logging.getLogger("EventsWorker").setLevel(logging.ERROR)
+
+# A stage command starts its private Prefect server before its own imports (flows/server.py).
+from flows.server import start_early  # noqa: E402
+
+start_early()

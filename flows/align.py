@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -24,6 +26,9 @@ STAGE = Stage(
 )
 
 
+zoo_of = functools.lru_cache(maxsize=None)(load_zoo)  # one read per architecture, not per method
+
+
 @task(cache_policy=NO_CACHE)
 def align_method(
     method: str, arch: str, run: StageRun, data: Dataset, data_cfg: DataCfg, cfg: AlignCfg
@@ -33,7 +38,7 @@ def align_method(
     fp = run_fingerprint(method, cfg, data_cfg, run.io.zoo / arch / "manifest.json")
     result = load_run(path, fp)
     if result is None:
-        result = run_method(method, load_zoo(run.io.zoo / arch), data, cfg)
+        result = run_method(method, zoo_of(run.io.zoo / arch), data, cfg)
         save_run(path, result, fp)
     seconds, recovery = result.seconds.mean().item(), result.planted_recovery.mean().item()
     numbers = {"seconds_per_pair": seconds, "planted_recovery": recovery}

@@ -4,12 +4,18 @@ Without `PREFECT_API_URL`, Prefect starts an ephemeral server in a child process
 at exit; a `kill -9` of the stage skips that and leaves the server running. `prefect_api`
 starts the same server itself, tied to this process by the kernel (Linux `PR_SET_PDEATHSIG`),
 and exports its URL so that child processes (`dvc repro` under the pipeline flow) share it.
+
+The server takes ~8 s to start on 2 cores, as long as a stage's own imports (torch, Prefect,
+MLflow: ~7 s), so a stage command (`python -m flows.<stage>`) starts it before those imports,
+from `flows/__init__.py` (`start_early`), and waits for it only when its flow begins. This
+module imports nothing heavy at the top for that reason.
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
+import importlib.util
 import os
 import signal
 import socket
@@ -18,14 +24,12 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import httpx
-import prefect
-from prefect.settings import PREFECT_API_URL, temporary_settings
-
-from deepalign.errors import DeepAlignError
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+# `python -m flows.<module>` commands that never run a flow: no server for them
+NO_FLOW = {"flows.dvcgen", "flows.imports", "flows.stages", "flows.server", "flows.schedule"}
+_early: dict[str, tuple[subprocess.Popen, str]] = {}
 
 
 def _die_with_parent() -> None:
@@ -43,16 +47,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(port: int) -> subprocess.Popen:
-    """Prefect's own ephemeral server command (UI off), on 127.0.0.1:port."""
-    args = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent)]
+def _start() -> tuple[subprocess.Popen, str]:
+    """Prefect's own ephemeral server command (UI off) on a free 127.0.0.1 port, stopped at
+    exit; its process and API URL."""
+    port = _free_port()
+    package = Path(importlib.util.find_spec("prefect").origin).parent  # without importing it
+    args = [sys.executable, "-m", "uvicorn", "--app-dir", str(package.parent)]
     args += ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1"]
     args += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
     env = os.environ | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"}
-    return subprocess.Popen(args, env=env, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(args, env=env, preexec_fn=_die_with_parent)
+    atexit.register(_stop, proc)  # before Prefect registers its event flush: runs after it
+    return proc, f"http://127.0.0.1:{port}/api"
+
+
+def stage_command() -> str | None:
+    """The module of a `python -m flows.<stage>` command line, else None."""
+    argv = getattr(sys, "orig_argv", [])
+    if "-m" not in argv[:-1]:
+        return None
+    module = argv[argv.index("-m") + 1]
+    return module if module.startswith("flows.") else None
+
+
+def start_early() -> None:
+    """Start the private server now when this process is a stage command that will need one
+    (no `PREFECT_API_URL`, not `--help`)."""
+    module = stage_command()
+    if module is None or module in NO_FLOW or os.environ.get("PREFECT_API_URL"):
+        return
+    if {"--help", "-h"} & set(sys.orig_argv):
+        return
+    _early["server"] = _start()
 
 
 def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
+    import httpx
+
+    from deepalign.errors import DeepAlignError
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -77,19 +110,19 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @contextmanager
 def prefect_api() -> Iterator[str]:
-    """Yield the Prefect API URL in use, starting a private server when none is configured.
+    """Yield the Prefect API URL in use, starting a private server when none is configured
+    (or taking the one `start_early` started).
 
     The private server stops when this process exits (at exit, after Prefect has flushed its
     events, or by the kernel's death signal on `kill -9`), not when the block ends.
     """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     configured = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
     if configured:
         yield configured
         return
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    proc = _start(port)
-    atexit.register(_stop, proc)  # before Prefect registers its event flush: runs after it
+    proc, url = _early.pop("server", None) or _start()
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90))
     _wait_healthy(proc, url, timeout)
     os.environ["PREFECT_API_URL"] = url  # child processes share this server

@@ -16,6 +16,7 @@ when that group alone takes the refined permutation.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -57,16 +58,19 @@ def refine_rows(
     name: str, zoo: Zoo, data: Dataset, methods: MethodsCfg, cfg: ConvergeCfg
 ) -> tuple[list[dict], list[dict]]:
     """One row per (start, pair, steps): the loss barrier and the seconds spent so far; and
-    one row per (pair, hidden group) diagnosing DEEP-ALIGN's own permutation. Each start's
-    descents run on all pairs at once (seconds are per pair)."""
+    one row per (pair, hidden group) diagnosing DEEP-ALIGN's own permutation. The descents of
+    every start and pair run at once (seconds per pair: each descent's share, plus its start)."""
     pairs = ring_pairs(zoo.indices("test"), cfg.pairs)
     problems = [Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch, data.train) for i, j in pairs]
     sinkhorn = dataclasses.replace(methods.sinkhorn, steps=cfg.steps[-1])
+    begun = _starts(problems, methods)
+    inits = [answer for start in STARTS for answer, _ in begun[start]]
+    marks = sinkhorn_trajectory(problems * len(STARTS), sinkhorn, inits, cfg.steps)
+    barrier = _memo_barrier(zoo, data, cfg.points)
     rows, layers = [], []
-    for start, begun in _starts(problems, methods).items():
-        inits, start_seconds = [a for a, _ in begun], [s for _, s in begun]
-        marks = sinkhorn_trajectory(problems, sinkhorn, inits, cfg.steps)
+    for s, start in enumerate(STARTS):
         for k, (i, j) in enumerate(pairs):
+            at = s * len(pairs) + k  # this descent's place in the batch
             for steps, perms, seconds in marks:
                 rows.append(
                     {
@@ -74,14 +78,28 @@ def refine_rows(
                         "method": start,  # the start: a series in DVC plots
                         "pair": k,
                         "steps": steps,
-                        "loss_barrier": _barrier(zoo, (i, j), perms[k], data, cfg.points),
-                        "seconds": start_seconds[k] + seconds,
+                        "loss_barrier": barrier((i, j), perms[at]),
+                        "seconds": begun[start][k][1] + seconds,
                     }
                 )
             if start == "deep_align":
-                own, refined = marks[0][1][k], marks[-1][1][k]
+                own, refined = marks[0][1][at], marks[-1][1][at]
                 layers += _layer_rows(zoo, (i, j), own, refined, data, cfg.points, k)
     return rows, layers
+
+
+def _memo_barrier(zoo: Zoo, data: Dataset, points: int) -> Callable[[tuple[int, int], Perm], float]:
+    """`_barrier` that scores each (pair, permutation) once: starts often stop moving before
+    the last step counts of the grid."""
+    seen: dict[tuple, float] = {}
+
+    def barrier(pair: tuple[int, int], perm: Perm) -> float:
+        key = (pair, *(tuple(p.tolist()) for _, p in sorted(perm.items())))
+        if key not in seen:
+            seen[key] = _barrier(zoo, pair, perm, data, points)
+        return seen[key]
+
+    return barrier
 
 
 def _barrier(zoo: Zoo, pair: tuple[int, int], perm: Perm, data: Dataset, points: int) -> float:

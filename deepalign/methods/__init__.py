@@ -29,7 +29,7 @@ from deepalign.methods.sinkhorn import (
     sinkhorn_rebasin,
     sinkhorn_rebasin_batch,
 )
-from deepalign.methods.ste import SteCfg, ste
+from deepalign.methods.ste import SteCfg, ste, ste_batch
 from deepalign.methods.weight_matching import WeightMatchingCfg, objective, weight_matching
 from deepalign.threads import per_pair
 
@@ -90,7 +90,7 @@ ALIGNERS: dict[str, Aligner] = {
     "naive": Aligner(naive),
     "weight_matching": Aligner(_from_permutation(weight_matching)),
     "activation_matching": Aligner(_from_permutation(activation_matching)),
-    "ste": Aligner(_from_permutation(ste)),
+    "ste": Aligner(ste, batch=ste_batch),
     "sinkhorn": Aligner(sinkhorn_rebasin, batch=sinkhorn_rebasin_batch),
     "deep_align": Aligner(deep_align, batch=deep_align_problems, warm_up=True),
 }

@@ -6,19 +6,23 @@ the forward pass uses that permuted `other`, gradients flow to W~ straight throu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from deepalign.config import Count, Positive, PositiveFloat, Seed, one_of
-from deepalign.core.arch import as_input, forward
+from deepalign.core.arch import as_input, forward_batched
+from deepalign.core.assignment import Answer
 from deepalign.core.permspec import Perm, apply_permutation
-from deepalign.core.weightspace import WeightSpace, lerp
+from deepalign.core.weightspace import WeightSpace, lerp, stack
 from deepalign.errors import DeepAlignError
 from deepalign.methods.problem import Problem
 from deepalign.methods.weight_matching import WeightMatchingCfg, weight_matching
+from deepalign.threads import per_pair
 
 LAMBDAS = ("midpoint", "random")
 
@@ -33,34 +37,62 @@ class SteCfg:
     seed: Seed
 
 
-def ste(problem: Problem, cfg: SteCfg, init: Perm | None = None) -> Perm:
-    """The weight-matching projection of the learned weights after the last step."""
+def ste_batch(
+    problems: Sequence[Problem], cfg: SteCfg, inits: Sequence[Answer | None]
+) -> list[Answer]:
+    """Every pair's weight-matching projection of its learned weights after the last step.
+
+    The pairs train together: one batched forward pass per step (all pairs see the image
+    batches and lambdas each would draw alone), one weight-matching projection per pair
+    (on `per_pair` threads).
+    """
     if cfg.lam not in LAMBDAS:
         raise DeepAlignError(f"unknown ste lam '{cfg.lam}' (known: {', '.join(LAMBDAS)})")
-    arch, data = problem.needs_data("ste")
+    pairs = Problem.stack(problems)
+    arch, data = pairs.needs_data("ste")
     gen = torch.Generator().manual_seed(cfg.seed)
     wm = WeightMatchingCfg(max_iter=cfg.wm_max_iter, restarts=0, seed=cfg.seed)
-    start = apply_permutation(problem.other, init, problem.spec) if init else problem.ref
-    free = [t.detach().clone().requires_grad_() for t in start.tensors()]
+    perms = [init.perm if init else None for init in inits]
+    starts = [
+        apply_permutation(p.other, perm, p.spec) if perm else p.ref
+        for p, perm in zip(problems, perms)
+    ]
+    free = [t.detach().clone().requires_grad_() for t in stack(starts).tensors()]  # (K, ...)
     opt = torch.optim.Adam(free, lr=cfg.lr)
-    perm = init
     for _ in range(cfg.steps):
-        perm = _project(problem, free, wm, perm)
-        hard = apply_permutation(problem.other, perm, problem.spec)
+        perms = _project(problems, free, wm, perms)
+        stacked = {g: torch.stack([perm[g] for perm in perms]) for g in pairs.spec.groups}
+        hard = apply_permutation(pairs.other, stacked, pairs.spec)
         projected = WeightSpace.from_tensors(
             [f + (h - f).detach() for f, h in zip(free, hard.tensors())]
         )
         idx = torch.randint(len(data.y), (cfg.batch_size,), generator=gen)
         lam = 0.5 if cfg.lam == "midpoint" else float(torch.rand((), generator=gen))
-        logits = forward(arch, lerp(problem.ref, projected, lam), as_input(arch, data.x[idx]))
-        loss = F.cross_entropy(logits, data.y[idx])
+        logits = forward_batched(arch, lerp(pairs.ref, projected, lam), as_input(arch, data.x[idx]))
+        loss = F.cross_entropy(
+            logits.flatten(0, 1), data.y[idx].repeat(len(problems)), reduction="sum"
+        )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss / cfg.batch_size).backward()  # each pair's own mean loss
         opt.step()
-    return _project(problem, free, wm, perm)
+    return [Answer(hard=perm) for perm in _project(problems, free, wm, perms)]
 
 
-def _project(problem: Problem, free: list, wm: WeightMatchingCfg, start: Perm | None) -> Perm:
-    """The permutation of `other` closest in weights to the free weights."""
+def ste(problem: Problem, cfg: SteCfg, init: Answer | None = None) -> Answer:
+    """One pair: `ste_batch` of one."""
+    return ste_batch([problem], cfg, [init])[0]
+
+
+def _project(
+    problems: Sequence[Problem],
+    free: list[Tensor],
+    wm: WeightMatchingCfg,
+    starts: list[Perm | None],
+) -> list[Perm]:
+    """Per pair, the permutation of `other` closest in weights to its free weights."""
     target = WeightSpace.from_tensors([t.detach() for t in free])
-    return weight_matching(Problem(problem.spec, target, problem.other), wm, start)
+    with per_pair():
+        return [
+            weight_matching(Problem(p.spec, target[k], p.other), wm, start)
+            for k, (p, start) in enumerate(zip(problems, starts))
+        ]
