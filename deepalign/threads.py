@@ -76,6 +76,14 @@ def threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def configure_process(n_threads: int, pair_threads: int) -> None:
+    """This process's policy: torch's intra-op threads, the per-pair threads, kept memory
+    (stage processes, and each worker process of a process pool)."""
+    torch.set_num_threads(n_threads)
+    set_pair_threads(pair_threads)
+    keep_freed_memory()
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 MMAP_THRESHOLD = 32 << 20  # bytes: glibc's largest mmap threshold on 64-bit systems
 TRIM_THRESHOLD = 1 << 30  # bytes of freed memory kept before any is returned to the kernel

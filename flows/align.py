@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -11,8 +12,8 @@ import flows  # noqa: F401  (offline defaults first)
 from deepalign.core.data import DataCfg, Dataset, load_dataset
 from deepalign.evaluation.experiment import AlignCfg, run_fingerprint, run_method
 from deepalign.evaluation.pairs import load_run, save_run
-from deepalign.zoo.store import load_zoo
-from flows.common import StageRun, cli, log_method_run, stage_run
+from deepalign.zoo.store import Zoo, load_zoo
+from flows.common import cli, log_method_run, stage_run
 from flows.stages import Paths, Stage
 
 STAGE = Stage(
@@ -23,26 +24,30 @@ STAGE = Stage(
     deps={"zoo": "zoo"},
     persist={"out": "aligned"},
     notes={"out": "(`<arch>/<method>.pt`: permutations, seconds, recovery)"},
+    fan_out=True,  # one task per architecture and method
 )
 
 
-zoo_of = functools.lru_cache(maxsize=None)(load_zoo)  # one read per architecture, not per method
+@functools.cache
+def zoo_of(folder: Path) -> Zoo:
+    """The zoo in `folder`, read once per process (not once per method)."""
+    return load_zoo(folder)
 
 
 @task(cache_policy=NO_CACHE)
 def align_method(
-    method: str, arch: str, run: StageRun, data: Dataset, data_cfg: DataCfg, cfg: AlignCfg
-) -> None:
-    """Align one architecture's pairs with one method, unless already done with these settings."""
-    path = run.io.out / arch / f"{method}.pt"
-    fp = run_fingerprint(method, cfg, data_cfg, run.io.zoo / arch / "manifest.json")
+    method: str, arch: str, io: Paths, data: Dataset, data_cfg: DataCfg, cfg: AlignCfg
+) -> dict[str, float]:
+    """Align one architecture's pairs with one method, unless already done with these
+    settings; its mean seconds per pair and planted recovery."""
+    path = io.out / arch / f"{method}.pt"
+    fp = run_fingerprint(method, cfg, data_cfg, io.zoo / arch / "manifest.json")
     result = load_run(path, fp)
     if result is None:
-        result = run_method(method, zoo_of(run.io.zoo / arch), data, cfg)
+        result = run_method(method, zoo_of(io.zoo / arch), data, cfg)
         save_run(path, result, fp)
     seconds, recovery = result.seconds.mean().item(), result.planted_recovery.mean().item()
-    numbers = {"seconds_per_pair": seconds, "planted_recovery": recovery}
-    log_method_run(run, STAGE.name, arch, method, numbers)
+    return {"seconds_per_pair": seconds, "planted_recovery": recovery}
 
 
 @flow(name="align", validate_parameters=False)
@@ -50,12 +55,13 @@ def align(io: Paths, data_cfg: DataCfg, cfg: AlignCfg) -> dict:
     """Run every configured method on every configured architecture."""
     data = load_dataset(data_cfg)
     with stage_run(STAGE, io, data_cfg, cfg) as run:
-        futures = [
-            align_method.submit(method, arch, run, data, data_cfg, cfg)
+        futures = {
+            (arch, method): align_method.submit(method, arch, io, data, data_cfg, cfg)
             for arch in cfg.archs
             for method in cfg.methods
-        ]
-        [f.result() for f in futures]  # fan-out: one task per architecture and method
+        }  # fan-out: one task per architecture and method; MLflow written from here alone
+        for (arch, method), future in futures.items():
+            log_method_run(run, STAGE.name, arch, method, future.result())
     return run.metrics
 
 

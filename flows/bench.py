@@ -23,8 +23,9 @@ from deepalign.methods import MethodsCfg, Problem, check_methods
 from deepalign.methods.weight_matching import WeightMatchingCfg
 from deepalign.threads import available_cores, threads
 from deepalign.zoo.build import NetCfg, ZooCfg, init_network, make_arch
-from flows.common import RunnerCfg, cli, stage_run, stage_runner, task_runner
+from flows.common import RUNNERS, RunnerCfg, cli, stage_run, stage_runner, task_runner
 from flows.stages import Paths, Stage
+from flows.zoo import STAGE as ZOO
 from flows.zoo import train_group
 
 
@@ -70,34 +71,40 @@ STAGE = Stage(
 
 
 @flow(name="zoo-chunks", validate_parameters=False)
-def zoo_chunks(folder: Path, net: NetCfg, data: Dataset, data_cfg: DataCfg, cfg: ZooCfg) -> None:
-    """The zoo stage's fan-out alone (a group of networks per task), without MLflow."""
+def zoo_chunks(
+    folder: Path, net: NetCfg, data: Dataset, data_cfg: DataCfg, cfg: ZooCfg
+) -> list[dict]:
+    """The zoo stage's fan-out alone (a group of networks per task), without MLflow; the
+    networks' records."""
     indices = list(range(net.n_train))
     chunks = [indices[i : i + cfg.chunk_size] for i in range(0, len(indices), cfg.chunk_size)]
     futures = [train_group.submit(folder, net, data, data_cfg, cfg, c) for c in chunks]
-    [f.result() for f in futures]
+    return [record for f in futures for record in f.result()]
 
 
 def time_runners(
     data: Dataset, data_cfg: DataCfg, zoo_cfg: ZooCfg, runner: RunnerCfg, n: int
 ) -> dict[str, float]:
     """Wall seconds of training n networks of the first architecture as the zoo stage does,
-    on the thread runner and on a local Dask cluster (its start included), each as the zoo
-    stage would use it; and of one network, each runner's fixed cost (cluster start, imports)."""
+    on the thread runner, the process pool and a local Dask cluster (their start included),
+    each as the zoo stage would use it, and the seconds of training inside the tasks (summed
+    over tasks); and of one network, each runner's fixed cost (starting workers, imports)."""
     name, net = next(iter(zoo_cfg.archs.items()))
     out: dict[str, float] = {"networks": n}
-    for kind in ("threads", "dask"):
-        cfg, n_threads = stage_runner(dataclasses.replace(runner, kind=kind, address=""))
+    for kind in RUNNERS:
+        cfg, n_threads = stage_runner(ZOO, dataclasses.replace(runner, kind=kind, address=""))
         out |= {f"{kind}_workers": cfg.workers, f"{kind}_threads": n_threads}
         for size, key in ((1, f"{kind}_one_network_s"), (n, f"{kind}_s")):
             sized = dataclasses.replace(net, n_train=size, n_val=0, n_test=0)
             with tempfile.TemporaryDirectory(prefix="deepalign-runner-") as tmp, threads(n_threads):
                 start = time.perf_counter()
-                zoo_chunks.with_options(task_runner=task_runner(cfg, n_threads))(
+                records = zoo_chunks.with_options(task_runner=task_runner(cfg, n_threads))(
                     Path(tmp) / name, sized, data, data_cfg, zoo_cfg
                 )
                 out[key] = time.perf_counter() - start
+            out[f"{kind}_training_s"] = sum(r["train_seconds"] for r in records)  # in the tasks
     out["dask_over_threads"] = out["dask_s"] / out["threads_s"]
+    out["dask_over_processes"] = out["dask_s"] / out["processes_s"]
     return out
 
 

@@ -14,15 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import mlflow
-import torch
 import typer
 from prefect import Flow
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from deepalign.config import Count, Positive, build, load_section, one_of, pick, read_params
 from deepalign.errors import DeepAlignError
 from deepalign.io import clean_stale_temps, digest, write_json
-from deepalign.threads import ALLOCATOR_ENV, keep_freed_memory, set_pair_threads, threads_for
+from deepalign.threads import ALLOCATOR_ENV, configure_process, threads_for
 from flows.server import prefect_api
 from flows.stages import ROLES, Paths, Stage
 
@@ -122,35 +121,46 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+RUNNERS = ("threads", "processes", "dask")
+
+
 @dataclass(frozen=True)
 class RunnerCfg:
-    """Section `runner`: where the stages' tasks (groups of networks, methods) run."""
+    """Section `runner`: where the tasks of the fanning-out stages (zoo: groups of networks,
+    align: methods) run."""
 
-    kind: Annotated[str, one_of("threads", "dask")]
-    workers: Positive  # threads, or local Dask worker processes
+    kind: Annotated[str, one_of(*RUNNERS)]
+    workers: Positive  # tasks side by side: worker processes (processes, local Dask)
     address: str  # a Dask scheduler (tcp://host:8786); "" starts a local cluster
-    threads: Count  # intra-op threads per worker for batched work; 0: cores / workers
-    pair_threads: Positive  # intra-op threads per worker for per-pair work
+    threads: Count  # intra-op threads per worker; 0: cores / workers
+    pair_threads: Positive  # intra-op threads of per-pair loops inside a task
 
 
-def stage_runner(cfg: RunnerCfg) -> tuple[RunnerCfg, int]:
-    """The runner settings and torch threads per task of a stage (`deepalign.threads`).
+def stage_runner(stage: Stage, cfg: RunnerCfg) -> tuple[RunnerCfg, int]:
+    """The runner of a stage and the torch threads of each of its tasks (`deepalign.threads`).
 
-    On the thread runner a stage runs one task at a time on all the cores (two Python threads
-    of small tensor ops contend for the GIL, and one multi-threaded task keeps the zoo
-    bit-reproducible); on Dask, each of its `workers` processes gets its share of the cores.
-    Per-pair loops inside a task lower the threads to `pair_threads`.
+    A stage that does not fan out (its tasks are one per architecture: few and unequal) runs
+    them one at a time in its own process on all the cores. A fanning-out stage uses the
+    configured runner: the thread runner one task at a time on all the cores (two Python
+    threads of small tensor ops contend for the GIL), worker processes (a process pool or
+    Dask) each with its share of the cores.
     """
-    if cfg.kind == "threads":
-        cfg = dataclasses.replace(cfg, workers=1)
+    if not stage.fan_out or cfg.kind == "threads":
+        cfg = dataclasses.replace(cfg, kind="threads", workers=1, address="")
     return cfg, threads_for(cfg.workers, cfg.threads)
 
 
 def task_runner(cfg: RunnerCfg, threads: int = 1) -> TaskRunner:
-    """Prefect's thread pool, or a DaskTaskRunner on a given or a local 127.0.0.1 cluster
-    whose worker processes get `threads` intra-op threads each."""
+    """Prefect's thread pool, its process pool, or a DaskTaskRunner on a given or a local
+    127.0.0.1 cluster; worker processes get `threads` intra-op threads each."""
     if cfg.kind == "threads":
         return ThreadPoolTaskRunner(max_workers=cfg.workers)
+    if cfg.kind == "processes":
+        return ProcessPoolTaskRunner(
+            max_workers=cfg.workers,
+            initializer=configure_process,
+            initargs=(threads, cfg.pair_threads),
+        )
     if cfg.kind == "dask":
         import dask
         from prefect_dask import DaskTaskRunner
@@ -172,7 +182,7 @@ def task_runner(cfg: RunnerCfg, threads: int = 1) -> TaskRunner:
             "dashboard_address": None,
         }
         return DaskTaskRunner(cluster_kwargs=local)
-    raise DeepAlignError(f"runner.kind '{cfg.kind}' is unknown (known: threads, dask)")
+    raise DeepAlignError(f"runner.kind '{cfg.kind}' is unknown (known: {', '.join(RUNNERS)})")
 
 
 @contextmanager
@@ -218,10 +228,8 @@ def cli(flow: Flow) -> None:
         with one_line_errors(debug):
             configs = flow_configs(flow, read_params(params), params)
             runner_cfg = load_section("runner", RunnerCfg, params)
-            runner_cfg, threads = stage_runner(runner_cfg)
-            torch.set_num_threads(threads)
-            set_pair_threads(runner_cfg.pair_threads)
-            keep_freed_memory()
+            runner_cfg, threads = stage_runner(stage, runner_cfg)
+            configure_process(threads_for(1, runner_cfg.threads), runner_cfg.pair_threads)
             runner = task_runner(runner_cfg, threads)
             io = stage.paths(**paths)
             for path in stage.written(io):

@@ -71,6 +71,8 @@ class Stage:
     reads: tuple[str, ...] = ()  # further deps: files other stages write
     partial: tuple[str, ...] = ()  # flow arguments built from only part of their section
     notes: dict[str, str] = field(default_factory=dict)  # option -> what is inside (README)
+    fan_out: bool = False  # its tasks are many similar units (networks, methods): they go to
+    # the configured runner; otherwise one at a time in the stage's process (flows.common)
     pipeline: str = "dvc.yaml"  # or study/dvc.yaml (outside the default `dvc repro`)
 
     def roles(self) -> dict[str, str]:

@@ -22,6 +22,7 @@ STAGE = Stage(
     persist={"out": "zoo"},
     metrics={"metrics": "metrics/zoo.json"},
     notes={"out": "(`<arch>/net-NNNN.pt` + `manifest.json`)"},
+    fan_out=True,  # groups of networks
 )
 
 

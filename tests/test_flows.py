@@ -117,7 +117,7 @@ def test_train_align_evaluate_flows_chain(workdir):
     assert not [c for c in columns if "_mean_mean" in c or "-weight_matching" in c]
 
 
-def test_dask_runner_gives_the_same_zoo_and_alignment(workdir):
+def test_process_and_dask_runners_give_the_same_zoo_and_alignment(workdir):
     from flows import align as align_stage
     from flows import zoo as zoo_stage
     from flows.align import align
@@ -127,10 +127,10 @@ def test_dask_runner_gives_the_same_zoo_and_alignment(workdir):
     params = tiny_params()
     params["align"].update(archs=["mlp"], methods=["naive", "weight_matching"])
     results = {}
-    # the default runner (one thread: torch calls from two threads at once share its pool and
-    # can split reductions differently) against a local Dask worker process with the same
-    # number of torch threads, so the float arithmetic is the same
-    for kind, workers in (("threads", 1), ("dask", 1)):
+    # the thread runner (one thread: torch calls from two threads at once share its pool and
+    # can split reductions differently) against one worker process of a process pool and of
+    # a local Dask cluster with the same number of torch threads: the same float arithmetic
+    for kind, workers in (("threads", 1), ("processes", 1), ("dask", 1)):
         cfg = RunnerCfg(kind=kind, workers=workers, address="", threads=0, pair_threads=1)
         runner = task_runner(cfg, torch.get_num_threads())
         out = workdir / kind
@@ -142,13 +142,14 @@ def test_dask_runner_gives_the_same_zoo_and_alignment(workdir):
         )
         run = torch.load(out / "aligned" / "mlp" / "weight_matching.pt", weights_only=True)
         results[kind] = (metrics, run["perms"], run["objective"])
-    (m_threads, p_threads, o_threads), (m_dask, p_dask, o_dask) = results.values()
-    for arch in ("mlp", "cnn"):
-        assert m_dask[arch]["test_acc_mean"] == pytest.approx(
-            m_threads[arch]["test_acc_mean"], abs=1e-6
-        )
-    assert all(torch.equal(p_threads[g], p_dask[g]) for g in p_threads)
-    assert torch.allclose(o_threads, o_dask)
+    m_threads, p_threads, o_threads = results.pop("threads")
+    for m_other, p_other, o_other in results.values():
+        for arch in ("mlp", "cnn"):
+            assert m_other[arch]["test_acc_mean"] == pytest.approx(
+                m_threads[arch]["test_acc_mean"], abs=1e-6
+            )
+        assert all(torch.equal(p_threads[g], p_other[g]) for g in p_threads)
+        assert torch.allclose(o_threads, o_other)
 
 
 def test_killed_zoo_stage_resumes_without_losing_work(workdir):

@@ -23,6 +23,7 @@ from deepalign.threads import (
 )
 from deepalign.zoo.build import init_network
 from flows.common import RunnerCfg, stage_runner, task_runner
+from flows.stages import Stage
 from tests.tiny import ROOT
 
 
@@ -33,10 +34,15 @@ def test_tasks_share_the_cores_and_per_pair_loops_get_the_pair_threads(monkeypat
     assert threads_for(workers=16) == 1  # never 0
     assert threads_for(workers=4, threads=3) == 3  # given explicitly
 
+    fans, per_arch = Stage("z", {}, (), fan_out=True), Stage("e", {}, ())
     threads_2, dask_2 = RunnerCfg("threads", 2, "", 0, 1), RunnerCfg("dask", 2, "", 0, 1)
-    one_task, n = stage_runner(threads_2)  # one task on all 8 cores
-    assert (one_task.workers, n) == (1, 8)
-    assert stage_runner(dask_2) == (dask_2, 4)  # 2 processes of 4 threads
+    processes_2 = RunnerCfg("processes", 2, "", 0, 1)
+    one_task, n = stage_runner(fans, threads_2)  # one task on all 8 cores
+    assert (one_task.kind, one_task.workers, n) == ("threads", 1, 8)
+    assert stage_runner(fans, dask_2) == (dask_2, 4)  # 2 processes of 4 threads
+    assert stage_runner(fans, processes_2) == (processes_2, 4)
+    in_process, n = stage_runner(per_arch, processes_2)  # twin: a stage that does not fan out
+    assert (in_process.kind, in_process.workers, n) == ("threads", 1, 8)
 
     with threads(4):
         set_pair_threads(2)
