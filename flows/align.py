@@ -12,6 +12,7 @@ import flows  # noqa: F401  (offline defaults first)
 from deepalign.core.data import DataCfg, Dataset, load_dataset
 from deepalign.evaluation.experiment import AlignCfg, run_fingerprint, run_method
 from deepalign.evaluation.pairs import load_run, save_run
+from deepalign.methods import Method
 from deepalign.zoo.store import Zoo, load_zoo
 from flows.common import cli, log_method_run, stage_run
 from flows.stages import Paths, Stage
@@ -55,10 +56,12 @@ def align(io: Paths, data_cfg: DataCfg, cfg: AlignCfg) -> dict:
     """Run every configured method on every configured architecture."""
     data = load_dataset(data_cfg)
     with stage_run(STAGE, io, data_cfg, cfg) as run:
+        tasks = [(arch, method) for arch in cfg.archs for method in cfg.methods]
+        # the iterative (slow) methods first, so that parallel workers finish together
+        tasks.sort(key=lambda task: not Method.parse(task[1]).iterative)
         futures = {
             (arch, method): align_method.submit(method, arch, io, data, data_cfg, cfg)
-            for arch in cfg.archs
-            for method in cfg.methods
+            for arch, method in tasks
         }  # fan-out: one task per architecture and method; MLflow written from here alone
         for (arch, method), future in futures.items():
             log_method_run(run, STAGE.name, arch, method, future.result())

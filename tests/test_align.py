@@ -246,6 +246,8 @@ def test_method_parses_once_and_finds_each_steps_settings():
     assert chain.settings(CFG) == {"deep_align": CFG.deep_align, "sinkhorn": CFG.sinkhorn}
     assert align_module.Method.parse("naive").settings(CFG) == {"naive": None}
     assert align_module.Method.parse("sinkhorn").rest().steps == ("naive",)
+    assert align_module.Method.parse("deep_align+sinkhorn").iterative  # slow: runs first
+    assert not align_module.Method.parse("deep_align+weight_matching").iterative
     assert align_module.Method.parse(chain) is chain
 
 
@@ -290,3 +292,17 @@ def test_pairs_aligned_together_get_the_answers_they_get_alone(trained, digits, 
         torch.equal(x.perm[g], y.perm[g]) for x, y in zip(backwards, together[::-1]) for g in x.perm
     )
     assert not all(torch.equal(together[0].perm[g], together[2].perm[g]) for g in together[0].perm)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "ste"])
+def test_pairs_split_into_passes_get_the_answers_of_one_pass(trained, digits, method, monkeypatch):
+    import deepalign.core.arch as arch_module
+
+    arch, a, b = trained["cnn"]
+    problems = [Problem.of(x, y, arch, small_split(digits)) for x, y in ((a, b), (b, a))]
+    one_pass = align_module.align_all(method, problems, CFG)
+    monkeypatch.setattr(arch_module, "ACTIVATION_BUDGET", 1)  # one pair per forward pass
+    assert arch_module.per_pass(arch, CFG.sinkhorn.batch_size) == 1
+    passes = align_module.align_all(method, problems, CFG)
+    for x, y in zip(one_pass, passes):
+        assert all(torch.equal(x.perm[g], y.perm[g]) for g in x.perm)

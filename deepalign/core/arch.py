@@ -7,6 +7,7 @@ channel, so hidden-unit permutations pass through them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
@@ -298,6 +299,38 @@ def resolve_input(arch: Arch, image_shape: tuple[int, ...]) -> Arch:
         )
     modules = tuple(replace(m, stride=1) if m.kind == "conv" else m for m in arch.modules)
     return replace(arch, modules=modules)
+
+
+# Values in the widest activation of one batched forward pass (16 MB of float32): below
+# glibc's largest mmap threshold (32 MiB, `deepalign.threads`), so its buffers are reused
+# rather than page-faulted in again on every pass. On the 2-core machine of issue 14, 61
+# digits CNNs on the 359 test images took 352 ms in one pass (a 90 MB first activation) and
+# ~175 ms in passes of 32 networks x 128 images.
+ACTIVATION_BUDGET = 1 << 22
+
+
+def per_pass(arch: Arch, other: int) -> int:
+    """How many networks one batched forward pass takes with `other` examples each (or how
+    many examples with `other` networks), the widest activation within ACTIVATION_BUDGET."""
+    return max(1, ACTIVATION_BUDGET // (other * widest(arch)))
+
+
+def widest(arch: Arch) -> int:
+    """The most values one example has at any layer (input included): (C * H * W) or units."""
+    shape = arch.input_shape
+    most = math.prod(shape)
+    for m in arch.modules:
+        if m.kind == "linear":
+            shape = (m.out_dim,)
+        elif m.kind == "conv":
+            side = [(d + 2 * m.padding - m.kernel) // max(m.stride, 1) + 1 for d in shape[1:]]
+            shape = (m.out_dim, *side)
+        elif m.kind in ("maxpool", "avgpool"):
+            shape = (shape[0], *(d // m.kernel for d in shape[1:]))
+        elif m.kind == "flatten":
+            shape = (math.prod(shape),)
+        most = max(most, math.prod(shape))
+    return most
 
 
 def as_input(arch: Arch, x: Tensor) -> Tensor:

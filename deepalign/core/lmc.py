@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepalign.core.arch import Arch, as_input, forward_batched
+from deepalign.core.arch import Arch, as_input, forward_batched, per_pass
 from deepalign.core.data import Split
 from deepalign.core.permspec import Perm, PermSpec, apply_permutation, invert, random_permutation
 from deepalign.core.weightspace import WeightSpace, lerp, stack
@@ -40,16 +40,27 @@ def lambda_grid(points: int) -> Tensor:
 def evaluate_networks(
     arch: Arch, nets: WeightSpace, split: Split, chunk: int = 32
 ) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy and accuracy of each of B networks on a whole split: (B,), (B,)."""
+    """Mean cross-entropy and accuracy of each of B networks on a whole split: (B,), (B,).
+
+    Networks go `chunk` at a time, images as many at a time as `per_pass` allows.
+    """
     x, y = as_input(arch, split.x), split.y
+    images = per_pass(arch, min(chunk, nets.batch_size))
     losses, accs = [], []
     for start in range(0, nets.batch_size, chunk):
-        logits = forward_batched(arch, nets[start : start + chunk], x)  # (b, N, C)
-        ce = F.cross_entropy(
-            logits.transpose(1, 2), y.expand(logits.shape[0], -1), reduction="none"
-        )
-        losses.append(ce.mean(1))
-        accs.append((logits.argmax(-1) == y).double().mean(1))
+        group = nets[start : start + chunk]
+        ce_sum = torch.zeros(group.batch_size, dtype=torch.float64)
+        hits = torch.zeros(group.batch_size, dtype=torch.float64)
+        for i in range(0, len(y), images):
+            logits = forward_batched(arch, group, x[i : i + images])  # (b, n, C)
+            part = y[i : i + images]
+            ce = F.cross_entropy(
+                logits.transpose(1, 2), part.expand(logits.shape[0], -1), reduction="none"
+            )
+            ce_sum += ce.double().sum(1)
+            hits += (logits.argmax(-1) == part).double().sum(1)
+        losses.append((ce_sum / len(y)).to(torch.get_default_dtype()))
+        accs.append(hits / len(y))
     return torch.cat(losses), torch.cat(accs)
 
 

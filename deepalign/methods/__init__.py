@@ -84,14 +84,15 @@ class Aligner:
     run: Callable[[Problem, Any, Answer | None], Answer]
     batch: Batch | None = None  # many pairs of one architecture at once, one answer each
     warm_up: bool = False  # one untimed call before timing (DEEP-ALIGN loads its checkpoint)
+    iterative: bool = False  # optimises each pair over many steps: the slow methods
 
 
 ALIGNERS: dict[str, Aligner] = {
     "naive": Aligner(naive),
     "weight_matching": Aligner(_from_permutation(weight_matching)),
     "activation_matching": Aligner(_from_permutation(activation_matching)),
-    "ste": Aligner(ste, batch=ste_batch),
-    "sinkhorn": Aligner(sinkhorn_rebasin, batch=sinkhorn_rebasin_batch),
+    "ste": Aligner(ste, batch=ste_batch, iterative=True),
+    "sinkhorn": Aligner(sinkhorn_rebasin, batch=sinkhorn_rebasin_batch, iterative=True),
     "deep_align": Aligner(deep_align, batch=deep_align_problems, warm_up=True),
 }
 
@@ -118,6 +119,11 @@ class Method:
     def settings(self, cfg: MethodsCfg | None) -> dict[str, Any]:
         """Each step's section of `align` (None for a step without settings, like naive)."""
         return {s: getattr(cfg, s, None) for s in self.steps}
+
+    @property
+    def iterative(self) -> bool:
+        """Whether a step optimises each pair over many steps (STE, Sinkhorn re-basin)."""
+        return any(ALIGNERS[s].iterative for s in self.steps)
 
     def rest(self) -> Method:
         """The chain after its first step (naive when nothing follows)."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepalign.config import Count, Positive, PositiveFloat, Seed, one_of
-from deepalign.core.arch import as_input, forward_batched
+from deepalign.core.arch import as_input, forward_batched, per_pass
 from deepalign.core.assignment import Answer, sinkhorn
 from deepalign.core.permspec import Perm, apply_soft_permutation
 from deepalign.core.weightspace import lerp
@@ -56,15 +56,31 @@ def task_loss(pairs: Problem, mats: dict[str, Tensor], lam: float, x: Tensor, y:
     )
 
 
-def _loss(
-    pairs: Problem, cfg: SinkhornCfg, soft: dict[str, Tensor], gen: torch.Generator
-) -> Tensor:
+Batch = tuple[Tensor, Tensor, float] | None  # one step's images, labels and lambda
+
+
+def _draw(pairs: Problem, cfg: SinkhornCfg, gen: torch.Generator) -> Batch:
+    """One step's training images and lambda, shared by every pair (None for the L2 loss)."""
     if cfg.loss == "l2":
-        return l2_loss(pairs, soft)
+        return None
     arch, data = pairs.needs_data(f"sinkhorn ({cfg.loss})")
     idx = torch.randint(len(data.y), (cfg.batch_size,), generator=gen)
     lam = 0.5 if cfg.loss == "midpoint" else float(torch.rand((), generator=gen))
-    return task_loss(pairs, soft, lam, as_input(arch, data.x[idx]), data.y[idx])
+    return as_input(arch, data.x[idx]), data.y[idx], lam
+
+
+def _loss(pairs: Problem, soft: dict[str, Tensor], batch: Batch) -> Tensor:
+    if batch is None:
+        return l2_loss(pairs, soft)
+    x, y, lam = batch
+    return task_loss(pairs, soft, lam, x, y)
+
+
+def _parts(pairs: Problem, cfg: SinkhornCfg) -> list[slice]:
+    """Slices of the pairs whose forward passes keep activations within budget (`per_pass`)."""
+    count = pairs.ref.batch_size
+    step = count if cfg.loss == "l2" else per_pass(pairs.arch, cfg.batch_size)
+    return [slice(i, i + step) for i in range(0, count, step)]
 
 
 def _start_logits(init: Answer | None, g: str, n: int, init_scale: float) -> Tensor:
@@ -114,11 +130,14 @@ def _descend(
     logits = _initial_logits(pairs, cfg, inits)
     opt = torch.optim.Adam(logits.values(), lr=cfg.lr)
     yield 0, _per_group(pairs, logits)
+    parts = _parts(pairs, cfg)
     for step in range(1, cfg.steps + 1):
-        soft = {n: sinkhorn(lg, cfg.iterations, cfg.tau) for n, lg in logits.items()}
-        loss = _loss(pairs, cfg, _per_group(pairs, soft), gen)
+        batch = _draw(pairs, cfg, gen)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for part in parts:  # pairs are independent: each part's loss, its own gradients
+            soft = {n: sinkhorn(lg[part], cfg.iterations, cfg.tau) for n, lg in logits.items()}
+            some = Problem(pairs.spec, pairs.ref[part], pairs.other[part], pairs.arch, pairs.data)
+            _loss(some, _per_group(some, soft), batch).backward()
         opt.step()
         yield step, _per_group(pairs, logits)
 

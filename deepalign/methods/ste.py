@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepalign.config import Count, Positive, PositiveFloat, Seed, one_of
-from deepalign.core.arch import as_input, forward_batched
+from deepalign.core.arch import as_input, forward_batched, per_pass
 from deepalign.core.assignment import Answer
 from deepalign.core.permspec import Perm, apply_permutation
 from deepalign.core.weightspace import WeightSpace, lerp, stack
@@ -42,9 +42,9 @@ def ste_batch(
 ) -> list[Answer]:
     """Every pair's weight-matching projection of its learned weights after the last step.
 
-    The pairs train together: one batched forward pass per step (all pairs see the image
-    batches and lambdas each would draw alone), one weight-matching projection per pair
-    (on `per_pair` threads).
+    The pairs train together: batched forward passes (as many pairs per pass as `per_pass`
+    allows; all pairs see the image batches and lambdas each would draw alone), one
+    weight-matching projection per pair (on `per_pair` threads).
     """
     if cfg.lam not in LAMBDAS:
         raise DeepAlignError(f"unknown ste lam '{cfg.lam}' (known: {', '.join(LAMBDAS)})")
@@ -59,21 +59,23 @@ def ste_batch(
     ]
     free = [t.detach().clone().requires_grad_() for t in stack(starts).tensors()]  # (K, ...)
     opt = torch.optim.Adam(free, lr=cfg.lr)
+    step = per_pass(arch, cfg.batch_size)
     for _ in range(cfg.steps):
         perms = _project(problems, free, wm, perms)
         stacked = {g: torch.stack([perm[g] for perm in perms]) for g in pairs.spec.groups}
         hard = apply_permutation(pairs.other, stacked, pairs.spec)
-        projected = WeightSpace.from_tensors(
-            [f + (h - f).detach() for f, h in zip(free, hard.tensors())]
-        )
         idx = torch.randint(len(data.y), (cfg.batch_size,), generator=gen)
         lam = 0.5 if cfg.lam == "midpoint" else float(torch.rand((), generator=gen))
-        logits = forward_batched(arch, lerp(pairs.ref, projected, lam), as_input(arch, data.x[idx]))
-        loss = F.cross_entropy(
-            logits.flatten(0, 1), data.y[idx].repeat(len(problems)), reduction="sum"
-        )
+        x, y = as_input(arch, data.x[idx]), data.y[idx]
         opt.zero_grad(set_to_none=True)
-        (loss / cfg.batch_size).backward()  # each pair's own mean loss
+        for k in range(0, len(problems), step):  # pairs are independent: a pass at a time
+            part = slice(k, k + step)
+            projected = WeightSpace.from_tensors(
+                [f[part] + (h[part] - f[part]).detach() for f, h in zip(free, hard.tensors())]
+            )
+            logits = forward_batched(arch, lerp(pairs.ref[part], projected, lam), x)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(logits)), reduction="sum")
+            (loss / cfg.batch_size).backward()  # each pair's own mean loss
         opt.step()
     return [Answer(hard=perm) for perm in _project(problems, free, wm, perms)]
 
