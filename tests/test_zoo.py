@@ -1,5 +1,6 @@
 """Zoo training: batched equals one-by-one, seeds reproduce, reruns resume."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,6 +117,19 @@ def test_digits_split_is_fixed_and_disjoint():
     assert len(a.train.y) + len(a.val.y) + len(a.test.y) == 1797
     other = load_dataset(DataCfg("digits", "data", False, 1, 0.1, 0.2))
     assert not torch.equal(a.test.y, other.test.y)
+
+
+def test_digits_read_from_the_file_are_scikit_learns(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    import deepalign.core.data as data_module
+
+    bunch = load_digits()
+    images, labels = data_module.digits_arrays()
+    assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
+    monkeypatch.setattr(data_module.importlib.util, "find_spec", lambda name: None)
+    images, labels = data_module.digits_arrays()  # no file found: through load_digits
+    assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
 
 
 def test_missing_torchvision_folder_is_named(tmp_path):
