@@ -22,7 +22,7 @@ from deepalign.config import Count, Positive, build, load_section, one_of, pick,
 from deepalign.errors import DeepAlignError
 from deepalign.io import clean_stale_temps, digest, write_json
 from deepalign.threads import ALLOCATOR_ENV, configure_process, threads_for
-from flows.server import prefect_api
+from flows.server import exit_with_parent, prefect_api
 from flows.stages import ROLES, Paths, Stage
 
 EXPERIMENT = "deepalign"
@@ -150,6 +150,12 @@ def stage_runner(stage: Stage, cfg: RunnerCfg) -> tuple[RunnerCfg, int]:
     return cfg, threads_for(cfg.workers, cfg.threads)
 
 
+def start_worker(n_threads: int, pair_threads: int) -> None:
+    """A process-pool worker: the thread and allocator policy, and no life after its stage."""
+    exit_with_parent()
+    configure_process(n_threads, pair_threads)
+
+
 def task_runner(cfg: RunnerCfg, threads: int = 1) -> TaskRunner:
     """Prefect's thread pool, its process pool, or a DaskTaskRunner on a given or a local
     127.0.0.1 cluster; worker processes get `threads` intra-op threads each."""
@@ -158,7 +164,7 @@ def task_runner(cfg: RunnerCfg, threads: int = 1) -> TaskRunner:
     if cfg.kind == "processes":
         return ProcessPoolTaskRunner(
             max_workers=cfg.workers,
-            initializer=configure_process,
+            initializer=start_worker,
             initargs=(threads, cfg.pair_threads),
         )
     if cfg.kind == "dask":

@@ -17,10 +17,12 @@ import atexit
 import ctypes
 import importlib.util
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +41,29 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux: the atexit stop still applies
         pass
+
+
+def exit_with_parent() -> None:
+    """In a worker process: exit at once when the process that started it dies.
+
+    A `kill -9` of a stage leaves its process-pool workers running their task to the end,
+    writing outputs the killed stage no longer owns. `PR_SET_PDEATHSIG` fires when the parent
+    *thread* exits (a pool starts its workers from a short-lived helper thread), so a daemon
+    thread waits on the parent's pidfd instead (Linux >= 5.3), or polls `getppid` elsewhere.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(parent)
+        except (AttributeError, OSError):  # not Linux, or the parent is already gone
+            while os.getppid() == parent:
+                time.sleep(0.1)
+        else:
+            select.select([fd], [], [])  # readable when the parent exits
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _free_port() -> int:
@@ -116,6 +141,7 @@ def prefect_api() -> Iterator[str]:
     The private server stops when this process exits (at exit, after Prefect has flushed its
     events, or by the kernel's death signal on `kill -9`), not when the block ends.
     """
+    from prefect.context import refresh_global_settings_context
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     configured = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
@@ -126,5 +152,9 @@ def prefect_api() -> Iterator[str]:
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90))
     _wait_healthy(proc, url, timeout)
     os.environ["PREFECT_API_URL"] = url  # child processes share this server
+    # and so do this process's threads that start without the settings context of the flow
+    # (a process pool's message forwarder, which otherwise starts an ephemeral server of
+    # Prefect's own for the workers' events: one that a `kill -9` of the stage leaves running)
+    refresh_global_settings_context()
     with temporary_settings(updates={PREFECT_API_URL: url}):
         yield url
