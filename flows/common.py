@@ -22,7 +22,7 @@ from deepalign.config import Count, Positive, build, load_section, one_of, pick,
 from deepalign.errors import DeepAlignError
 from deepalign.io import clean_stale_temps, digest, write_json
 from deepalign.threads import ALLOCATOR_ENV, configure_process, threads_for
-from flows.server import exit_with_parent, prefect_api
+from flows.server import exit_with_parent, prefect_api, set_exit_code
 from flows.stages import ROLES, Paths, Stage
 
 EXPERIMENT = "deepalign"
@@ -261,4 +261,8 @@ def cli(flow: Flow) -> None:
         ]
     )
     main.__doc__ = flow.fn.__doc__
-    typer.run(main)
+    try:
+        typer.run(main)
+    except SystemExit as done:
+        set_exit_code(done.code)
+        raise

@@ -32,6 +32,31 @@ PR_SET_PDEATHSIG = 1
 # `python -m flows.<module>` commands that never run a flow: no server for them
 NO_FLOW = {"flows.dvcgen", "flows.imports", "flows.stages", "flows.server", "flows.schedule"}
 _early: dict[str, tuple[subprocess.Popen, str]] = {}
+_exit: dict[str, int] = {}  # a stage command's exit status, once its command line returned
+
+
+def end_without_teardown() -> None:
+    """Make a stage command end right after its exit handlers (Prefect's flush, the private
+    server's stop, logging), skipping the interpreter's teardown of torch, Prefect and MLflow:
+    ~2 s of freeing objects per stage on 2 cores. Registered first, so it runs last; only
+    after `cli` recorded the status (an uncaught exception takes the usual way out)."""
+
+    def end() -> None:
+        import logging
+
+        if "code" not in _exit:
+            return
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit["code"])
+
+    atexit.register(end)
+
+
+def set_exit_code(code: object) -> None:
+    """The status a stage command ends with (a `SystemExit` code: None, an int or a message)."""
+    _exit["code"] = code if isinstance(code, int) else (0 if code is None else 1)
 
 
 def _die_with_parent() -> None:
@@ -96,12 +121,13 @@ def stage_command() -> str | None:
 
 
 def start_early() -> None:
-    """Start the private server now when this process is a stage command that will need one
-    (no `PREFECT_API_URL`, not `--help`)."""
+    """In a stage command: end it without teardown, and start the private server now when
+    it will need one (no `PREFECT_API_URL`, not `--help`)."""
     module = stage_command()
-    if module is None or module in NO_FLOW or os.environ.get("PREFECT_API_URL"):
+    if module is None or module in NO_FLOW:
         return
-    if {"--help", "-h"} & set(sys.orig_argv):
+    end_without_teardown()
+    if os.environ.get("PREFECT_API_URL") or {"--help", "-h"} & set(sys.orig_argv):
         return
     _early["server"] = _start()
 

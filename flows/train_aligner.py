@@ -19,37 +19,45 @@ from flows.stages import Paths, Stage
 STAGE = Stage(
     "train_aligner",
     configs={"data_cfg": "data", "cfg": "aligner"},
-    params=("data", "aligner"),
+    params=("runner", "data", "aligner"),
     deps={"zoo": "zoo"},
     persist={"out": "aligner"},
     metrics={"metrics": "metrics/train_aligner.json"},
     notes={"out": "(`<arch>.pt`; `<arch>.state.pt` to resume)"},
+    fan_out=True,  # one task per architecture
 )
 
 
-def _log_epoch(epoch: int, metrics: dict[str, float], _: object) -> None:
-    mlflow.log_metrics(metrics, step=epoch)
-
-
 @task(cache_policy=NO_CACHE)
-def train_one_arch(arch: str, run: StageRun, data: Dataset, cfg: trainer.AlignerCfg) -> dict:
-    """Train (or resume) the aligner of one architecture; log its losses per epoch."""
-    zoo, out = load_zoo(run.io.zoo / arch), run.io.out
+def train_one_arch(arch: str, io: Paths, data: Dataset, cfg: trainer.AlignerCfg) -> dict:
+    """Train (or resume) the aligner of one architecture and save it; its numbers, its
+    device and its losses per epoch (`history`, for MLflow)."""
+    zoo, out = load_zoo(io.zoo / arch), io.out
     device = resolve_device(cfg.device)
-    fp = trainer.aligner_fingerprint(cfg, zoo.arch, run.io.zoo / arch / "manifest.json", data)
+    fp = trainer.aligner_fingerprint(cfg, zoo.arch, io.zoo / arch / "manifest.json", data)
+    history: list[tuple[int, dict[str, float]]] = []
+    state = out / f"{arch}.state.pt"
+    model, result = trainer.train(
+        zoo, data, cfg, device, state, fp, on_epoch=lambda e, m, _: history.append((e, dict(m)))
+    )
+    test = zoo.nets[torch.tensor(zoo.indices("test"))].to(device)
+    recovered = trainer.augmented_recovery(model, test, cfg.augment, seed=1)
+    result["test_planted_recovery_augmented"] = recovered
+    meta = {"fingerprint": fp, "device": str(device)} | result
+    save_aligner(out / f"{arch}.pt", model, zoo.arch, meta)
+    numbers = {k: float(v) for k, v in result.items() if k != "epoch"}
+    numbers |= {"device_cuda": float(device.type == "cuda")}
+    return {"numbers": numbers, "device": str(device), "history": history}
+
+
+def log_arch_run(run: StageRun, arch: str, trained: dict) -> None:
+    """One nested MLflow run per architecture: its device, losses per epoch, checkpoint."""
     tags = {"stage": STAGE.name, "arch": arch}
     with mlflow.start_run(run_name=arch, nested=True, parent_run_id=run.id, tags=tags):
-        mlflow.log_params({"arch": arch, "device": str(device)})
-        state = out / f"{arch}.state.pt"
-        model, result = trainer.train(zoo, data, cfg, device, state, fp, on_epoch=_log_epoch)
-        test = zoo.nets[torch.tensor(zoo.indices("test"))].to(device)
-        recovered = trainer.augmented_recovery(model, test, cfg.augment, seed=1)
-        result["test_planted_recovery_augmented"] = recovered
-        meta = {"fingerprint": fp, "device": str(device)} | result
-        save_aligner(out / f"{arch}.pt", model, zoo.arch, meta)
-        mlflow.log_artifact(str(out / f"{arch}.pt"))
-    numbers = {k: float(v) for k, v in result.items() if k != "epoch"}
-    return numbers | {"device_cuda": float(device.type == "cuda")}
+        mlflow.log_params({"arch": arch, "device": trained["device"]})
+        for epoch, metrics in trained["history"]:
+            mlflow.log_metrics(metrics, step=epoch)
+        mlflow.log_artifact(str(run.io.out / f"{arch}.pt"))
 
 
 @flow(name="train_aligner", validate_parameters=False)
@@ -57,7 +65,14 @@ def train_aligner(io: Paths, data_cfg: DataCfg, cfg: trainer.AlignerCfg) -> dict
     """Train DEEP-ALIGN for every configured architecture and record it in MLflow."""
     data = load_dataset(data_cfg)
     with stage_run(STAGE, io, data_cfg, cfg) as run:
-        run.metrics["metrics"] = {a: train_one_arch(a, run, data, cfg) for a in cfg.archs}
+        # fan-out: one task per architecture (worker processes train them side by side);
+        # MLflow written from here alone
+        futures = {arch: train_one_arch.submit(arch, io, data, cfg) for arch in cfg.archs}
+        run.metrics["metrics"] = {}
+        for arch, future in futures.items():
+            trained = future.result()
+            log_arch_run(run, arch, trained)
+            run.metrics["metrics"][arch] = trained["numbers"]
     return run.metrics
 
 

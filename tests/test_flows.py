@@ -110,6 +110,12 @@ def test_train_align_evaluate_flows_chain(workdir):
     query = "tags.stage = 'align' and tags.method = 'weight_matching'"
     found = mlflow.search_runs(experiment_names=["deepalign"], filter_string=query)
     assert sorted(found["tags.arch"]) == ["cnn", "mlp"]  # one run per architecture
+    query = "tags.stage = 'train_aligner' and tags.arch = 'mlp'"
+    (trained_run,) = mlflow.search_runs(experiment_names=["deepalign"], filter_string=query)[
+        "run_id"
+    ]
+    history = mlflow.MlflowClient().get_metric_history(trained_run, "lmc")
+    assert [m.step for m in history] == [0, 1]  # per epoch, from the task's process
     chained = "tags.stage = 'evaluate' and tags.method = 'deep_align+weight_matching'"
     found = mlflow.search_runs(experiment_names=["deepalign"], filter_string=chained)
     assert len(found) == 2 and (found["metrics.loss_barrier_mean"] >= 0).all()
