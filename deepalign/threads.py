@@ -6,12 +6,13 @@ matrices of a few dozen rows: a second thread saves nothing, and while another p
 a core torch's OpenMP workers spin-wait for it. On the 2-core machine of issue 14, weight
 matching went from 12 ms to 23 ms per pair beside one busy process with 2 threads, and stayed
 at 8-12 ms with 1. So per-pair loops run inside `per_pair()`, on `pair_threads` (1) threads.
-Batched work (zoo and DEEP-ALIGN training, Sinkhorn re-basin over many pairs, interpolation
-and curve evaluation over many networks) runs one task at a time on all the cores: there a
-second thread pays (a one-thread evaluate stage took 71 s against 31 s), and two Python
-threads of small tensor ops contend for the GIL (weight matching took 0.043 s per pair beside
-a Sinkhorn task, 0.0095 s alone). Dask workers are processes: each gets cores / workers
-threads.
+Batched work (zoo and DEEP-ALIGN training, Sinkhorn re-basin and STE over many pairs,
+interpolation and curve evaluation over many networks) uses the cores its process was given:
+all of them in a stage's own process (a one-thread evaluate stage took 71 s against 31 s),
+`cores / workers` in each worker process of a fanning-out stage (`threads_for`). Two worker
+processes of one thread beat one of two threads on 2 cores (batched CNN training: 1.32x the
+throughput), and two Python threads of small tensor ops contend for the GIL (weight matching
+took 0.043 s per pair beside a Sinkhorn task, 0.0095 s alone), hence processes, not threads.
 
 `OMP_NUM_THREADS`, when set, is the number of cores this process may use.
 
