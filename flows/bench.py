@@ -23,7 +23,15 @@ from deepalign.methods import MethodsCfg, Problem, check_methods
 from deepalign.methods.weight_matching import WeightMatchingCfg
 from deepalign.threads import available_cores, threads
 from deepalign.zoo.build import NetCfg, ZooCfg, init_network, make_arch
-from flows.common import RUNNERS, RunnerCfg, cli, stage_run, stage_runner, task_runner
+from flows.common import (
+    RUNNERS,
+    RunnerCfg,
+    cli,
+    restored_environ,
+    stage_run,
+    stage_runner,
+    task_runner,
+)
 from flows.stages import Paths, Stage
 from flows.zoo import STAGE as ZOO
 from flows.zoo import train_group
@@ -96,7 +104,11 @@ def time_runners(
         out |= {f"{kind}_workers": cfg.workers, f"{kind}_threads": n_threads}
         for size, key in ((1, f"{kind}_one_network_s"), (n, f"{kind}_s")):
             sized = dataclasses.replace(net, n_train=size, n_val=0, n_test=0)
-            with tempfile.TemporaryDirectory(prefix="deepalign-runner-") as tmp, threads(n_threads):
+            with (
+                tempfile.TemporaryDirectory(prefix="deepalign-runner-") as tmp,
+                threads(n_threads),
+                restored_environ(),
+            ):
                 start = time.perf_counter()
                 records = zoo_chunks.with_options(task_runner=task_runner(cfg, n_threads))(
                     Path(tmp) / name, sized, data, data_cfg, zoo_cfg

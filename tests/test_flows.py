@@ -124,10 +124,11 @@ def test_train_align_evaluate_flows_chain(workdir):
 
 
 def test_process_and_dask_runners_give_the_same_zoo_and_alignment(workdir):
+    from deepalign.threads import ALLOCATOR_ENV
     from flows import align as align_stage
     from flows import zoo as zoo_stage
     from flows.align import align
-    from flows.common import RunnerCfg, task_runner
+    from flows.common import RunnerCfg, restored_environ, task_runner
     from flows.zoo import zoo
 
     params = tiny_params()
@@ -136,18 +137,23 @@ def test_process_and_dask_runners_give_the_same_zoo_and_alignment(workdir):
     # the thread runner (one thread: torch calls from two threads at once share its pool and
     # can split reductions differently) against one worker process of a process pool and of
     # a local Dask cluster with the same number of torch threads: the same float arithmetic
-    for kind, workers in (("threads", 1), ("processes", 1), ("dask", 1)):
-        cfg = RunnerCfg(kind=kind, workers=workers, address="", threads=0, pair_threads=1)
-        runner = task_runner(cfg, torch.get_num_threads())
-        out = workdir / kind
-        metrics = zoo.with_options(task_runner=runner)(
-            zoo_stage.STAGE.paths(out), **configs(zoo, params)
-        )["metrics"]
-        align.with_options(task_runner=task_runner(cfg, torch.get_num_threads()))(
-            align_stage.STAGE.paths(out), **configs(align, params)
-        )
-        run = torch.load(out / "aligned" / "mlp" / "weight_matching.pt", weights_only=True)
-        results[kind] = (metrics, run["perms"], run["objective"])
+    before = dict(os.environ)
+    with restored_environ():
+        for kind, workers in (("threads", 1), ("processes", 1), ("dask", 1)):
+            cfg = RunnerCfg(kind=kind, workers=workers, address="", threads=0, pair_threads=1)
+            runner = task_runner(cfg, torch.get_num_threads())
+            out = workdir / kind
+            metrics = zoo.with_options(task_runner=runner)(
+                zoo_stage.STAGE.paths(out), **configs(zoo, params)
+            )["metrics"]
+            align.with_options(task_runner=task_runner(cfg, torch.get_num_threads()))(
+                align_stage.STAGE.paths(out), **configs(align, params)
+            )
+            run = torch.load(out / "aligned" / "mlp" / "weight_matching.pt", weights_only=True)
+            results[kind] = (metrics, run["perms"], run["objective"])
+        # Dask's nannies wrote the workers' settings into this process's environment
+        assert os.environ["MALLOC_TRIM_THRESHOLD_"] == ALLOCATOR_ENV["MALLOC_TRIM_THRESHOLD_"]
+    assert dict(os.environ) == before  # and the block took them back out
     m_threads, p_threads, o_threads = results.pop("threads")
     for m_other, p_other, o_other in results.values():
         for arch in ("mlp", "cnn"):

@@ -122,7 +122,8 @@ print(mapped, after - before, faults() - after, mallinfo2().fordblks)
 def _allocations(mode: str) -> tuple[int, int, int, int]:
     """(allocations of 16 MiB served by mmap, page faults of those 20, page faults counted
     for touching 16384 fresh pages, free bytes kept in the heap) in a fresh process."""
-    env = os.environ | {"MALLOC_TRIM_THRESHOLD_": "65536"}  # as Dask starts its workers
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["MALLOC_TRIM_THRESHOLD_"] = "65536"  # as Dask starts its workers
     out = subprocess.run(
         [sys.executable, "-c", _ALLOCATIONS, mode],
         env=env,
@@ -158,3 +159,4 @@ def test_local_dask_workers_start_with_the_thread_and_allocator_policy():
     env = dask.config.get("distributed.nanny.pre-spawn-environ")
     assert env["OMP_NUM_THREADS"] == "3"
     assert all(env[k] == v for k, v in ALLOCATOR_ENV.items())
+    assert dask.config.get("distributed.worker.profile.enabled") is False  # no stack sampling
