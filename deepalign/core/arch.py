@@ -173,6 +173,11 @@ def mlp_arch(in_dim: int, hidden: list[int], out_dim: int, activation: str) -> A
     return Arch(tuple(modules), (in_dim,))
 
 
+def conv_side(size: int, kernel: int, stride: int, padding: int) -> int:
+    """The output height (or width) of a convolution over `size` rows (or columns)."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
 def cnn_arch(
     input_shape: tuple[int, int, int],
     channels: list[int],
@@ -188,11 +193,7 @@ def cnn_arch(
     c, h, w = input_shape
     for out_c, s in zip(channels, strides, strict=True):
         modules += [Module("conv", c, out_c, kernel, s, kernel // 2), Module(activation)]
-        c, h, w = (
-            out_c,
-            (h + 2 * (kernel // 2) - kernel) // s + 1,
-            (w + 2 * (kernel // 2) - kernel) // s + 1,
-        )
+        c, h, w = out_c, conv_side(h, kernel, s, kernel // 2), conv_side(w, kernel, s, kernel // 2)
     modules += [Module("flatten"), Module("linear", c * h * w, out_dim)]
     return Arch(tuple(modules), tuple(input_shape))
 
@@ -315,6 +316,11 @@ def per_pass(arch: Arch, other: int) -> int:
     return max(1, ACTIVATION_BUDGET // (other * widest(arch)))
 
 
+def passes(count: int, step: int) -> list[slice]:
+    """`count` items (networks, pairs, images) in slices of `step`, one per forward pass."""
+    return [slice(i, i + step) for i in range(0, count, step)]
+
+
 def widest(arch: Arch) -> int:
     """The most values one example has at any layer (input included): (C * H * W) or units."""
     shape = arch.input_shape
@@ -323,7 +329,7 @@ def widest(arch: Arch) -> int:
         if m.kind == "linear":
             shape = (m.out_dim,)
         elif m.kind == "conv":
-            side = [(d + 2 * m.padding - m.kernel) // max(m.stride, 1) + 1 for d in shape[1:]]
+            side = [conv_side(d, m.kernel, max(m.stride, 1), m.padding) for d in shape[1:]]
             shape = (m.out_dim, *side)
         elif m.kind in ("maxpool", "avgpool"):
             shape = (shape[0], *(d // m.kernel for d in shape[1:]))

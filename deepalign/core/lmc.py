@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepalign.core.arch import Arch, as_input, forward_batched, per_pass
+from deepalign.core.arch import Arch, as_input, forward_batched, passes, per_pass
 from deepalign.core.data import Split
 from deepalign.core.permspec import Perm, PermSpec, apply_permutation, invert, random_permutation
 from deepalign.core.weightspace import WeightSpace, lerp, stack
@@ -51,9 +51,9 @@ def evaluate_networks(
         group = nets[start : start + chunk]
         ce_sum = torch.zeros(group.batch_size, dtype=torch.float64)
         hits = torch.zeros(group.batch_size, dtype=torch.float64)
-        for i in range(0, len(y), images):
-            logits = forward_batched(arch, group, x[i : i + images])  # (b, n, C)
-            part = y[i : i + images]
+        for rows in passes(len(y), images):
+            logits = forward_batched(arch, group, x[rows])  # (b, n, C)
+            part = y[rows]
             ce = F.cross_entropy(
                 logits.transpose(1, 2), part.expand(logits.shape[0], -1), reduction="none"
             )

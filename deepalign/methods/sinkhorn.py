@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepalign.config import Count, Positive, PositiveFloat, Seed, one_of
-from deepalign.core.arch import as_input, forward_batched, per_pass
+from deepalign.core.arch import as_input, forward_batched, passes, per_pass
 from deepalign.core.assignment import Answer, sinkhorn
 from deepalign.core.permspec import Perm, apply_soft_permutation
 from deepalign.core.weightspace import lerp
@@ -79,8 +79,7 @@ def _loss(pairs: Problem, soft: dict[str, Tensor], batch: Batch) -> Tensor:
 def _parts(pairs: Problem, cfg: SinkhornCfg) -> list[slice]:
     """Slices of the pairs whose forward passes keep activations within budget (`per_pass`)."""
     count = pairs.ref.batch_size
-    step = count if cfg.loss == "l2" else per_pass(pairs.arch, cfg.batch_size)
-    return [slice(i, i + step) for i in range(0, count, step)]
+    return passes(count, count if cfg.loss == "l2" else per_pass(pairs.arch, cfg.batch_size))
 
 
 def _start_logits(init: Answer | None, g: str, n: int, init_scale: float) -> Tensor:

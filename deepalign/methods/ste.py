@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepalign.config import Count, Positive, PositiveFloat, Seed, one_of
-from deepalign.core.arch import as_input, forward_batched, per_pass
+from deepalign.core.arch import as_input, forward_batched, passes, per_pass
 from deepalign.core.assignment import Answer
 from deepalign.core.permspec import Perm, apply_permutation
 from deepalign.core.weightspace import WeightSpace, lerp, stack
@@ -68,8 +68,7 @@ def ste_batch(
         lam = 0.5 if cfg.lam == "midpoint" else float(torch.rand((), generator=gen))
         x, y = as_input(arch, data.x[idx]), data.y[idx]
         opt.zero_grad(set_to_none=True)
-        for k in range(0, len(problems), step):  # pairs are independent: a pass at a time
-            part = slice(k, k + step)
+        for part in passes(len(problems), step):  # pairs are independent: a pass at a time
             projected = WeightSpace.from_tensors(
                 [f[part] + (h[part] - f[part]).detach() for f, h in zip(free, hard.tensors())]
             )
