@@ -6,10 +6,11 @@ import dataclasses
 import json
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import typer
@@ -17,26 +18,34 @@ from rich.console import Console
 from rich.table import Table
 
 from deepalign.config import MAX_POINTS, load_section
+from deepalign.console import run_app
 from deepalign.core import lmc
-from deepalign.core.arch import Arch, resolve_input, state_dict_from_weightspace
-from deepalign.core.data import DATASETS, DataCfg, Dataset, load_dataset
+from deepalign.core.arch import (
+    Arch,
+    check_fits,
+    check_same_arch,
+    resolve_input,
+    state_dict_from_weightspace,
+)
+from deepalign.core.data import DATASETS, DataCfg, Dataset, data_paths, load_dataset
 from deepalign.core.permspec import apply_permutation, perm_spec, random_permutation
 from deepalign.core.weightspace import check_same_shapes, stack
-from deepalign.errors import DeepAlignError
+from deepalign.errors import DeepAlignError, UsageError, one_line
 from deepalign.evaluation import curves as mc
+from deepalign.guard import check_io
 from deepalign.io import (
     Checkpoint,
-    check_not_input,
+    check_output,
     load_checkpoint,
     save_permuted,
     write_atomic,
 )
 from deepalign.methods import ALIGNERS, Method, MethodsCfg, Problem
 from deepalign.methods import align as align_pair
-from deepalign.methods.learned import DeepAlignCfg
+from deepalign.methods.learned import DeepAlignCfg, checkpoint_files
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
-console = Console()
+console = Console(markup=False, highlight=False)  # a path's "[...]" is text, never markup
 _state = {"debug": False}
 DEFAULT_DATA = DataCfg("digits", "data", False, 0, 0.1, 0.2)  # the split params.yaml ships
 
@@ -44,21 +53,41 @@ DEFAULT_DATA = DataCfg("digits", "data", False, 0, 0.1, 0.2)  # the split params
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
     _state["debug"] = debug
+    if not debug:  # torch's warnings (legacy files, storage) would break the one-line rule
+        warnings.simplefilter("ignore")
     torch.set_num_threads(1)  # one pair at a time: small matrices (deepalign.threads)
 
 
+def fail(message: str, code: int) -> NoReturn:
+    """One `error:` line on stderr (control characters escaped) and exit `code`."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError | torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    )
+
+
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn DeepAlignError into one line on stderr and exit 1 (traceback with --debug)."""
+    """Bad input becomes one line on stderr (traceback with --debug): exit 2 for a bad
+    command line (UsageError), 1 for a bad file, an OS error or memory running out."""
 
     @wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except DeepAlignError as e:
+        except (DeepAlignError, OSError, MemoryError, RuntimeError) as e:
             if _state["debug"]:
                 raise
-            print(f"error: {e}", file=sys.stderr)
-            raise typer.Exit(1) from None
+            if isinstance(e, DeepAlignError):
+                fail(str(e), 2 if isinstance(e, UsageError) else 1)
+            if isinstance(e, OSError):
+                fail(f"{e.filename or 'a file'}: {e.strerror or type(e).__name__}", 1)
+            if _out_of_memory(e):
+                fail("out of memory (use smaller networks, or a machine with more memory)", 1)
+            raise
 
     return run
 
@@ -73,18 +102,7 @@ def sweep(ctx: typer.Context) -> None:
 
 def main() -> None:
     """The console script: like `app`, but a bad option value is one line too (exit 2)."""
-    try:
-        code = app(standalone_mode=False)
-    except typer.Abort:
-        sys.exit(130)
-    except typer.TyperException as e:  # click's UsageError and BadParameter
-        if not hasattr(e, "format_message"):
-            raise
-        ctx = getattr(e, "ctx", None)
-        hint = f" (see '{ctx.command_path} --help')" if ctx else ""
-        print(f"error: {e.format_message()}{hint}", file=sys.stderr)
-        sys.exit(getattr(e, "exit_code", 2))
-    sys.exit(code if isinstance(code, int) else 0)
+    run_app(app)
 
 
 SEED = typer.Option(0, min=0, max=2**63 - 1, help="Seed of the random permutation.")
@@ -122,7 +140,7 @@ def info(
     spec = perm_spec(ckpt.ws)
     inferred = " (inferred from shapes: ReLU assumed, s?: stride unknown)"
     note = inferred if ckpt.arch_inferred else ""
-    console.print(f"[bold]{checkpoint}[/bold]: {ckpt.arch.describe()}{note}")
+    console.print(f"{one_line(str(checkpoint))}: {ckpt.arch.describe()}{note}")
     console.print(f"parameters: {ckpt.ws.flatten().numel():,}")
     table = Table("group", "units", "acts on (tensor, axis, block)")
     for group in spec.groups:
@@ -149,37 +167,87 @@ def permute(
     force: bool = FORCE,
 ) -> None:
     """Write a randomly permuted copy of CHECKPOINT that computes the same function."""
-    check_not_input(out, [checkpoint], force)
+    check_io({"CHECKPOINT": checkpoint}, {"--out": out}, force)
+    check_output(out)
     ckpt = load_checkpoint(checkpoint)
     spec = perm_spec(ckpt.ws)
     perm = random_permutation(spec, torch.Generator().manual_seed(seed))
     meta = {"permuted_from": str(checkpoint), "permutation_seed": seed}
     save_permuted(out, ckpt, perm, spec, meta)
-    console.print(f"wrote {out} ({', '.join(f'{g}: {n}' for g, n in spec.sizes.items())} units)")
+    units = ", ".join(f"{g}: {n}" for g, n in spec.sizes.items())
+    console.print(f"wrote {one_line(str(out))} ({units} units)")
 
 
-def _data(name: str | None, params: Path):
-    """The named data set with the split settings of params.yaml (defaults if it is absent)."""
-    if name is None:
-        return None
+def _data_cfg(name: str, params: Path) -> DataCfg:
+    """Data set `name` with the split settings of the params file (its defaults if absent)."""
+    if name not in DATASETS:
+        raise UsageError(f"--data: unknown data set '{name}' (known: {', '.join(DATASETS)})")
     cfg = load_section("data", DataCfg, params) if params.is_file() else DEFAULT_DATA
-    return load_dataset(dataclasses.replace(cfg, name=name))
+    return dataclasses.replace(cfg, name=name)
+
+
+def _data(name: str | None, params: Path) -> Dataset | None:
+    return load_dataset(_data_cfg(name, params)) if name is not None else None
+
+
+def _load_alike(ref: Path, other: Path, model: Path | None) -> tuple[Checkpoint, Checkpoint]:
+    """Both networks; a bare state_dict takes the architecture the other one records."""
+    given = _model(model)
+    a, b = load_checkpoint(ref, given), load_checkpoint(other, given)
+    if given is None and a.arch_inferred != b.arch_inferred:
+        if a.arch_inferred:
+            a = load_checkpoint(ref, b.arch)
+        else:
+            b = load_checkpoint(other, a.arch)
+    return a, b
 
 
 def _pair(
     ref: Path, other: Path, data: Dataset | None, model: Path | None
 ) -> tuple[Checkpoint, Checkpoint, Arch]:
-    """Both networks, checked alike; with data, an inferred architecture is completed."""
-    arch_given = _model(model)
-    a, b = load_checkpoint(ref, arch_given), load_checkpoint(other, arch_given)
+    """Both networks, checked alike (shapes and the whole architecture record); with data, an
+    inferred architecture is completed and both are checked against the data set."""
+    a, b = _load_alike(ref, other, model)
     check_same_shapes(a.ws, b.ws, (str(ref), str(other)))
+    check_same_arch(a.arch, b.arch, (str(ref), str(other)))
     arch = a.arch
-    if a.arch_inferred and data is not None:
-        try:
+    if data is None:
+        return a, b, arch
+    try:
+        if a.arch_inferred:
             arch = resolve_input(arch, data.image_shape)
-        except DeepAlignError as e:
-            raise DeepAlignError(f"{ref}: {e}") from e
+        check_fits(arch, data.image_shape, data.n_classes, data.name)
+    except DeepAlignError as e:
+        raise DeepAlignError(f"{ref}: {e}") from e
     return a, b, arch
+
+
+def _method(method: str) -> Method:
+    try:
+        return Method.parse(method)
+    except DeepAlignError as e:
+        raise UsageError(f"--method: {e}") from e
+
+
+def _align_reads(
+    pair: tuple[Path, Path],
+    method: str,
+    data: str | None,
+    params: Path,
+    aligner: Path | None,
+    model: Path | None,
+) -> dict[str, Path | None]:
+    """Every path an aligning command reads, by the option that names it."""
+    reads: dict[str, Path | None] = {"REF": pair[0], "OTHER": pair[1], "--model": model}
+    reads |= {"--params": params if params.is_file() else None, "--aligner": aligner}
+    if aligner is None and "deep_align" in _method(method).steps:
+        cfg = load_section("align", MethodsCfg, params, allow_extra=True)
+        for i, path in enumerate(checkpoint_files(cfg.deep_align)):
+            reads[f"align.deep_align.checkpoints[{i}]"] = path
+    if data is not None:
+        for i, path in enumerate(data_paths(_data_cfg(data, params))):
+            reads[f"--data ({i})"] = path
+    return reads
 
 
 def _align(
@@ -191,7 +259,7 @@ def _align(
     model: Path | None,
 ):
     """Load, check and align one pair with the settings of params.yaml."""
-    Method.parse(method)  # an unknown name fails before anything loads
+    _method(method)  # an unknown name fails before anything loads
     cfg = load_section("align", MethodsCfg, params, allow_extra=True)
     if aligner is not None:
         cfg = dataclasses.replace(cfg, deep_align=DeepAlignCfg([str(aligner)]))
@@ -214,8 +282,13 @@ def align_cmd(
     model: Path | None = MODEL,
     force: bool = FORCE,
 ) -> None:
-    """Permute OTHER's hidden units to match REF; the output computes OTHER's function."""
-    check_not_input(out, [ref, other], force)
+    """Permute OTHER's hidden units to match REF; the output computes OTHER's function.
+
+    It prints the weight-matching objective <REF, aligned OTHER> (higher: more alike) and the
+    L2 distance between the two networks' weights before and after aligning."""
+    reads = _align_reads((ref, other), method, data, params, aligner, model)
+    check_io(reads, {"--out": out}, force)
+    check_output(out)
     a, b, arch, problem, result, _ = _align((ref, other), method, data, params, aligner, model)
     aligned = apply_permutation(b.ws, result.perm, problem.spec)
     save_permuted(out, b, result.perm, problem.spec, {"aligned_to": str(ref), "method": method})
@@ -223,7 +296,7 @@ def align_cmd(
     after = (a.ws.flatten() - aligned.flatten()).norm().item()
     console.print(
         f"{method}: objective {result.objective:.4f}, {result.seconds * 1e3:.1f} ms; "
-        f"L2 distance to REF {before:.3f} -> {after:.3f}; wrote {out}"
+        f"L2 distance to REF {before:.3f} -> {after:.3f}; wrote {one_line(str(out))}"
     )
 
 
@@ -253,6 +326,8 @@ def interpolate(
     model: Path | None = MODEL,
 ) -> None:
     """Loss and accuracy barriers along the straight line from REF to OTHER."""
+    if points % 2 == 0:
+        raise UsageError(f"--points: {points} is even; an odd number puts lambda 0.5 on the grid")
     dataset = _data(data, params)
     a, b, arch = _pair(ref, other, dataset, model)
     curve = lmc.interpolate(arch, a.ws, b.ws, dataset.test, points)
@@ -263,7 +338,8 @@ def interpolate(
         blob = metrics | {k: v.tolist() for k, v in path.items()}
         print(json.dumps(blob, indent=2, allow_nan=False))
         return
-    table = Table("metric", "value", title=f"{ref.name} -> {other.name} on {data} test")
+    title = one_line(f"{ref.name} -> {other.name} on {data} test")
+    table = Table("metric", "value", title=title)
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4f}")
     console.print(table)
@@ -285,8 +361,10 @@ def curve(
     model: Path | None = MODEL,
 ) -> None:
     """Fit a Bezier curve from REF to aligned OTHER and compare it with the straight line."""
+    reads = _align_reads((ref, other), method, data, params, aligner, model)
+    check_io(reads, {"--out": out}, force)
+    check_output(out)
     cfg = load_section("curves", mc.CurvesCfg, params)
-    check_not_input(out, [ref, other], force)
     a, b, arch, problem, result, dataset = _align(
         (ref, other), method, data, params, aligner, model
     )
@@ -307,7 +385,7 @@ def curve(
     for key in ("mean_acc", "min_acc", "max_loss", "curve_barrier"):
         table.add_row(key, f"{metrics[key]:.4f}", f"{metrics['linear_' + key]:.4f}")
     console.print(table)
-    console.print(f"fitted in {metrics['seconds_to_fit']:.1f} s; wrote {out}")
+    console.print(f"fitted in {metrics['seconds_to_fit']:.1f} s; wrote {one_line(str(out))}")
 
 
 if __name__ == "__main__":

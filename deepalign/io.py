@@ -4,7 +4,13 @@ A deepalign checkpoint is a plain dict (loadable with `weights_only=True`):
   {"format": "deepalign/1", "arch": Arch.to_dict(), "state_dict": {...}, "meta": {...}}
 A bare `nn.Sequential` state_dict is accepted too; its architecture is inferred from shapes
 (or given). Every file is written through a temp file renamed into place, never over a
-folder or a special file, with the permissions the umask allows.
+folder or a special file, with the permissions the umask allows; the temp file's name
+(`.<name>.XXXXXXXX.deepalign.tmp`) is the one pattern `clean_stale_temps` deletes.
+
+A checkpoint is verified before it is trusted: a zip archive's CRC-32 of every member (torch's
+reader checks none, so flipped bytes inside a tensor would load), then its records by type
+and range (string keys, real floating-point tensors of at most 4 dimensions, a mapping for
+`meta`, a consistent architecture record). Every OS error names the path.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import io
 import json
 import os
 import pickle
+import re
 import stat
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +45,7 @@ from deepalign.core.arch import (
 )
 from deepalign.core.permspec import Perm, PermSpec, apply_permutation
 from deepalign.core.weightspace import WeightSpace
-from deepalign.errors import DeepAlignError
+from deepalign.errors import DeepAlignError, shown
 
 FORMAT = "deepalign/1"
 
@@ -70,6 +78,13 @@ def _umask() -> int:
 def check_output(path: Path) -> None:
     """Refuse an output path that is a folder, a special file, or under a regular file."""
     path = Path(path)
+    try:
+        _check_output(path)
+    except OSError as e:  # a name too long, a folder without permission to look in
+        raise os_error(path, e, "write") from e
+
+
+def _check_output(path: Path) -> None:
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
             raise DeepAlignError(f"{path}: cannot write under '{parent}', which is not a folder")
@@ -81,53 +96,76 @@ def check_output(path: Path) -> None:
         )
 
 
-def check_not_input(out: Path, inputs: list[Path], force: bool) -> None:
-    """Refuse to write over one of the inputs (same path, link or hard link) unless forced."""
-    check_output(out)
-    if force or not Path(out).exists():
-        return
-    for source in inputs:
-        if Path(source).exists() and os.path.samefile(out, source):
-            raise DeepAlignError(
-                f"{out}: is the input '{source}'; refusing to overwrite it (pass --force)"
-            )
+def os_error(path: Path, e: OSError, doing: str) -> DeepAlignError:
+    """An OS error as the one line users see: the path, what was being done, and why."""
+    why = e.strerror or type(e).__name__
+    return DeepAlignError(f"{path}: cannot {doing} ({why})")
+
+
+TMP_SUFFIX = ".deepalign.tmp"
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}" + re.escape(TMP_SUFFIX))
 
 
 @contextmanager
 def atomic_path(path: Path):
     """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds.
 
-    The file gets the permissions the umask allows (mkstemp alone would leave it 0600).
+    The file gets the permissions the umask allows (mkstemp alone would leave it 0600). An OS
+    error (no space, a read-only folder, a name too long) is one DeepAlignError naming `path`.
     """
     path = Path(path)
     check_output(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+        os.close(fd)
+    except OSError as e:
+        raise os_error(path, e, "write") from e
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        raise os_error(path, e, "write") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def _is_own_temp(path: Path) -> bool:
+    return _TEMP_NAME.fullmatch(path.name) is not None
+
+
 def clean_stale_temps(path: Path) -> list[Path]:
-    """Delete temp files an interrupted `atomic_path` left for `path` (a file or a folder)."""
+    """Delete the temp files an interrupted `atomic_path` left for `path`: for a file, its own
+    temps beside it; for a folder, every temp of `atomic_path`'s pattern inside it. Nothing
+    else (another program's `.x.tmp`) is touched."""
     path = Path(path)
     if path.is_dir():
-        stale = list(path.rglob(".*.tmp"))
+        stale = [p for p in path.rglob(f"*{TMP_SUFFIX}") if _is_own_temp(p)]
+    elif path.parent.is_dir():
+        pattern = f".{glob_escape(path.name)}.*{TMP_SUFFIX}"
+        stale = [p for p in path.parent.glob(pattern) if _is_own_temp(p)]
     else:
-        stale = list(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+        stale = []
     for tmp in stale:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
     return stale
 
 
+def glob_escape(name: str) -> str:
+    """`name` with glob's special characters taken literally."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write `path` through `write(tmp)`; a failed write (a full disk) names `path`."""
     with atomic_path(path) as tmp:
-        write(tmp)
+        try:
+            write(tmp)
+        except RuntimeError as e:  # torch.save's zip writer: "file write failed"
+            raise DeepAlignError(f"{path}: cannot write ({shown(str(e))})") from e
 
 
 def digest(record: Any, length: int = 16) -> str:
@@ -232,30 +270,86 @@ def compact_checkpoint(path: Path) -> bool:
     return bloated
 
 
+def check_input(path: Path, what: str = "file") -> None:
+    """Refuse an input that is missing, a folder or not a regular file, in one line."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DeepAlignError(f"{path}: no such {what}") from None
+    except OSError as e:
+        raise os_error(path, e, "read") from e
+    if stat.S_ISDIR(mode):
+        raise DeepAlignError(f"{path}: is a folder, not a {what}")
+    if not stat.S_ISREG(mode):
+        raise DeepAlignError(f"{path}: not a regular file (device, FIFO or socket)")
+
+
+def verify_archive(path: Path) -> None:
+    """Check every member of a torch zip archive against its recorded CRC-32.
+
+    torch's reader checks none, so a checkpoint with flipped bytes inside a tensor loads as
+    other weights. A member whose CRC was not recorded (0, torch's `compute_crc32` off) is
+    not checked.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0:
+                    continue
+                crc = 0
+                with archive.open(info) as member:
+                    while chunk := member.read(1 << 20):
+                        crc = zlib.crc32(chunk, crc)
+                if crc != info.CRC:
+                    raise DeepAlignError(
+                        f"{path}: corrupt checkpoint (member '{info.filename}' fails its CRC-32)"
+                    )
+    except (zipfile.BadZipFile, EOFError, ValueError, zlib.error) as e:
+        raise DeepAlignError(f"{path}: corrupt or truncated checkpoint ({shown(str(e))})") from e
+    except OSError as e:
+        raise os_error(path, e, "read") from e
+
+
 def _read(path: Path) -> Any:
-    if not path.is_file():
-        raise DeepAlignError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    check_input(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise os_error(path, e, "read") from e
     if not (magic.startswith(b"PK") or magic.startswith(b"\x80")):  # zip, or legacy pickle
         raise DeepAlignError(f"{path}: not a torch checkpoint (neither torch.save format)")
+    if magic.startswith(b"PK"):
+        verify_archive(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise DeepAlignError(
             f"{path}: holds objects that weights_only loading refuses; save a state_dict instead"
         ) from e
-    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, KeyError) as e:
+    except OSError as e:
+        raise os_error(path, e, "read") from e
+    except MemoryError as e:
+        raise DeepAlignError(f"{path}: too large to load into memory") from e
+    except Exception as e:  # torch's zip and pickle readers raise many kinds on a bad file
         raise DeepAlignError(f"{path}: corrupt torch checkpoint ({type(e).__name__})") from e
+
+
+# The dtypes a network's weights may have; float8 and the like cannot be computed on here.
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_NDIM = 4  # Linear (out, in) and Conv2d (out, in, kh, kw) weights at most
 
 
 def _check_tensor(key: str, t: Tensor) -> str | None:
     """Why tensor `key` cannot be a network parameter, or None."""
     if t.layout != torch.strided:
         return f"tensor '{key}' is sparse ({t.layout}); save dense tensors (.to_dense())"
-    if not t.is_floating_point():
+    if t.dtype not in WEIGHT_DTYPES:
         dtype = str(t.dtype).removeprefix("torch.")
-        return f"tensor '{key}' has dtype {dtype}; only real floating-point weights are aligned"
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_DTYPES)
+        return f"tensor '{key}' has dtype {dtype}; weights must be one of {allowed}"
+    if t.ndim == 0 or t.ndim > MAX_NDIM:
+        return f"tensor '{key}' has {t.ndim} dimensions {tuple(t.shape)}; 1 to {MAX_NDIM} expected"
     if 0 in t.shape:
         return f"tensor '{key}' has a zero-size dimension {tuple(t.shape)}"
     if not torch.isfinite(t).all():
@@ -265,8 +359,14 @@ def _check_tensor(key: str, t: Tensor) -> str | None:
 
 def _check_state(path: Path, state: Any) -> dict[str, Tensor]:
     """The state_dict's tensors as they are stored (dtype kept), or an error naming the key."""
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+    if not isinstance(state, dict):
         raise DeepAlignError(f"{path}: not a state_dict or deepalign checkpoint")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise DeepAlignError(f"{path}: state_dict key {shown(key)} is not a string")
+        if not isinstance(value, Tensor):
+            kind = type(value).__name__
+            raise DeepAlignError(f"{path}: state_dict entry '{key}' is a {kind}, not a tensor")
     try:
         reject_normalisation(state)
     except DeepAlignError as e:
@@ -276,6 +376,13 @@ def _check_state(path: Path, state: Any) -> dict[str, Tensor]:
         if problem:
             raise DeepAlignError(f"{path}: {problem}")
     return state
+
+
+def _check_meta(path: Path, meta: Any) -> dict[str, Any]:
+    """A checkpoint's `meta` record: a mapping with string keys."""
+    if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
+        raise DeepAlignError(f"{path}: 'meta' must be a mapping of names, got {shown(meta)}")
+    return dict(meta)
 
 
 def _ours(path: Path, blob: Any) -> bool:
@@ -304,7 +411,7 @@ def load_checkpoint(path: Path | str, model: Arch | None = None) -> Checkpoint:
         native = weightspace_from_state_dict(arch, state)
     except DeepAlignError as e:
         raise DeepAlignError(f"{path}: {e}") from e
-    meta = dict(blob.get("meta", {})) if is_ours else {}
+    meta = _check_meta(path, blob.get("meta", {})) if is_ours else {}
     ws = native.map(Tensor.float)
     return Checkpoint(arch, ws, native, not is_ours, not is_ours and model is None, meta)
 

@@ -11,6 +11,9 @@ _DEFAULTS = {
     "DO_NOT_TRACK": "true",  # Prefect SDK and MLflow telemetry (MLflow wants the literal "true")
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # Prefect server telemetry
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # MLflow announces at INFO that it creates its store's tables and the experiment: a stage's
+    # first run in a fresh project would print three lines before its own one-line error
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
     "DVC_NO_ANALYTICS": "1",
     # absolute, so Dask workers and `dvc exp run --temp` copies log to the project's store
     "MLFLOW_TRACKING_URI": f"sqlite:///{Path.cwd() / 'mlflow.db'}",
@@ -30,6 +33,7 @@ for _key, _value in _DEFAULTS.items():
 
 # Prefect's event queue warns "Still processing items" at every short-lived process exit.
 logging.getLogger("EventsWorker").setLevel(logging.ERROR)
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 # A stage command starts its private Prefect server before its own imports (flows/server.py).
 from flows.server import start_early  # noqa: E402

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from prefect import flow, task
@@ -13,7 +12,7 @@ from deepalign.core.data import DataCfg, Dataset, load_dataset
 from deepalign.evaluation.experiment import AlignCfg, run_fingerprint, run_method
 from deepalign.evaluation.pairs import load_run, save_run
 from deepalign.methods import Method
-from deepalign.zoo.store import Zoo, load_zoo
+from deepalign.zoo.store import Zoo, load_zoo, zoo_digest
 from flows.common import cli, log_method_run, stage_run
 from flows.stages import Paths, Stage
 
@@ -29,10 +28,15 @@ STAGE = Stage(
 )
 
 
-@functools.cache
-def zoo_of(folder: Path) -> Zoo:
-    """The zoo in `folder`, read once per process (not once per method)."""
-    return load_zoo(folder)
+_ZOOS: dict[tuple[Path, str], Zoo] = {}
+
+
+def zoo_of(folder: Path, data: Dataset, digest: str) -> Zoo:
+    """The zoo in `folder` with content `digest`, read (and checked against `data`) once per
+    process, not once per method."""
+    if (folder, digest) not in _ZOOS:
+        _ZOOS[(folder, digest)] = load_zoo(folder, data)
+    return _ZOOS[(folder, digest)]
 
 
 @task(cache_policy=NO_CACHE)
@@ -42,10 +46,11 @@ def align_method(
     """Align one architecture's pairs with one method, unless already done with these
     settings; its mean seconds per pair and planted recovery."""
     path = io.out / arch / f"{method}.pt"
-    fp = run_fingerprint(method, cfg, data_cfg, io.zoo / arch / "manifest.json")
+    content = zoo_digest(io.zoo / arch)
+    fp = run_fingerprint(method, cfg, data_cfg, content)
     result = load_run(path, fp)
     if result is None:
-        result = run_method(method, zoo_of(io.zoo / arch), data, cfg)
+        result = run_method(method, zoo_of(io.zoo / arch, data, content), data, cfg)
         save_run(path, result, fp)
     seconds, recovery = result.seconds.mean().item(), result.planted_recovery.mean().item()
     return {"seconds_per_pair": seconds, "planted_recovery": recovery}

@@ -20,7 +20,10 @@ from prefect import Flow
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from deepalign.config import Count, Positive, build, load_section, one_of, pick, read_params
-from deepalign.errors import DeepAlignError
+from deepalign.console import run_app
+from deepalign.core.data import DataCfg, data_paths
+from deepalign.errors import DeepAlignError, UsageError, one_line
+from deepalign.guard import check_io
 from deepalign.io import clean_stale_temps, digest, write_json
 from deepalign.threads import ALLOCATOR_ENV, configure_process, threads_for
 from flows.server import exit_with_parent, prefect_api, set_exit_code
@@ -215,14 +218,46 @@ def task_runner(cfg: RunnerCfg, threads: int = 1) -> TaskRunner:
 
 @contextmanager
 def one_line_errors(debug: bool = False) -> Iterator[None]:
-    """Bad input (DeepAlignError) becomes one line on stderr and exit 1; --debug re-raises."""
+    """Bad input becomes one line on stderr (control characters escaped): exit 2 for a bad
+    command line (UsageError), 1 for bad files or params and OS errors; --debug re-raises."""
     try:
         yield
-    except DeepAlignError as e:
+    except (DeepAlignError, OSError, MemoryError) as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(1) from None
+        if isinstance(e, OSError):
+            message = f"{e.filename or 'a file'}: {e.strerror or type(e).__name__}"
+        elif isinstance(e, MemoryError):
+            message = "out of memory (lower the sizes in params.yaml)"
+        else:
+            message = str(e)
+        print(f"error: {one_line(message)}", file=sys.stderr)
+        raise typer.Exit(2 if isinstance(e, UsageError) else 1) from None
+
+
+def stage_folders(stage: Stage, io: Paths) -> dict[str, Path]:
+    """The folders a stage reads named files from (those files are among its `reads`)."""
+    return {f"--{k}": io.at[k] for k, role in stage.roles().items() if role == "folders"}
+
+
+def stage_reads(stage: Stage, io: Paths, params: Path) -> dict[str, Path]:
+    """Every path a stage reads, by the option (or declaration) that names it; its `folders`
+    apart (`stage_folders`)."""
+    reads = {f"--{k}": io.at[k] for k, role in stage.roles().items() if role == "deps"}
+    declared = {f"the stage's input {p}": Path(p) for p in stage.reads}
+    return {"--params": params, **reads, **declared}
+
+
+def data_reads(configs: Any) -> dict[str, Path]:
+    """The data files or folders a stage's data settings read."""
+    found = [c for c in configs if isinstance(c, DataCfg)]
+    return {f"data ({p})": p for cfg in found for p in data_paths(cfg)}
+
+
+def stage_writes(stage: Stage, io: Paths) -> dict[str, Path]:
+    """Every path a stage writes, by its option."""
+    written = {role for role in ROLES if role not in ("folders", "deps")}
+    return {f"--{k}": io.at[k] for k, role in stage.roles().items() if role in written}
 
 
 def stage_of(flow: Flow) -> Stage:
@@ -254,12 +289,17 @@ def cli(flow: Flow) -> None:
 
     def main(params: Path, debug: bool, **paths: Path) -> None:
         with one_line_errors(debug):
+            io = stage.paths(**paths)
+            reads, writes = stage_reads(stage, io, params), stage_writes(stage, io)
+            folders = stage_folders(stage, io)
+            check_io(reads, writes, stage=True, folders=folders)
             configs = flow_configs(flow, read_params(params), params)
+            reads |= data_reads(configs.values())
+            check_io(reads, writes, stage=True, folders=folders)
             runner_cfg = load_section("runner", RunnerCfg, params)
             runner_cfg, threads = stage_runner(stage, runner_cfg)
             configure_process(threads_for(1, runner_cfg.threads), runner_cfg.pair_threads)
             runner = task_runner(runner_cfg, threads)
-            io = stage.paths(**paths)
             for path in stage.written(io):
                 clean_stale_temps(path)
             with prefect_api():
@@ -283,8 +323,10 @@ def cli(flow: Flow) -> None:
         ]
     )
     main.__doc__ = flow.fn.__doc__
+    app = typer.Typer(add_completion=False, rich_markup_mode=None)
+    app.command()(main)
     try:
-        typer.run(main)
+        run_app(app, sys.argv[1:])
     except SystemExit as done:
         set_exit_code(done.code)
         raise

@@ -34,7 +34,7 @@ def converge_arch(
     arch: str, run: StageRun, data: Dataset, methods: MethodsCfg, cfg: cv.ConvergeCfg
 ) -> dict:
     """Barrier-vs-steps of the three starts on one architecture's test pairs."""
-    rows, layers = cv.refine_rows(arch, load_zoo(run.io.zoo / arch), data, methods, cfg)
+    rows, layers = cv.refine_rows(arch, load_zoo(run.io.zoo / arch, data), data, methods, cfg)
     summary = cv.summarize_convergence(rows, cfg.steps, methods.sinkhorn.steps)
     summary["deep_align"]["per_group"] = cv.summarize_layers(layers)
     figure = run.io.plots / f"refine_convergence_{arch}.png"

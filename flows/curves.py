@@ -32,7 +32,7 @@ STAGE = Stage(
 @task(cache_policy=NO_CACHE)
 def curves_for_arch(arch: str, run: StageRun, data: Dataset, cfg: mc.CurvesCfg) -> dict:
     """Fit and score curves for every method's alignment of one architecture's pairs."""
-    zoo, results, k = load_zoo(run.io.zoo / arch), {}, cfg.pairs
+    zoo, results, k = load_zoo(run.io.zoo / arch, data), {}, cfg.pairs
     for method in cfg.methods:
         aligned = saved_run(run.io.aligned, arch, method)
         a, _, b = mc.endpoints(zoo.nets, aligned.pairs[:k], aligned.perms)

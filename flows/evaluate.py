@@ -35,7 +35,7 @@ def evaluate_arch(
     arch: str, methods: list[str], run: StageRun, data: Dataset, cfg: EvaluateCfg
 ) -> tuple[dict, list[dict]]:
     """Curves and metrics of every method on one architecture's pairs."""
-    zoo = load_zoo(run.io.zoo / arch)
+    zoo = load_zoo(run.io.zoo / arch, data)
     summary, rows, curves = {}, [], {}
     for method in methods:
         result = saved_run(run.io.aligned, arch, method)

@@ -8,6 +8,8 @@ dvc.lock; each stage still runs its own flow (its own flow run in the Prefect UI
 
 from __future__ import annotations
 
+import copy
+import importlib
 import itertools
 import json
 import os
@@ -15,15 +17,23 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import typer
-import yaml
 from prefect import flow, get_run_logger, task
 
 import flows  # noqa: F401  (offline defaults first)
-from deepalign.errors import DeepAlignError
-from flows.common import EXPERIMENT, flat_metrics, git_commit, one_line_errors
+from deepalign.config import build, parse_params, pick, read_params
+from deepalign.errors import DeepAlignError, UsageError
+from flows.common import (
+    EXPERIMENT,
+    RunnerCfg,
+    flat_metrics,
+    flow_configs,
+    git_commit,
+    one_line_errors,
+)
 from flows.server import prefect_api
 
 
@@ -72,28 +82,58 @@ def pipeline(workdir: str = ".", targets: list[str] | None = None, force: bool =
 
 
 def parse_grid(overrides: list[str]) -> dict[str, list]:
-    """['align.pairs=20,50', 'aligner.lr_schedule=cosine'] -> {'align.pairs': [20, 50], ...};
-    each value is read as YAML (numbers, booleans, strings)."""
+    """['align.pairs=20,50', 'align.methods=[naive,ste],[naive]'] -> {'align.pairs': [20, 50],
+    'align.methods': [['naive', 'ste'], ['naive']]}: the values after '=' are read as one YAML
+    flow list, so a value may itself be a list (numbers, booleans and strings as YAML reads
+    them)."""
     grid: dict[str, list] = {}
     for item in overrides:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
-            raise DeepAlignError(f"'{item}': write an override as key=value[,value...]")
+            raise UsageError(f"'{item}': write an override as key=value[,value...]")
         if key in grid:
-            raise DeepAlignError(f"'{key}' is given twice")
-        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+            raise UsageError(f"'{key}' is given twice")
+        try:
+            grid[key] = parse_params(f"v: [{values}]")["v"]
+        except DeepAlignError as e:
+            raise UsageError(f"'{item}': the values are not a YAML list ({e})") from e
     return grid
 
 
-def check_keys(grid: dict[str, list], params: Path) -> None:
-    """Every override names a key that params.yaml has, or an error naming the first that not."""
-    tree = yaml.safe_load(params.read_text())
-    for key in grid:
-        node = tree
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise DeepAlignError(f"{params}: no key '{key}' to sweep ('{part}' is unknown)")
-            node = node[part]
+def _set(tree: dict, key: str, value: Any, where: Path) -> None:
+    """tree[a][b][c] = value for key 'a.b.c'; the key must exist already."""
+    *parents, last = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or last not in node:
+        raise UsageError(f"{where}: no key '{key}' to sweep")
+    node[last] = value
+
+
+def check_grid(grid: dict[str, list], params: Path) -> None:
+    """Every combination of the overrides applied to the params file and checked as the stages
+    will check it, before any experiment runs: errors name the combination."""
+    tree = read_params(params)
+    for combo in _combinations(grid):
+        changed = copy.deepcopy(tree)
+        for key, value in combo.items():
+            _set(changed, key, value, params)
+        try:
+            check_params(changed, params)
+        except DeepAlignError as e:
+            shown_combo = ", ".join(f"{k}={json.dumps(v)}" for k, v in combo.items())
+            raise DeepAlignError(f"with {shown_combo}: {e}") from e
+
+
+def check_params(tree: dict, where: Path) -> None:
+    """Build every stage's configs (and the runner's) from `tree`; the first bad key raises."""
+    from flows.dvcgen import discover
+
+    for stage in discover():
+        flow = getattr(importlib.import_module(f"flows.{stage.name}"), stage.name)
+        flow_configs(flow, tree, where)
+    build(RunnerCfg, pick(tree, "runner", where), f"{where}: runner")
 
 
 def _combinations(grid: dict[str, list]) -> list[dict]:
@@ -134,7 +174,10 @@ def main(
     """Run every combination of the overrides as a DVC experiment, each logged to MLflow."""
     with one_line_errors(debug):
         grid = parse_grid(overrides)
-        check_keys(grid, workdir / "params.yaml")
+        params = workdir / "params.yaml"
+        if not (workdir / "dvc.yaml").is_file() or not params.is_file():
+            raise UsageError(f"{workdir}: not a deepalign project (no dvc.yaml and params.yaml)")
+        check_grid(grid, params)
         with prefect_api():
             for found in sweep(grid, str(workdir), metrics):
                 print(json.dumps(found["params"]), "done")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deepalign.errors import DeepAlignError
+from deepalign.errors import UsageError
 
 # Path roles, in the order of the command's options: what DVC does with each.
 ROLES = {
@@ -87,7 +87,7 @@ class Stage:
         """The stage's paths: the pipeline's, under `root` when given, replaced by `given`."""
         unknown = set(given) - set(self.defaults())
         if unknown:
-            raise DeepAlignError(f"stage {self.name}: no path option {sorted(unknown)}")
+            raise UsageError(f"stage {self.name}: no path option {sorted(unknown)}")
         base = {k: root / p if root else p for k, p in self.defaults().items()}
         return Paths(base | {k: Path(v) for k, v in given.items()})
 

@@ -12,7 +12,7 @@ from deepalign.core.data import DataCfg, Dataset, load_dataset
 from deepalign.methods.deep_align import train as trainer
 from deepalign.methods.deep_align.checkpoint import save_aligner
 from deepalign.zoo.build import resolve_device
-from deepalign.zoo.store import load_zoo
+from deepalign.zoo.store import load_zoo, zoo_digest
 from flows.common import StageRun, cli, stage_run
 from flows.stages import Paths, Stage
 
@@ -32,9 +32,9 @@ STAGE = Stage(
 def train_one_arch(arch: str, io: Paths, data: Dataset, cfg: trainer.AlignerCfg) -> dict:
     """Train (or resume) the aligner of one architecture and save it; its numbers, its
     device and its losses per epoch (`history`, for MLflow)."""
-    zoo, out = load_zoo(io.zoo / arch), io.out
+    zoo, out = load_zoo(io.zoo / arch, data), io.out
     device = resolve_device(cfg.device)
-    fp = trainer.aligner_fingerprint(cfg, zoo.arch, io.zoo / arch / "manifest.json", data)
+    fp = trainer.aligner_fingerprint(cfg, zoo.arch, zoo_digest(io.zoo / arch), data)
     history: list[tuple[int, dict[str, float]]] = []
     state = out / f"{arch}.state.pt"
     model, result = trainer.train(

@@ -17,7 +17,6 @@ import pytest
 import torch
 import yaml
 from torch import nn
-from typer.testing import CliRunner
 
 from deepalign.cli import app
 from deepalign.config import load_section
@@ -32,54 +31,14 @@ from deepalign.methods.deep_align.train import AlignerCfg
 from deepalign.zoo.build import ZooCfg, init_network
 from flows.common import RunnerCfg
 from flows.schedule import ScheduleCfg
+from tests.helpers import error_line, run_main, runner, stderr_line
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = str(ROOT / "params.yaml")
 ARCH = mlp_arch(64, [12, 10, 8], 10, "relu")
 
-runner = CliRunner()
-
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def error_line(result, exit_code: int | None = None) -> str:
-    """The one `error:` line of a refused in-process CLI call."""
-    out = result.output
-    why = f"output={out!r} exception={result.exception!r}"
-    if exit_code is None:
-        assert result.exit_code != 0, why
-    else:
-        assert result.exit_code == exit_code, why
-    assert "Traceback" not in out, why
-    lines = [line for line in out.splitlines() if line.strip()]
-    assert len(lines) == 1, why
-    assert lines[0].startswith("error:"), why
-    return lines[0]
-
-
-def stderr_line(proc: subprocess.CompletedProcess) -> str:
-    """The one `error:` line on stderr of a refused subprocess, with no traceback anywhere."""
-    why = f"rc={proc.returncode} stdout={proc.stdout!r} stderr={proc.stderr!r}"
-    assert proc.returncode != 0, why
-    for marker in ("Traceback", "╭"):
-        assert marker not in proc.stdout + proc.stderr, why
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, why
-    assert lines[0].startswith("error:"), why
-    return lines[0]
-
-
-def run_main(*args: str) -> subprocess.CompletedProcess:
-    """The `deepalign` console script's entry point, in a fresh interpreter."""
-    code = "from deepalign.cli import main; main()"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def leftover_tmp(root: Path) -> list[Path]:
@@ -183,7 +142,7 @@ def clobber_curve_other(tmp_path):
 def test_output_onto_an_input_is_refused(tmp_path, build):
     args, out, inputs = build(tmp_path)
     before = {p: p.read_bytes() for p in inputs}
-    line = error_line(runner.invoke(app, args), exit_code=1)
+    line = error_line(runner.invoke(app, args), exit_code=2)
     assert out.name in line
     assert {p: p.read_bytes() for p in inputs} == before
     assert leftover_tmp(tmp_path) == []

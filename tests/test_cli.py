@@ -101,7 +101,7 @@ def test_align_rejects_mismatch_and_unknown_method(tmp_path, mlp, cnn):
         and "(9, 12)" in result.output
     )
     result = runner.invoke(app, [*base, "--method", "magic"])
-    assert result.exit_code == 1 and "known: naive, weight_matching" in result.output
+    assert result.exit_code == 2 and "known: naive, weight_matching" in result.output
     assert not (tmp_path / "o.pt").exists()
 
 

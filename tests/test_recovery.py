@@ -102,8 +102,16 @@ def test_killed_stage_cleans_temps_on_rerun_and_takes_its_prefect_server(tmp_pat
     params["zoo"]["chunk_size"] = 2
     del params["zoo"]["archs"]["cnn"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    stale = [tmp_path / "zoo" / "mlp" / ".net-0003.pt.abc123.tmp", tmp_path / ".zoo.json.x.tmp"]
-    for path in stale:
+    stale = [  # the names atomic_path gives its temps
+        tmp_path / "zoo" / "mlp" / ".net-0003.pt.abc123de.deepalign.tmp",
+        tmp_path / ".zoo.json.x1y2z3_4.deepalign.tmp",
+    ]
+    foreign = [  # other programs' temps, in the stage's output folder and beside its file
+        tmp_path / "zoo" / "mlp" / ".notes.md.tmp",
+        tmp_path / ".zoo.json.x.tmp",
+        tmp_path / "zoo" / ".editor.deepalign.tmp",
+    ]
+    for path in stale + foreign:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half-written")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
@@ -117,6 +125,7 @@ def test_killed_stage_cleans_temps_on_rerun_and_takes_its_prefect_server(tmp_pat
     servers = [pid for pid, cmd in _children(proc.pid) if "uvicorn" in cmd]
     assert len(servers) == 1, "the stage and its workers share one Prefect server of its own"
     assert not any(path.exists() for path in stale)  # cleaned when the stage started
+    assert all(path.read_bytes() == b"half-written" for path in foreign)  # not the stage's
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 20

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from deepalign.errors import DeepAlignError
-from flows.pipeline import _combinations, check_keys, parse_grid
+from flows.pipeline import _combinations, check_grid, parse_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ def test_overrides_become_a_grid_of_yaml_values():
         "aligner.ema": [0.0, 0.99],
     }
     assert len(_combinations(grid)) == 4
-    check_keys(grid, ROOT / "params.yaml")
+    check_grid(grid, ROOT / "params.yaml")
 
 
 @pytest.mark.parametrize(
@@ -37,13 +37,14 @@ def test_malformed_overrides_are_named(overrides, message):
 
 
 def test_misspelt_key_stops_the_console_command_before_any_run(tmp_path):
-    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    for name in ("params.yaml", "dvc.yaml"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
     done = subprocess.run(
         [str(Path(sys.executable).parent / "deepalign"), "sweep", "align.pairz=20,50"]
         + ["--workdir", str(tmp_path)],
         capture_output=True,
         text=True,
     )
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "no key 'align.pairz' to sweep" in done.stderr and "params.yaml" in done.stderr
     assert not (tmp_path / "dvc.lock").exists()

@@ -7,16 +7,18 @@ channel, so hidden-unit permutations pass through them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepalign.core.weightspace import WeightSpace
-from deepalign.errors import DeepAlignError
+from deepalign.errors import DeepAlignError, shown
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -61,19 +63,22 @@ class Arch:
         return {"modules": [asdict(m) for m in self.modules], "input_shape": list(self.input_shape)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Arch:
-        try:
-            modules = tuple(Module(**m) for m in d["modules"])
-            arch = cls(modules=modules, input_shape=tuple(d["input_shape"]))
-        except (KeyError, TypeError) as e:
-            raise DeepAlignError(f"malformed architecture record: {e}") from e
-        unknown = next((m.kind for m in modules if m.kind not in MODULE_KINDS), None)
-        if unknown is not None:
+    def from_dict(cls, d: Any) -> Arch:
+        """The architecture a record describes, checked by type, range and consistency."""
+        if not isinstance(d, dict) or not isinstance(d.get("modules"), list):
+            raise DeepAlignError(f"malformed architecture record: {shown(d)}")
+        shape = d.get("input_shape")
+        if (
+            not isinstance(shape, list)
+            or len(shape) not in (1, 3)
+            or not all(_is_size(v, 0) for v in shape)
+        ):
             raise DeepAlignError(
-                f"architecture record: unknown module kind '{unknown}' "
-                f"(known: {', '.join(MODULE_KINDS)})"
+                f"architecture record: input_shape {shown(shape)} is not "
+                "[features] or [channels, height, width]"
             )
-        return arch
+        modules = tuple(_module_record(i, m) for i, m in enumerate(d["modules"]))
+        return check_chain(cls(modules=modules, input_shape=tuple(shape)))
 
     @property
     def strides_known(self) -> bool:
@@ -94,6 +99,78 @@ class Arch:
     def build(self) -> nn.Sequential:
         """A freshly initialised `nn.Sequential` of this architecture."""
         return nn.Sequential(*(_build_module(m) for m in self.modules))
+
+
+MAX_SIZE = 10_000_000  # units, channels, features, kernel, stride or padding of one module
+
+
+def _is_size(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_SIZE
+
+
+def _module_record(index: int, record: Any) -> Module:
+    """One module of an architecture record: known kind, integer sizes in range."""
+    fields = {f.name for f in dataclasses.fields(Module)}
+    if not isinstance(record, dict) or not set(record) <= fields or "kind" not in record:
+        raise DeepAlignError(f"architecture record: module {index} is malformed: {shown(record)}")
+    if record["kind"] not in MODULE_KINDS:
+        raise DeepAlignError(
+            f"architecture record: module {index} has unknown kind {shown(record['kind'])} "
+            f"(known: {', '.join(MODULE_KINDS)})"
+        )
+    for key, value in record.items():
+        low = 1 if key == "kernel" and record["kind"] == "conv" else 0
+        if key != "kind" and not _is_size(value, low):
+            raise DeepAlignError(
+                f"architecture record: module {index} ({record['kind']}) has {key} "
+                f"{shown(value)}; an integer in [{low}, {MAX_SIZE:,}] expected"
+            )
+    return Module(**record)
+
+
+def check_chain(arch: Arch) -> Arch:
+    """`arch` if each module takes what the one before gives (channels, features, spatial
+    size), else an error naming the first module that does not."""
+    shape = arch.input_shape  # (features,) or (C, H, W); H = W = 0: not known yet
+    for i, m in enumerate(arch.modules):
+        shape = _next_shape(i, m, shape)
+    return arch
+
+
+def _next_shape(i: int, m: Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape after module i, or an error saying why module i cannot take `shape`."""
+    where = f"architecture record: module {i} ({_describe(m)})"
+    if m.kind in ("conv", "maxpool", "avgpool") and len(shape) != 3:
+        raise DeepAlignError(f"{where} needs images, but gets {shape[0]} features")
+    if m.kind in PARAM_KINDS and (m.in_dim < 1 or m.out_dim < 1):
+        raise DeepAlignError(f"{where} has no units")
+    if m.kind == "linear":
+        if len(shape) != 1:
+            raise DeepAlignError(f"{where} gets images; a flatten must come before it")
+        if shape[0] and shape[0] != m.in_dim:
+            raise DeepAlignError(f"{where} takes {m.in_dim} features, but gets {shape[0]}")
+        return (m.out_dim,)
+    if m.kind == "conv":
+        if shape[0] != m.in_dim:
+            raise DeepAlignError(f"{where} takes {m.in_dim} channels, but gets {shape[0]}")
+        if m.stride == 0:  # unknown (a bare state_dict): the sizes after it are unknown
+            return (m.out_dim, 0, 0)
+        sides = [conv_side(d, m.kernel, m.stride, m.padding) if d else 0 for d in shape[1:]]
+        return _spatial(where, (m.out_dim, *sides), shape)
+    if m.kind in ("maxpool", "avgpool"):
+        if m.kernel < 1:
+            raise DeepAlignError(f"{where} has kernel {m.kernel}; at least 1 expected")
+        return _spatial(where, (shape[0], *(d // m.kernel for d in shape[1:])), shape)
+    if m.kind == "flatten":
+        return (math.prod(shape),) if len(shape) == 3 else shape
+    return shape
+
+
+def _spatial(where: str, after: tuple[int, ...], before: tuple[int, ...]) -> tuple[int, ...]:
+    """An image shape after a conv or a pooling, if some pixels are left of a known size."""
+    if any(b > 0 and a < 1 for a, b in zip(after[1:], before[1:])):
+        raise DeepAlignError(f"{where} leaves no pixels of a {before[1]} x {before[2]} image")
+    return after
 
 
 def _weight_shape(m: Module) -> tuple[int, ...]:
@@ -337,6 +414,48 @@ def widest(arch: Arch) -> int:
             shape = (math.prod(shape),)
         most = max(most, math.prod(shape))
     return most
+
+
+def check_same_arch(a: Arch, b: Arch, names: tuple[str, str] = ("a", "b")) -> None:
+    """Refuse two networks whose architecture records differ (an activation, a stride, the
+    input), naming the first module where they do; an unknown stride (0) matches any."""
+    if len(a.modules) != len(b.modules):
+        raise DeepAlignError(
+            f"architectures differ: {names[0]} has {len(a.modules)} modules, "
+            f"{names[1]} has {len(b.modules)}"
+        )
+    for i, (x, y) in enumerate(zip(a.modules, b.modules)):
+        if x.kind == y.kind == "conv" and 0 in (x.stride, y.stride):
+            x, y = replace(x, stride=0), replace(y, stride=0)
+        if x != y:
+            raise DeepAlignError(
+                f"architectures differ at module {i}: {names[0]} has {_describe(x)}, "
+                f"{names[1]} has {_describe(y)}"
+            )
+    known = [s for s in (a.input_shape, b.input_shape) if 0 not in s]
+    if len(known) == 2 and known[0] != known[1]:
+        raise DeepAlignError(
+            f"architectures differ in their input: {names[0]} takes {a.input_shape}, "
+            f"{names[1]} takes {b.input_shape}"
+        )
+
+
+def check_fits(arch: Arch, image_shape: tuple[int, ...], n_classes: int, data: str) -> None:
+    """Refuse a network that cannot read data set `data`'s images or name its classes."""
+    pixels = math.prod(image_shape)
+    shape = "x".join(map(str, image_shape))
+    if len(arch.input_shape) == 1 and arch.input_shape[0] != pixels:
+        raise DeepAlignError(
+            f"takes {arch.input_shape[0]} inputs, but {data} images have {pixels} ({shape})"
+        )
+    if len(arch.input_shape) == 3:
+        known = tuple(d for d in arch.input_shape[1:] if d)
+        if arch.input_shape[0] != image_shape[0] or known not in ((), tuple(image_shape[1:])):
+            given = "x".join(str(d or "?") for d in arch.input_shape)
+            raise DeepAlignError(f"takes {given} images, but {data} images are {shape}")
+    outputs = _weight_shape(arch.modules[arch.param_indices[-1]])[0]
+    if outputs != n_classes:
+        raise DeepAlignError(f"has {outputs} outputs, but {data} has {n_classes} classes")
 
 
 def as_input(arch: Arch, x: Tensor) -> Tensor:

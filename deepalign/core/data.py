@@ -63,6 +63,23 @@ def _to_split(x: np.ndarray, y: np.ndarray) -> Split:
     return Split(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64))
 
 
+def _digits_file() -> Path | None:
+    """The digits file scikit-learn ships, where it is."""
+    spec = importlib.util.find_spec("sklearn")
+    if not (spec and spec.submodule_search_locations):
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    return path if path.is_file() else None
+
+
+def data_paths(cfg: DataCfg) -> list[Path]:
+    """The files or folders loading `cfg` reads (for the input/output guard)."""
+    if cfg.name == "digits":
+        path = _digits_file()
+        return [path] if path else []
+    return [Path(cfg.root)]
+
+
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits: images (1797, 8, 8) in 0..16 and labels (1797,).
 
@@ -70,14 +87,8 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     scikit-learn took ~1 s of every stage process's start; `load_digits` where the file is
     not where scikit-learn keeps it.
     """
-    spec = importlib.util.find_spec("sklearn")
-    folder = (
-        Path(spec.submodule_search_locations[0])
-        if spec and spec.submodule_search_locations
-        else None
-    )
-    path = folder / "datasets" / "data" / "digits.csv.gz" if folder else None
-    if path is None or not path.is_file():
+    path = _digits_file()
+    if path is None:
         from sklearn.datasets import load_digits
 
         bunch = load_digits()

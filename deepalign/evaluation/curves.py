@@ -29,6 +29,7 @@ from deepalign.config import (
     Positive,
     PositiveFloat,
     Seed,
+    Steps,
     between,
     one_of,
 )
@@ -48,7 +49,7 @@ PROBE_POINTS = 9  # t grid of PAM's objective: mean training loss along each cur
 @dataclass(frozen=True)
 class CurveFitCfg:
     kind: Annotated[str, one_of(*KINDS)]  # bezier | polyline
-    epochs: Count  # passes over the training split
+    epochs: Steps  # passes over the training split
     batch_size: Positive
     lr: PositiveFloat
     seed: Seed
@@ -56,7 +57,7 @@ class CurveFitCfg:
 
 @dataclass(frozen=True)
 class PamCfg:
-    rounds: Count  # curve fit / re-alignment alternations at most
+    rounds: Steps  # curve fit / re-alignment alternations at most
     rho: NonNegative  # proximal weight: how strongly the permutation stays put
     eval_examples: Positive  # training images for the objective that accepts a round
 

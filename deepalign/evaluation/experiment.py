@@ -14,7 +14,6 @@ from deepalign.evaluation.stats import paired_bootstrap, summarize_pairs
 from deepalign.io import file_digest, fingerprint
 from deepalign.methods import Method, MethodsCfg, check_methods
 from deepalign.methods.learned import checkpoint_files
-from deepalign.zoo.build import manifest_digest
 from deepalign.zoo.store import Zoo, ring_pairs
 
 BARRIER_KEYS = (
@@ -34,7 +33,7 @@ class AlignCfg(MethodsCfg):
     archs: list[str]  # zoo architectures to align
     methods: list[str]  # registry names; "a+b" refines a's answer with b
     pairs: Count  # test pairs (i, i+1) of the zoo's test split
-    planted_pairs: Count  # test networks aligned to a permuted, perturbed copy of themselves
+    planted_pairs: Positive  # test networks aligned to a permuted, perturbed copy of themselves
     planted_noise: NonNegative  # noise std of the copy, relative to each tensor's std
     seed: Seed
 
@@ -83,8 +82,9 @@ ALIGNMENT_CODE = [
 ]
 
 
-def run_fingerprint(method: str, cfg: AlignCfg, data: DataCfg, manifest: Path) -> str:
-    """Everything that determines a method's saved alignment."""
+def run_fingerprint(method: str, cfg: AlignCfg, data: DataCfg, zoo: str) -> str:
+    """Everything that determines a method's saved alignment (`zoo`: the zoo's `zoo_digest`,
+    which covers its networks' bytes)."""
     parsed = Method.parse(method)
     settings = {s: asdict(c) for s, c in parsed.settings(cfg).items() if c is not None}
     files = checkpoint_files(cfg.deep_align) if "deep_align" in parsed.steps else []
@@ -95,7 +95,7 @@ def run_fingerprint(method: str, cfg: AlignCfg, data: DataCfg, manifest: Path) -
         "pairs": cfg.pairs,
         "planted": [cfg.planted_pairs, cfg.planted_noise, cfg.seed],
         "data": asdict(data),
-        "zoo": manifest_digest(manifest),
+        "zoo": zoo,
     }
     return fingerprint(record, ALIGNMENT_CODE)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from deepalign.config import GridPoints, Positive
+from deepalign.config import GridPoints, Iterations, Positive
 from deepalign.core.data import DataCfg, Dataset
 from deepalign.core.lmc import barriers, interpolate
 from deepalign.core.permspec import apply_permutation
@@ -45,7 +45,7 @@ class StudyCfg:
 
     arch: str  # a zoo architecture
     train_sizes: list[Positive]  # train networks per aligner
-    steps: list[Positive]  # training steps at which the test barrier is scored
+    steps: list[Iterations]  # training steps at which the test barrier is scored
     pairs: Positive  # test ring pairs scored
     points: GridPoints  # lambda grid of each barrier
 

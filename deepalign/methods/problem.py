@@ -11,6 +11,19 @@ from deepalign.core.data import Split
 from deepalign.core.permspec import PermSpec, perm_spec
 from deepalign.core.weightspace import WeightSpace, check_same_shapes, stack
 from deepalign.errors import DeepAlignError
+from deepalign.memory import check_fits
+
+# Bytes per entry of a group's (n, n) scores while aligning: float32 scores, scipy's float64
+# copy, and the work arrays of Sinkhorn (logits, their gradient, Adam's two moments).
+ASSIGNMENT_BYTES = 32
+
+
+def check_assignment_memory(spec: PermSpec) -> None:
+    """Refuse a pair whose widest group's score matrices cannot fit in memory, naming it."""
+    if not spec.sizes:
+        return
+    group, n = max(spec.sizes.items(), key=lambda item: item[1])
+    check_fits(ASSIGNMENT_BYTES * n * n, f"aligning group {group} ({n:,} units)")
 
 
 @dataclass(frozen=True)
@@ -33,7 +46,9 @@ class Problem:
     ) -> Problem:
         """Check that both networks share one architecture and derive the spec."""
         check_same_shapes(ref, other, ("reference", "other"))
-        return cls(perm_spec(ref), ref, other, arch, data)
+        spec = perm_spec(ref)
+        check_assignment_memory(spec)
+        return cls(spec, ref, other, arch, data)
 
     @classmethod
     def stack(cls, problems: Sequence[Problem]) -> Problem:

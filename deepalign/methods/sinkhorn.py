@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepalign.config import Count, Positive, PositiveFloat, Seed, one_of
+from deepalign.config import Iterations, Positive, PositiveFloat, Seed, Steps, one_of
 from deepalign.core.arch import as_input, forward_batched, passes, per_pass
 from deepalign.core.assignment import Answer, sinkhorn
 from deepalign.core.permspec import Perm, apply_soft_permutation
@@ -32,10 +32,10 @@ LOSSES = ("l2", "random_lambda", "midpoint")
 @dataclass(frozen=True)
 class SinkhornCfg:
     loss: Annotated[str, one_of(*LOSSES)]  # l2 | random_lambda | midpoint (task loss)
-    steps: Count
+    steps: Steps
     lr: PositiveFloat
     tau: PositiveFloat  # temperature of the Sinkhorn projection
-    iterations: Positive  # Sinkhorn iterations per projection
+    iterations: Iterations  # Sinkhorn iterations per projection
     init_scale: PositiveFloat  # from a permutation: logits start at init_scale * one-hot
     batch_size: Positive  # training images per step for task losses
     seed: Seed

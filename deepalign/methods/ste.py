@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepalign.config import Count, Positive, PositiveFloat, Seed, one_of
+from deepalign.config import Iterations, Positive, PositiveFloat, Seed, Steps, one_of
 from deepalign.core.arch import as_input, forward_batched, passes, per_pass
 from deepalign.core.assignment import Answer
 from deepalign.core.permspec import Perm, apply_permutation
@@ -30,10 +30,10 @@ LAMBDAS = ("midpoint", "random")
 @dataclass(frozen=True)
 class SteCfg:
     lam: Annotated[str, one_of(*LAMBDAS)]  # where on the line the task loss is taken
-    steps: Count
+    steps: Steps
     lr: PositiveFloat
     batch_size: Positive
-    wm_max_iter: Positive  # sweeps of the weight-matching projection per step
+    wm_max_iter: Iterations  # sweeps of the weight-matching projection per step
     seed: Seed
 
 

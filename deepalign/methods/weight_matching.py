@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from deepalign.config import Count, Positive, Seed
+from deepalign.config import Iterations, Seed, Steps
 from deepalign.core.permspec import (
     Perm,
     PermSpec,
@@ -22,8 +22,8 @@ from deepalign.methods.problem import Problem, solve_lap
 
 @dataclass(frozen=True)
 class WeightMatchingCfg:
-    max_iter: Positive  # sweeps over all groups at most
-    restarts: Count  # extra random starts; the best objective wins
+    max_iter: Iterations  # sweeps over all groups at most
+    restarts: Steps  # extra random starts; the best objective wins
     seed: Seed  # order of the groups in each sweep, and restart starts
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from deepalign.config import (
     Count,
     Device,
+    Iterations,
     NonNegative,
     Positive,
     PositiveFloat,
@@ -40,6 +41,7 @@ from deepalign.core.arch import (
     mlp_arch,
     state_dict_from_weightspace,
     weightspace_from_state_dict,
+    widest,
 )
 from deepalign.core.data import DataCfg, Dataset, Split
 from deepalign.core.lmc import evaluate_networks
@@ -53,6 +55,7 @@ from deepalign.io import (
     save_checkpoint,
     write_json,
 )
+from deepalign.memory import check_fits
 
 SPLITS = ("train", "val", "test")
 _PKG = Path(__file__).resolve().parents[1]
@@ -74,7 +77,7 @@ class NetCfg:
     n_train: Count  # networks in each zoo split
     n_val: Count
     n_test: Count
-    epochs: Positive
+    epochs: Iterations
     batch_size: Positive
     lr: PositiveFloat
     weight_decay: NonNegative
@@ -242,10 +245,12 @@ def train_chunk(
 ) -> list[dict]:
     """Train, evaluate and save a group of networks; return their manifest records."""
     seeds = [j.seed for j in jobs]
+    check_training_memory(arch, net, len(jobs), jobs[0].path.parent)
     ws = stack([init_network(arch, s) for s in seeds])
     start = time.perf_counter()
     trained = train_batched(arch, ws, data.train, net, seeds, device, progress)
     seconds = time.perf_counter() - start
+    check_trained(trained, jobs, net)
     loss, acc = evaluate_networks(arch, trained, data.test)
     records = []
     for b, job in enumerate(jobs):
@@ -261,6 +266,28 @@ def train_chunk(
         save_checkpoint(job.path, arch, trained[b], meta)
         records.append(meta | {"path": job.path.name})
     return records
+
+
+def check_training_memory(arch: Arch, net: NetCfg, count: int, folder: Path) -> None:
+    """Refuse to train `count` networks at once when their parameters, gradients, Adam's
+    moments and the widest activation of a batch cannot fit in memory."""
+    params = sum(math.prod(s) + s[0] for s in arch.weight_shapes())
+    nbytes = 4 * count * (5 * params + 3 * net.batch_size * widest(arch))
+    what = f"{folder}: training {count} networks of {params:,} parameters at once"
+    check_fits(nbytes, f"{what} (lower zoo.chunk_size or the widths)")
+
+
+def check_trained(trained: WeightSpace, jobs: list[Job], net: NetCfg) -> None:
+    """Refuse to save networks whose training diverged (NaN or inf weights), naming them."""
+    finite = torch.isfinite(trained.flatten()).all(dim=1)  # (B,)
+    bad = [j.path.name for j, ok in zip(jobs, finite.tolist()) if not ok]
+    if bad:
+        folder = jobs[0].path.parent
+        raise DeepAlignError(
+            f"{folder}: training diverged (NaN or inf weights in {len(bad)} of {len(jobs)} "
+            f"networks, e.g. {bad[0]}); nothing saved: lower the learning rate "
+            f"(zoo.archs.{folder.name}.lr, now {net.lr:g})"
+        )
 
 
 def read_records(jobs: list[Job]) -> list[dict]:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from deepalign.core.arch import Arch
-from deepalign.core.weightspace import WeightSpace, stack
-from deepalign.errors import DeepAlignError
-from deepalign.io import load_checkpoint
+from deepalign.core.arch import Arch, check_fits, check_same_arch
+from deepalign.core.data import Dataset
+from deepalign.core.weightspace import WeightSpace, check_same_shapes, stack
+from deepalign.errors import DeepAlignError, shown
+from deepalign.io import check_input, digest, file_digest, load_checkpoint, os_error
+from deepalign.zoo.build import manifest_digest
 
 
 @dataclass(frozen=True)
@@ -24,13 +27,71 @@ class Zoo:
         return [i for i, r in enumerate(self.records) if r["split"] == split]
 
 
-def load_zoo(folder: Path) -> Zoo:
+SPLITS = ("train", "val", "test")
+
+
+def _record(manifest: Path, i: int, record: Any) -> dict:
+    """One network's manifest record: a file name in the zoo's folder and a known split."""
+    if not isinstance(record, dict):
+        raise DeepAlignError(f"{manifest}: network {i} is not a record: {shown(record)}")
+    name = record.get("path")
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise DeepAlignError(f"{manifest}: network {i} has path {shown(name)}, not a file name")
+    if record.get("split") not in SPLITS:
+        raise DeepAlignError(
+            f"{manifest}: network {i} has split {shown(record.get('split'))} "
+            f"(known: {', '.join(SPLITS)})"
+        )
+    return record
+
+
+def read_manifest(folder: Path) -> dict:
+    """A zoo's manifest, checked: JSON with an architecture and at least one network."""
     manifest = folder / "manifest.json"
-    if not manifest.is_file():
+    if not manifest.exists():
         raise DeepAlignError(f"{manifest}: missing; run the zoo stage first (dvc repro zoo)")
-    records = json.loads(manifest.read_text())["networks"]
+    check_input(manifest, "zoo manifest")
+    try:
+        zoo = json.loads(manifest.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise DeepAlignError(f"{manifest}: not a zoo manifest (not JSON: {shown(str(e))})") from e
+    except OSError as e:
+        raise os_error(manifest, e, "read") from e
+    if not isinstance(zoo, dict) or not isinstance(zoo.get("networks"), list):
+        raise DeepAlignError(f"{manifest}: not a zoo manifest (no 'networks' list)")
+    if not zoo["networks"]:
+        raise DeepAlignError(f"{manifest}: the zoo has no networks (run the zoo stage)")
+    zoo["networks"] = [_record(manifest, i, r) for i, r in enumerate(zoo["networks"])]
+    return zoo
+
+
+def zoo_digest(folder: Path) -> str:
+    """A zoo's identity for the resume keys of the stages that read it: its manifest (without
+    timings) and the bytes of every network it lists, so a network changed in place (its
+    manifest the same) redoes the work built on it."""
+    networks = read_manifest(folder)["networks"]
+    files = {r["path"]: file_digest(folder / r["path"]) for r in networks}
+    return digest({"manifest": manifest_digest(folder / "manifest.json"), "files": files}, 64)
+
+
+def load_zoo(folder: Path, data: Dataset | None = None) -> Zoo:
+    """The zoo in `folder`: every network it lists, each checked to have the zoo's recorded
+    architecture (and, with `data`, to fit the data set)."""
+    zoo = read_manifest(folder)
+    manifest = folder / "manifest.json"
+    try:
+        arch = Arch.from_dict(zoo.get("arch"))
+        if data is not None:
+            check_fits(arch, data.image_shape, data.n_classes, data.name)
+    except DeepAlignError as e:
+        raise DeepAlignError(f"{manifest}: {e}") from e
+    records = zoo["networks"]
     ckpts = [load_checkpoint(folder / r["path"]) for r in records]
-    return Zoo(ckpts[0].arch, records, stack([c.ws for c in ckpts]))
+    for record, ckpt in zip(records, ckpts):
+        path = folder / record["path"]
+        check_same_arch(arch, ckpt.arch, (f"{manifest}", f"{path}"))
+        check_same_shapes(ckpts[0].ws, ckpt.ws, (f"{folder / records[0]['path']}", f"{path}"))
+    return Zoo(arch, records, stack([c.ws for c in ckpts]))
 
 
 def ring_pairs(indices: list[int], k: int) -> list[tuple[int, int]]:

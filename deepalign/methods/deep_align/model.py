@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepalign.config import Count, Positive, PositiveFloat
+from deepalign.config import Iterations, Positive, PositiveFloat, Steps
 from deepalign.core.assignment import sinkhorn
 from deepalign.core.permspec import perm_spec
 from deepalign.core.weightspace import WeightSpace
@@ -33,11 +33,11 @@ from deepalign.core.weightspace import WeightSpace
 @dataclass(frozen=True)
 class ModelCfg:
     dim: Positive  # node feature width D
-    rounds: Positive  # forward + backward sweeps over the layers
+    rounds: Iterations  # forward + backward sweeps over the layers
     mlp_ratio: Positive  # hidden width of each block's update MLP, in units of D
     head_dim: Positive  # width of the features compared by cosine
     scale_init: PositiveFloat  # initial cosine scale (learned)
-    cross_rounds: Count  # rounds of the pair head letting each network's units see the other's
+    cross_rounds: Steps  # rounds of the pair head letting each network's units see the other's
 
 
 @dataclass(frozen=True)

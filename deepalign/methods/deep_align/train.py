@@ -27,6 +27,7 @@ from deepalign.config import (
     Check,
     Device,
     GridPoints,
+    Iterations,
     NonNegative,
     Positive,
     PositiveFloat,
@@ -51,7 +52,6 @@ from deepalign.io import fingerprint, load_current, save_current
 from deepalign.methods.deep_align.augment import AugmentCfg, planted_copies
 from deepalign.methods.deep_align.checkpoint import predict
 from deepalign.methods.deep_align.model import DeepAlign, Layout, ModelCfg
-from deepalign.zoo.build import manifest_digest
 from deepalign.zoo.store import Zoo, ring_pairs
 
 
@@ -76,17 +76,17 @@ class AlignerCfg:
     archs: list[str]  # zoo architectures to train an aligner for
     device: Device  # auto | cpu | cuda
     seed: Seed
-    epochs: Positive  # one epoch: every train network once as anchor
+    epochs: Iterations  # one epoch: every train network once as anchor
     pairs_per_step: Positive
     lr: PositiveFloat
     lr_schedule: Annotated[str, one_of("constant", "cosine")]  # cosine: to lr / 20 at the end
     ema: Annotated[float, Check(lambda v: 0 <= v < 1, "in [0, 1)")]  # weight EMA decay; 0: off
     weight_decay: NonNegative
     grad_clip: PositiveFloat
-    sinkhorn_iterations: Positive
+    sinkhorn_iterations: Iterations
     tau: PositiveFloat
     images_per_step: Positive  # training images for the interpolation (task) loss
-    val_every: Positive  # epochs between validations (barrier on val pairs, hard permutations)
+    val_every: Iterations  # epochs between validations (barrier on val pairs, hard permutations)
     val_pairs: Positive
     val_points: GridPoints  # lambda grid of the validation barrier
     model: ModelCfg
@@ -196,13 +196,14 @@ TRAINING_CODE = (
 )
 
 
-def aligner_fingerprint(cfg: AlignerCfg, arch: Arch, manifest: Path, data: Dataset) -> str:
-    """The resume key of a training run: its settings, the zoo it learns from, its code."""
+def aligner_fingerprint(cfg: AlignerCfg, arch: Arch, zoo: str, data: Dataset) -> str:
+    """The resume key of a training run: its settings, the zoo it learns from (`zoo_digest`:
+    its networks' bytes included), its code."""
     record = {
         "cfg": asdict(cfg),
         "arch": arch.to_dict(),
         "data": data.name,
-        "zoo": manifest_digest(manifest),
+        "zoo": zoo,
     }
     return fingerprint(record, TRAINING_CODE)
 
