@@ -1,8 +1,12 @@
-"""The `deepalign` command line: inspect, permute, align and compare checkpoints."""
+"""The `deepalign` command line: inspect, permute, align, merge and compare networks.
+
+Networks are deepalign checkpoints or bare state_dicts: of a plain nn.Sequential (its
+architecture read from the shapes), or of any module `--model pkg.module:callable` builds.
+Settings: `--params FILE`, else ./params.yaml, else the package's defaults.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -10,44 +14,25 @@ import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from deepalign.config import MAX_POINTS, load_section
 from deepalign.console import run_app
-from deepalign.core import lmc
-from deepalign.core.arch import (
-    Arch,
-    check_fits,
-    check_same_arch,
-    resolve_input,
-    state_dict_from_weightspace,
-)
-from deepalign.core.data import DATASETS, DataCfg, Dataset, data_paths, load_dataset
-from deepalign.core.permspec import apply_permutation, perm_spec, random_permutation
-from deepalign.core.weightspace import check_same_shapes, stack
 from deepalign.errors import DeepAlignError, UsageError, one_line
-from deepalign.evaluation import curves as mc
-from deepalign.guard import check_io
-from deepalign.io import (
-    Checkpoint,
-    check_output,
-    load_checkpoint,
-    save_permuted,
-    write_atomic,
-)
-from deepalign.methods import ALIGNERS, Method, MethodsCfg, Problem
-from deepalign.methods import align as align_pair
-from deepalign.methods.learned import DeepAlignCfg, checkpoint_files
+
+if TYPE_CHECKING:  # the heavy imports wait for a command that needs them (fast --help)
+    from deepalign.core.arch import Arch
+    from deepalign.core.data import Dataset
+    from deepalign.io import Checkpoint
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
 console = Console(markup=False, highlight=False)  # a path's "[...]" is text, never markup
 _state = {"debug": False}
-DEFAULT_DATA = DataCfg("digits", "data", False, 0, 0.1, 0.2)  # the split params.yaml ships
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")  # deepalign.core.data.DATASETS
+METHODS = "naive, weight_matching, activation_matching, ste, sinkhorn, deep_align"
 
 
 @app.callback()
@@ -55,7 +40,6 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
     _state["debug"] = debug
     if not debug:  # torch's warnings (legacy files, storage) would break the one-line rule
         warnings.simplefilter("ignore")
-    torch.set_num_threads(1)  # one pair at a time: small matrices (deepalign.threads)
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -65,6 +49,8 @@ def fail(message: str, code: int) -> NoReturn:
 
 
 def _out_of_memory(e: BaseException) -> bool:
+    import torch
+
     return isinstance(e, MemoryError | torch.OutOfMemoryError) or (
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
     )
@@ -76,6 +62,9 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        torch.set_num_threads(1)  # one pair at a time: small matrices (deepalign.threads)
         try:
             return fn(*args, **kwargs)
         except (DeepAlignError, OSError, MemoryError, RuntimeError) as e:
@@ -92,10 +81,17 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
 def sweep(ctx: typer.Context) -> None:
-    """Grid of params overrides as DVC experiments logged to MLflow: KEY=V1,V2 ... [--workdir]
-    (runs `python -m flows.pipeline`, the Prefect flow; see its --help)."""
+    """Grid of params overrides as DVC experiments logged to MLflow (in a project folder).
+
+    deepalign sweep KEY=V1,V2 [KEY=...] [--workdir DIR] [--metrics FILE] [--debug]: every
+    combination runs as `dvc exp run -S ...` inside the Prefect flow `sweep`; a value may be
+    a YAML list ('align.methods=[naive,ste],[naive]'). Runs `python -m flows.pipeline`.
+    """
     cmd = [sys.executable, "-m", "flows.pipeline", *ctx.args]
     raise typer.Exit(subprocess.run(cmd).returncode)
 
@@ -105,26 +101,206 @@ def main() -> None:
     run_app(app)
 
 
+# --- options ------------------------------------------------------------------------------------
+
 SEED = typer.Option(0, min=0, max=2**63 - 1, help="Seed of the random permutation.")
 FORCE = typer.Option(False, "--force", help="Overwrite an input file (still via a temp file).")
 MODEL = typer.Option(
     None,
     "--model",
-    help="A deepalign checkpoint whose architecture bare state_dicts have (conv strides).",
+    help="The networks' module: pkg.module:callable or path/to/file.py:callable (a callable "
+    "that builds it with no arguments), or a deepalign checkpoint of the architecture.",
 )
-
-
-REF = typer.Argument(
-    help="Reference network: a deepalign checkpoint or a bare state_dict.", metavar="REF"
+INPUT_SHAPE = typer.Option(
+    None,
+    "--input-shape",
+    help="One example's shape for --model (e.g. 3,32,32); default: the data set's, else a "
+    "guess from the first layer.",
 )
+PARAMS = typer.Option(
+    None,
+    "--params",
+    help="Settings file (default: ./params.yaml, else the package's defaults).",
+)
+REF = typer.Argument(help="Reference network: a checkpoint or a bare state_dict.", metavar="REF")
 OTHER = typer.Argument(help="The other network, of the same architecture as REF.", metavar="OTHER")
-METHOD_HELP = f"One of {', '.join(ALIGNERS)}, or 'a+b' (b refines a's answer)."
+METHOD_HELP = f"One of {METHODS}, or 'a+b' (b refines a's answer)."
 ALIGNER = typer.Option(None, help="DEEP-ALIGN checkpoint (file or folder) for deep_align.")
 DATA_HELP = f"Data set ({', '.join(DATASETS)})"
+BN_RESET = typer.Option(
+    True,
+    "--bn-reset/--no-bn-reset",
+    help="Recompute BatchNorm statistics of every merged or interpolated network on "
+    "`curves.bn_reset_images` training images (1,024 by default; BatchNorm networks only).",
+)
 
 
-def _model(path: Path | None) -> Arch | None:
-    return load_checkpoint(path).arch if path is not None else None
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(v < 1 for v in shape):
+        raise UsageError(f"--input-shape: '{text}' is not sizes like 3,32,32")
+    return shape
+
+
+def _model(path: Path | None, shape: str | None, data: Dataset | None) -> Arch | None:
+    """The architecture --model names (a callable's module, or a checkpoint's record)."""
+    if path is None:
+        return None
+    from deepalign.io import load_checkpoint
+    from deepalign.usermodel import build_module, input_shape_for, is_reference
+
+    text = str(path)
+    if is_reference(text) and not path.is_file():
+        from deepalign.core.arch import ModuleArch
+
+        module = build_module(text)
+        return ModuleArch(module.float().eval(), input_shape_for(module, _shape(shape), data), text)
+    return load_checkpoint(path).arch
+
+
+def _model_reads(model: Path | None) -> dict[str, Path | None]:
+    from deepalign.usermodel import is_reference, reference_file
+
+    if model is None or not is_reference(str(model)) or model.is_file():
+        return {"--model": model}
+    return {"--model": reference_file(str(model))}
+
+
+def _settings(params: Path | None) -> Path:
+    from deepalign.settings import params_file
+
+    return params_file(params)
+
+
+def _data_cfg(name: str, params: Path | None):
+    if name not in DATASETS:
+        raise UsageError(f"--data: unknown data set '{name}' (known: {', '.join(DATASETS)})")
+    from deepalign.settings import data_cfg
+
+    return data_cfg(_settings(params), name)
+
+
+def _data(name: str | None, params: Path | None) -> Dataset | None:
+    from deepalign.core.data import load_dataset
+
+    return load_dataset(_data_cfg(name, params)) if name is not None else None
+
+
+def _method(method: str):
+    from deepalign.methods import Method
+
+    try:
+        return Method.parse(method)
+    except DeepAlignError as e:
+        raise UsageError(f"--method: {e}") from e
+
+
+# --- loading networks ---------------------------------------------------------------------------
+
+
+def _load_alike(paths: list[Path], given: Arch | None) -> list[Checkpoint]:
+    """Every network; a bare state_dict takes the architecture another one records."""
+    from deepalign.io import load_checkpoint
+
+    nets = [load_checkpoint(p, given) for p in paths]
+    known = next((n.arch for n in nets if not n.arch_inferred), None)
+    if given is None and known is not None:
+        nets = [load_checkpoint(p, known) if n.arch_inferred else n for p, n in zip(paths, nets)]
+    return nets
+
+
+def _networks(
+    paths: list[Path], data: Dataset | None, model: Path | None, shape: str | None
+) -> tuple[list[Checkpoint], Arch]:
+    """Networks checked alike (tensors and the whole architecture record); with data, an
+    inferred architecture is completed and every network checked against the data set."""
+    from deepalign.core.arch import check_fits, check_same_arch
+    from deepalign.core.chain import Chain, resolve_input
+    from deepalign.core.weightspace import check_same_shapes
+
+    nets = _load_alike(paths, _model(model, shape, data))
+    for path, net in zip(paths[1:], nets[1:]):
+        check_same_shapes(nets[0].ws, net.ws, (str(paths[0]), str(path)))
+        check_same_arch(nets[0].arch, net.arch, (str(paths[0]), str(path)))
+    arch = nets[0].arch
+    if data is None:
+        return nets, arch
+    try:
+        if nets[0].arch_inferred and isinstance(arch, Chain):
+            arch = resolve_input(arch, data.image_shape)
+        check_fits(arch, data.image_shape, data.n_classes, data.name)
+    except DeepAlignError as e:
+        raise DeepAlignError(f"{paths[0]}: {e}") from e
+    return nets, arch
+
+
+def _reads(
+    paths: dict[str, Path],
+    method: str | None,
+    data: str | None,
+    params: Path | None,
+    aligner: Path | None,
+    model: Path | None,
+) -> dict[str, Path | None]:
+    """Every path a command reads, by the option that names it."""
+    from deepalign.core.data import data_paths
+    from deepalign.methods.learned import checkpoint_files
+    from deepalign.settings import methods_cfg
+
+    settings = _settings(params)
+    reads: dict[str, Path | None] = {**paths, **_model_reads(model), "--params": settings}
+    reads["--aligner"] = aligner
+    if method is not None and aligner is None and "deep_align" in _method(method).steps:
+        for i, path in enumerate(checkpoint_files(methods_cfg(settings).deep_align)):
+            reads[f"align.deep_align.checkpoints[{i}]"] = path
+    if data is not None:
+        for i, path in enumerate(data_paths(_data_cfg(data, params))):
+            reads[f"--data ({i})"] = path
+    return reads
+
+
+def _methods_cfg(params: Path | None, aligner: Path | None):
+    import dataclasses
+
+    from deepalign.methods.learned import DeepAlignCfg
+    from deepalign.settings import methods_cfg
+
+    cfg = methods_cfg(_settings(params))
+    if aligner is not None:
+        cfg = dataclasses.replace(cfg, deep_align=DeepAlignCfg([str(aligner)]))
+    return cfg
+
+
+def _align(pair, method, data, params, aligner, model, shape):
+    """Load, check and align one pair with the settings of the params file."""
+    from deepalign.methods import Problem
+    from deepalign.methods import align as align_pair
+
+    _method(method)  # an unknown name fails before anything loads
+    cfg = _methods_cfg(params, aligner)
+    dataset = _data(data, params)
+    (a, b), arch = _networks(list(pair), dataset, model, shape)
+    problem = Problem.of(a.ws, b.ws, arch, dataset.train if dataset else None)
+    return a, b, arch, problem, align_pair(method, problem, cfg), dataset
+
+
+def _reset_count(params: Path | None, on: bool) -> int:
+    from deepalign.settings import bn_reset_images
+
+    return bn_reset_images(_settings(params)) if on else 0
+
+
+def _reset_images(dataset: Dataset | None, on: bool, params: Path | None):
+    count = _reset_count(params, on)
+    return dataset.train.x[:count] if dataset is not None and count else None
+
+
+# --- commands -----------------------------------------------------------------------------------
 
 
 @app.command()
@@ -134,19 +310,20 @@ def info(
         help="A deepalign checkpoint or a bare state_dict.", metavar="CHECKPOINT"
     ),
     model: Path | None = MODEL,
+    input_shape: str | None = INPUT_SHAPE,
 ) -> None:
-    """Print a checkpoint's architecture and the permutation groups derived from it."""
-    ckpt = load_checkpoint(checkpoint, _model(model))
-    spec = perm_spec(ckpt.ws)
+    """Print a network's architecture and the permutation groups traced from its graph."""
+    (ckpt,), arch = _networks([checkpoint], None, model, input_shape)
+    spec = arch.spec
     inferred = " (inferred from shapes: ReLU assumed, s?: stride unknown)"
     note = inferred if ckpt.arch_inferred else ""
-    console.print(f"{one_line(str(checkpoint))}: {ckpt.arch.describe()}{note}")
+    console.print(f"{one_line(str(checkpoint))}: {arch.describe()}{note}")
     console.print(f"parameters: {ckpt.ws.flatten().numel():,}")
-    table = Table("group", "units", "acts on (tensor, axis, block)")
+    table = Table("group", "units", "acts on (tensor[axis], x block)")
     for group in spec.groups:
         acts = ", ".join(
-            f"{k}{i}[{axis}]" + (f" x{b}" if b > 1 else "")
-            for (k, i), axis, b in spec.acting(group)
+            f"{key}[{axis}]" + (f" x{block}" if block > 1 else "")
+            for key, axis, block in spec.acting(group)
         )
         table.add_row(group, str(spec.sizes[group]), acts)
     console.print(table)
@@ -164,109 +341,26 @@ def permute(
     ),
     seed: int = SEED,
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the permuted copy."),
+    model: Path | None = MODEL,
+    input_shape: str | None = INPUT_SHAPE,
     force: bool = FORCE,
 ) -> None:
     """Write a randomly permuted copy of CHECKPOINT that computes the same function."""
-    check_io({"CHECKPOINT": checkpoint}, {"--out": out}, force)
+    import torch
+
+    from deepalign.core.permspec import random_permutation
+    from deepalign.guard import check_io
+    from deepalign.io import check_output, save_permuted
+
+    check_io({"CHECKPOINT": checkpoint, **_model_reads(model)}, {"--out": out}, force)
     check_output(out)
-    ckpt = load_checkpoint(checkpoint)
-    spec = perm_spec(ckpt.ws)
+    (ckpt,), arch = _networks([checkpoint], None, model, input_shape)
+    spec = arch.spec
     perm = random_permutation(spec, torch.Generator().manual_seed(seed))
     meta = {"permuted_from": str(checkpoint), "permutation_seed": seed}
     save_permuted(out, ckpt, perm, spec, meta)
     units = ", ".join(f"{g}: {n}" for g, n in spec.sizes.items())
     console.print(f"wrote {one_line(str(out))} ({units} units)")
-
-
-def _data_cfg(name: str, params: Path) -> DataCfg:
-    """Data set `name` with the split settings of the params file (its defaults if absent)."""
-    if name not in DATASETS:
-        raise UsageError(f"--data: unknown data set '{name}' (known: {', '.join(DATASETS)})")
-    cfg = load_section("data", DataCfg, params) if params.is_file() else DEFAULT_DATA
-    return dataclasses.replace(cfg, name=name)
-
-
-def _data(name: str | None, params: Path) -> Dataset | None:
-    return load_dataset(_data_cfg(name, params)) if name is not None else None
-
-
-def _load_alike(ref: Path, other: Path, model: Path | None) -> tuple[Checkpoint, Checkpoint]:
-    """Both networks; a bare state_dict takes the architecture the other one records."""
-    given = _model(model)
-    a, b = load_checkpoint(ref, given), load_checkpoint(other, given)
-    if given is None and a.arch_inferred != b.arch_inferred:
-        if a.arch_inferred:
-            a = load_checkpoint(ref, b.arch)
-        else:
-            b = load_checkpoint(other, a.arch)
-    return a, b
-
-
-def _pair(
-    ref: Path, other: Path, data: Dataset | None, model: Path | None
-) -> tuple[Checkpoint, Checkpoint, Arch]:
-    """Both networks, checked alike (shapes and the whole architecture record); with data, an
-    inferred architecture is completed and both are checked against the data set."""
-    a, b = _load_alike(ref, other, model)
-    check_same_shapes(a.ws, b.ws, (str(ref), str(other)))
-    check_same_arch(a.arch, b.arch, (str(ref), str(other)))
-    arch = a.arch
-    if data is None:
-        return a, b, arch
-    try:
-        if a.arch_inferred:
-            arch = resolve_input(arch, data.image_shape)
-        check_fits(arch, data.image_shape, data.n_classes, data.name)
-    except DeepAlignError as e:
-        raise DeepAlignError(f"{ref}: {e}") from e
-    return a, b, arch
-
-
-def _method(method: str) -> Method:
-    try:
-        return Method.parse(method)
-    except DeepAlignError as e:
-        raise UsageError(f"--method: {e}") from e
-
-
-def _align_reads(
-    pair: tuple[Path, Path],
-    method: str,
-    data: str | None,
-    params: Path,
-    aligner: Path | None,
-    model: Path | None,
-) -> dict[str, Path | None]:
-    """Every path an aligning command reads, by the option that names it."""
-    reads: dict[str, Path | None] = {"REF": pair[0], "OTHER": pair[1], "--model": model}
-    reads |= {"--params": params if params.is_file() else None, "--aligner": aligner}
-    if aligner is None and "deep_align" in _method(method).steps:
-        cfg = load_section("align", MethodsCfg, params, allow_extra=True)
-        for i, path in enumerate(checkpoint_files(cfg.deep_align)):
-            reads[f"align.deep_align.checkpoints[{i}]"] = path
-    if data is not None:
-        for i, path in enumerate(data_paths(_data_cfg(data, params))):
-            reads[f"--data ({i})"] = path
-    return reads
-
-
-def _align(
-    pair: tuple[Path, Path],
-    method: str,
-    data: str | None,
-    params: Path,
-    aligner: Path | None,
-    model: Path | None,
-):
-    """Load, check and align one pair with the settings of params.yaml."""
-    _method(method)  # an unknown name fails before anything loads
-    cfg = load_section("align", MethodsCfg, params, allow_extra=True)
-    if aligner is not None:
-        cfg = dataclasses.replace(cfg, deep_align=DeepAlignCfg([str(aligner)]))
-    dataset = _data(data, params)
-    a, b, arch = _pair(*pair, dataset, model)
-    problem = Problem.of(a.ws, b.ws, arch, dataset.train if dataset else None)
-    return a, b, arch, problem, align_pair(method, problem, cfg), dataset
 
 
 @app.command("align")
@@ -277,31 +371,94 @@ def align_cmd(
     method: str = typer.Option("weight_matching", help=METHOD_HELP),
     out: Path = typer.Option(..., "-o", "--out", help="OTHER permuted into REF's basis."),
     data: str | None = typer.Option(None, help=f"{DATA_HELP} for data-driven methods."),
-    params: Path = typer.Option(Path("params.yaml"), help="Method settings: section `align`."),
+    params: Path | None = PARAMS,
     aligner: Path | None = ALIGNER,
     model: Path | None = MODEL,
+    input_shape: str | None = INPUT_SHAPE,
     force: bool = FORCE,
 ) -> None:
     """Permute OTHER's hidden units to match REF; the output computes OTHER's function.
 
     It prints the weight-matching objective <REF, aligned OTHER> (higher: more alike) and the
     L2 distance between the two networks' weights before and after aligning."""
-    reads = _align_reads((ref, other), method, data, params, aligner, model)
+    from deepalign.core.permspec import apply_permutation
+    from deepalign.guard import check_io
+    from deepalign.io import check_output, save_permuted
+
+    reads = _reads({"REF": ref, "OTHER": other}, method, data, params, aligner, model)
     check_io(reads, {"--out": out}, force)
     check_output(out)
-    a, b, arch, problem, result, _ = _align((ref, other), method, data, params, aligner, model)
+    a, b, arch, problem, result, _ = _align(
+        (ref, other), method, data, params, aligner, model, input_shape
+    )
     aligned = apply_permutation(b.ws, result.perm, problem.spec)
     save_permuted(out, b, result.perm, problem.spec, {"aligned_to": str(ref), "method": method})
     before = (a.ws.flatten() - b.ws.flatten()).norm().item()
     after = (a.ws.flatten() - aligned.flatten()).norm().item()
     console.print(
-        f"{method}: objective {result.objective:.4f}, {result.seconds * 1e3:.1f} ms; "
-        f"L2 distance to REF {before:.3f} -> {after:.3f}; wrote {one_line(str(out))}"
+        f"{method}: <REF, aligned OTHER> = {result.objective:.4f} (weight-matching objective, "
+        f"higher: more alike) in {result.seconds * 1e3:.1f} ms; weight distance to REF "
+        f"{before:.3f} before, {after:.3f} after; wrote {one_line(str(out))}"
     )
 
 
-def _check_finite(curve: lmc.Curve, *ends: tuple[Checkpoint, Path]) -> None:
+def _weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--weights: '{text}' is not numbers like 0.5,0.5") from None
+
+
+@app.command()
+@friendly
+def merge(
+    networks: list[Path] = typer.Argument(
+        help="REF OTHER [MORE ...]: two or more networks of one architecture.", metavar="REF"
+    ),
+    method: str = typer.Option(
+        "weight_matching", help=f"Two networks: {METHOD_HELP} More: MergeMany (weight matching)."
+    ),
+    out: Path = typer.Option(..., "-o", "--out", help="The merged network (REF's format)."),
+    weights: str | None = typer.Option(None, help="One weight per network (default: equal)."),
+    repair: bool = typer.Option(False, "--repair", help="REPAIR the merged network's units."),
+    data: str | None = typer.Option(None, help=f"{DATA_HELP}: training images for BatchNorm."),
+    bn_reset: bool = BN_RESET,
+    params: Path | None = PARAMS,
+    aligner: Path | None = ALIGNER,
+    model: Path | None = MODEL,
+    input_shape: str | None = INPUT_SHAPE,
+    force: bool = FORCE,
+) -> None:
+    """Align the networks and write their average: a network `load_state_dict` takes (REF's
+    keys, shapes and dtypes; BatchNorm statistics recomputed where it has BatchNorm)."""
+    from deepalign.guard import check_io
+    from deepalign.io import check_output, save_network
+    from deepalign.merging import merge_networks
+
+    if len(networks) < 2:
+        raise UsageError(f"merge needs at least two networks, got {len(networks)}")
+    _method(method)
+    shares = _weights(weights)
+    named = {("REF" if i == 0 else f"NETWORK {i}"): p for i, p in enumerate(networks)}
+    check_io(_reads(named, method, data, params, aligner, model), {"--out": out}, force)
+    check_output(out)
+    dataset = _data(data, params)
+    nets, arch = _networks(list(networks), dataset, model, input_shape)
+    train = dataset.train if dataset else None
+    cfg = _methods_cfg(params, aligner)
+    images = _reset_count(params, bn_reset)
+    merged = merge_networks(arch, [n.ws for n in nets], method, cfg, shares, train, repair, images)
+    save_network(out, nets[0], merged, {"merged_from": [str(p) for p in networks]})
+    how = method if len(networks) == 2 else "MergeMany (weight_matching)"
+    console.print(f"merged {len(networks)} networks ({how}); wrote {one_line(str(out))}")
+
+
+def _check_finite(curve, *ends) -> None:
     """Refuse a path whose loss overflowed, naming the network with the largest weights."""
+    import torch
+
     if torch.isfinite(curve.loss).all():
         return
     big = max(ends, key=lambda e: e[0].ws.flatten().abs().max().item())
@@ -318,19 +475,22 @@ def interpolate(
     ref: Path = REF,
     other: Path = OTHER,
     data: str = typer.Option("digits", help=f"{DATA_HELP} whose test split is scored."),
-    points: int = typer.Option(
-        25, min=3, max=MAX_POINTS, help="Lambda grid size (odd, both ends included)."
-    ),
+    points: int = typer.Option(25, min=3, max=10_001, help="Lambda grid size (odd, ends in)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    params: Path = typer.Option(Path("params.yaml"), help="Data split settings."),
+    bn_reset: bool = BN_RESET,
+    params: Path | None = PARAMS,
     model: Path | None = MODEL,
+    input_shape: str | None = INPUT_SHAPE,
 ) -> None:
     """Loss and accuracy barriers along the straight line from REF to OTHER."""
+    from deepalign.core import lmc
+
     if points % 2 == 0:
         raise UsageError(f"--points: {points} is even; an odd number puts lambda 0.5 on the grid")
     dataset = _data(data, params)
-    a, b, arch = _pair(ref, other, dataset, model)
-    curve = lmc.interpolate(arch, a.ws, b.ws, dataset.test, points)
+    (a, b), arch = _networks([ref, other], dataset, model, input_shape)
+    reset = _reset_images(dataset, bn_reset, params)
+    curve = lmc.interpolate(arch, a.ws, b.ws, dataset.test, points, reset)
     _check_finite(curve, (a, ref), (b, other))
     metrics = lmc.barriers(curve)
     if as_json:
@@ -356,28 +516,37 @@ def curve(
     ),
     data: str = typer.Option("digits", help=f"{DATA_HELP}: train fits the curve, test scores it."),
     force: bool = FORCE,
-    params: Path = typer.Option(Path("params.yaml"), help="Sections `align` and `curves`."),
+    params: Path | None = PARAMS,
     aligner: Path | None = ALIGNER,
     model: Path | None = MODEL,
+    input_shape: str | None = INPUT_SHAPE,
 ) -> None:
     """Fit a Bezier curve from REF to aligned OTHER and compare it with the straight line."""
-    reads = _align_reads((ref, other), method, data, params, aligner, model)
+    import torch
+
+    from deepalign.config import load_section
+    from deepalign.core.permspec import apply_permutation
+    from deepalign.core.weightspace import stack
+    from deepalign.evaluation import curves as mc
+    from deepalign.guard import check_io
+    from deepalign.io import check_output, write_atomic
+
+    reads = _reads({"REF": ref, "OTHER": other}, method, data, params, aligner, model)
     check_io(reads, {"--out": out}, force)
     check_output(out)
-    cfg = load_section("curves", mc.CurvesCfg, params)
+    cfg = load_section("curves", mc.CurvesCfg, _settings(params))
     a, b, arch, problem, result, dataset = _align(
-        (ref, other), method, data, params, aligner, model
+        (ref, other), method, data, params, aligner, model, input_shape
     )
     ends = stack([a.ws]), stack([apply_permutation(b.ws, result.perm, problem.spec)])
     fitted = mc.fit_and_evaluate(arch, *ends, dataset.train, dataset.test, cfg)
     metrics = mc.summarize_curves(fitted)
-    theta = fitted.theta[0]
     blob = {
         "format": "deepalign-curve/1",
         "kind": cfg.fit.kind,
         "arch": arch.to_dict(),
-        "endpoints": [state_dict_from_weightspace(arch, w[0]) for w in ends],
-        "control": state_dict_from_weightspace(arch, theta),
+        "endpoints": [arch.state_dict(w[0]) for w in ends],
+        "control": arch.state_dict(fitted.theta[0]),
         "metrics": metrics,
     }
     write_atomic(out, lambda tmp: torch.save(blob, tmp))

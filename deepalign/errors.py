@@ -15,7 +15,9 @@ class UsageError(DeepAlignError):
     exit 2, as click does for its own usage errors."""
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {
+# C0 controls, DEL, C1 controls and the Unicode line separators str.splitlines() breaks on
+_BREAKS = (*range(32), *range(127, 160), 0x2028, 0x2029)
+_CONTROL = {c: f"\\x{c:02x}" if c < 256 else f"\\u{c:04x}" for c in _BREAKS} | {
     ord("\n"): "\\n",
     ord("\r"): "\\r",
     ord("\t"): "\\t",

@@ -2,15 +2,17 @@
 
 A deepalign checkpoint is a plain dict (loadable with `weights_only=True`):
   {"format": "deepalign/1", "arch": Arch.to_dict(), "state_dict": {...}, "meta": {...}}
-A bare `nn.Sequential` state_dict is accepted too; its architecture is inferred from shapes
-(or given). Every file is written through a temp file renamed into place, never over a
-folder or a special file, with the permissions the umask allows; the temp file's name
-(`.<name>.XXXXXXXX.deepalign.tmp`) is the one pattern `clean_stale_temps` deletes.
+A bare state_dict is accepted too: of the module `--model` builds, or of a plain
+`nn.Sequential` whose architecture is inferred from its shapes. Every file is written through
+a temp file renamed into place, never over a folder or a special file, with the permissions
+the umask allows; the temp file's name (`.<name>.XXXXXXXX.deepalign.tmp`) is the one pattern
+`clean_stale_temps` deletes.
 
 A checkpoint is verified before it is trusted: a zip archive's CRC-32 of every member (torch's
 reader checks none, so flipped bytes inside a tensor would load), then its records by type
-and range (string keys, real floating-point tensors of at most 4 dimensions, a mapping for
-`meta`, a consistent architecture record). Every OS error names the path.
+and range (string keys, real floating-point tensors of 1 to 5 dimensions (integer buffers
+only where the architecture has them), a mapping for `meta`, a consistent architecture
+record). Every OS error names the path.
 """
 
 from __future__ import annotations
@@ -36,13 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deepalign.core.arch import (
-    Arch,
-    infer_arch,
-    reject_normalisation,
-    state_dict_from_weightspace,
-    weightspace_from_state_dict,
-)
+from deepalign.core.arch import Arch, arch_from_dict
+from deepalign.core.chain import infer_arch
 from deepalign.core.permspec import Perm, PermSpec, apply_permutation
 from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError, shown
@@ -60,6 +57,7 @@ class Checkpoint:
     bare: bool  # a bare state_dict (written back as one), not a deepalign checkpoint
     arch_inferred: bool  # the architecture was guessed from shapes (conv strides unknown)
     meta: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Tensor] = field(default_factory=dict)  # integer buffers, kept as stored
 
 
 def _umask() -> int:
@@ -247,9 +245,15 @@ def _own_storage(t: Tensor) -> Tensor:
     return t.detach().cpu().clone(memory_format=torch.contiguous_format)
 
 
-def save_checkpoint(path: Path, arch: Arch, ws: WeightSpace, meta: dict | None = None) -> None:
+def save_checkpoint(
+    path: Path,
+    arch: Arch,
+    ws: WeightSpace,
+    meta: dict | None = None,
+    extras: dict[str, Tensor] | None = None,
+) -> None:
     """Write an unbatched network atomically (about the size of its parameters)."""
-    state = {k: _own_storage(v) for k, v in state_dict_from_weightspace(arch, ws).items()}
+    state = {k: _own_storage(v) for k, v in arch.state_dict(ws, extras).items()}
     blob = {"format": FORMAT, "arch": arch.to_dict(), "state_dict": state, "meta": meta or {}}
     write_atomic(path, lambda tmp: torch.save(blob, tmp))
 
@@ -337,7 +341,7 @@ def _read(path: Path) -> Any:
 
 # The dtypes a network's weights may have; float8 and the like cannot be computed on here.
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_NDIM = 4  # Linear (out, in) and Conv2d (out, in, kh, kw) weights at most
+MAX_NDIM = 5  # Linear (out, in) ... Conv3d (out, in, kd, kh, kw) weights at most
 
 
 def _check_tensor(key: str, t: Tensor) -> str | None:
@@ -358,7 +362,7 @@ def _check_tensor(key: str, t: Tensor) -> str | None:
 
 
 def _check_state(path: Path, state: Any) -> dict[str, Tensor]:
-    """The state_dict's tensors as they are stored (dtype kept), or an error naming the key."""
+    """The state_dict's entries as they are stored, checked to be named tensors."""
     if not isinstance(state, dict):
         raise DeepAlignError(f"{path}: not a state_dict or deepalign checkpoint")
     for key, value in state.items():
@@ -367,15 +371,25 @@ def _check_state(path: Path, state: Any) -> dict[str, Tensor]:
         if not isinstance(value, Tensor):
             kind = type(value).__name__
             raise DeepAlignError(f"{path}: state_dict entry '{key}' is a {kind}, not a tensor")
-    try:
-        reject_normalisation(state)
-    except DeepAlignError as e:
-        raise DeepAlignError(f"{path}: {e}") from e
+    return state
+
+
+def _split_state(
+    path: Path, arch: Arch, state: dict[str, Tensor]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The weights (every floating tensor the architecture has, each checked) and the integer
+    buffers it keeps (num_batches_tracked) apart."""
+    weights, extras = {}, {}
+    integer = set(arch.integer_keys())
     for key, t in state.items():
+        if key in integer and t.layout == torch.strided and not t.is_floating_point():
+            extras[key] = t
+            continue
         problem = _check_tensor(key, t)
         if problem:
             raise DeepAlignError(f"{path}: {problem}")
-    return state
+        weights[key] = t
+    return weights, extras
 
 
 def _check_meta(path: Path, meta: Any) -> dict[str, Any]:
@@ -396,24 +410,27 @@ def _ours(path: Path, blob: Any) -> bool:
 
 
 def load_checkpoint(path: Path | str, model: Arch | None = None) -> Checkpoint:
-    """Read a deepalign checkpoint or a bare nn.Sequential state_dict, with clear errors.
+    """Read a deepalign checkpoint or a bare state_dict, with clear errors.
 
-    `model` gives a bare state_dict's architecture; without it the architecture is inferred
-    from the shapes (conv strides then stay unknown). `ws` is float32 for computing;
-    `native` keeps the stored dtypes, so a permuted copy can be written back exactly.
+    `model` gives the architecture (a bare state_dict's, or one that overrides the record);
+    without it a bare state_dict must be a plain `nn.Sequential`, its architecture inferred from
+    the shapes (conv strides then stay unknown). `ws` is float32 for computing; `native` keeps
+    the stored dtypes, so a permuted copy can be written back exactly.
     """
     path = Path(path)
     blob = _read(path)
     is_ours = _ours(path, blob)
     state = _check_state(path, blob["state_dict"] if is_ours else blob)
     try:
-        arch = Arch.from_dict(blob["arch"]) if is_ours else model or infer_arch(state)
-        native = weightspace_from_state_dict(arch, state)
+        arch = model or (arch_from_dict(blob["arch"]) if is_ours else infer_arch(state))
+        weights, extras = _split_state(path, arch, state)
+        native = arch.weightspace(weights)
     except DeepAlignError as e:
         raise DeepAlignError(f"{path}: {e}") from e
     meta = _check_meta(path, blob.get("meta", {})) if is_ours else {}
     ws = native.map(Tensor.float)
-    return Checkpoint(arch, ws, native, not is_ours, not is_ours and model is None, meta)
+    inferred = not is_ours and model is None
+    return Checkpoint(arch, ws, native, not is_ours, inferred, meta, extras)
 
 
 def save_permuted(
@@ -421,8 +438,15 @@ def save_permuted(
 ) -> None:
     """Write `source` permuted by `perm` in the format and dtypes it came in."""
     ws = apply_permutation(source.native, perm, spec)
+    save_network(path, source, ws, meta)
+
+
+def save_network(path: Path, source: Checkpoint, ws: WeightSpace, meta: dict | None = None) -> None:
+    """Write `ws` (unbatched) in the format and dtypes `source` came in: a deepalign
+    checkpoint, or a bare state_dict with every key of the source (integer buffers kept)."""
+    ws = ws.replace([t.to(source.native.named[k].dtype) for k, t in ws.named.items()])
     if not source.bare:
-        save_checkpoint(path, source.arch, ws, source.meta | (meta or {}))
+        save_checkpoint(path, source.arch, ws, source.meta | (meta or {}), source.extras)
         return
-    state = state_dict_from_weightspace(source.arch, ws)
+    state = source.arch.state_dict(ws, source.extras)
     write_atomic(path, lambda tmp: torch.save({k: _own_storage(v) for k, v in state.items()}, tmp))

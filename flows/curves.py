@@ -35,11 +35,11 @@ def curves_for_arch(arch: str, run: StageRun, data: Dataset, cfg: mc.CurvesCfg) 
     zoo, results, k = load_zoo(run.io.zoo / arch, data), {}, cfg.pairs
     for method in cfg.methods:
         aligned = saved_run(run.io.aligned, arch, method)
-        a, _, b = mc.endpoints(zoo.nets, aligned.pairs[:k], aligned.perms)
+        a, _, b = mc.endpoints(zoo.arch, zoo.nets, aligned.pairs[:k], aligned.perms)
         results[method] = mc.fit_and_evaluate(zoo.arch, a, b, data.train, data.test, cfg)
     if cfg.pam_from:
         aligned = saved_run(run.io.aligned, arch, cfg.pam_from)
-        a, b_raw, _ = mc.endpoints(zoo.nets, aligned.pairs[:k], aligned.perms)
+        a, b_raw, _ = mc.endpoints(zoo.arch, zoo.nets, aligned.pairs[:k], aligned.perms)
         perms = {g: p[:k] for g, p in aligned.perms.items()}
         pam = mc.pam_and_evaluate(zoo.arch, a, b_raw, perms, data.train, data.test, cfg)
         results[f"{cfg.pam_from}+pam"] = pam[0]

@@ -39,7 +39,7 @@ def evaluate_arch(
     summary, rows, curves = {}, [], {}
     for method in methods:
         result = saved_run(run.io.aligned, arch, method)
-        curves[method] = experiment.pair_curves(result, zoo, data, cfg.points)
+        curves[method] = experiment.pair_curves(result, zoo, data, cfg.points, cfg.bn_reset_images)
         summary[method], pair_rows = experiment.method_metrics(result, curves[method])
         names = [{"arch": arch, "method": method, "pair": f"{i}-{j}"} for i, j in result.pairs]
         rows += [name | r for name, r in zip(names, pair_rows)]

@@ -15,6 +15,9 @@ from flows.common import cli, git_commit, stage_run
 from flows.stages import Paths, Stage
 
 STAGES = ("zoo", "train_aligner", "evaluate", "compare", "converge", "curves")
+# the study pipeline's committed results, shown where present (not deps: a dep on another
+# pipeline's output would make the default `dvc repro` run that pipeline too)
+STUDIES = ("resnets",)
 
 
 def read_metrics(folder: Path) -> dict[str, dict]:
@@ -26,7 +29,8 @@ def read_metrics(folder: Path) -> dict[str, dict]:
     }
     if not found:
         raise DeepAlignError(f"{folder}: no metrics files; run the pipeline first (dvc repro)")
-    return found
+    studies = {s: folder / f"{s}.json" for s in STUDIES if (folder / f"{s}.json").is_file()}
+    return found | {s: json.loads(path.read_text()) for s, path in studies.items()}
 
 
 STAGE = Stage(

@@ -52,7 +52,13 @@ def scale(
                 zoo = sc.in_fresh_process(sc.build_zoo, net, data_cfg, n, cfg, out, n_threads=cores)
                 stack_file = out / "stack.pt"
                 da = sc.in_fresh_process(
-                    sc.align_deep, stack_file, methods.deep_align, cfg.pair_chunk, n_threads=cores
+                    sc.align_deep,
+                    stack_file,
+                    net,
+                    data_cfg,
+                    methods.deep_align,
+                    cfg.pair_chunk,
+                    n_threads=cores,
                 )
                 wm = sc.in_fresh_process(
                     sc.align_wm, stack_file, net, data_cfg, methods, n_threads=1

@@ -41,7 +41,7 @@ def train_one_arch(arch: str, io: Paths, data: Dataset, cfg: trainer.AlignerCfg)
         zoo, data, cfg, device, state, fp, on_epoch=lambda e, m, _: history.append((e, dict(m)))
     )
     test = zoo.nets[torch.tensor(zoo.indices("test"))].to(device)
-    recovered = trainer.augmented_recovery(model, test, cfg.augment, seed=1)
+    recovered = trainer.augmented_recovery(model, zoo.arch, test, cfg.augment, seed=1)
     result["test_planted_recovery_augmented"] = recovered
     meta = {"fingerprint": fp, "device": str(device)} | result
     save_aligner(out / f"{arch}.pt", model, zoo.arch, meta)

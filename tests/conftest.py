@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flows  # noqa: F401  (offline defaults before Prefect/MLflow load)
-from deepalign.core.arch import cnn_arch, mlp_arch
+from deepalign.core.chain import cnn_arch, mlp_arch
 from deepalign.core.data import DataCfg, load_dataset
 from deepalign.zoo.build import init_network
 

@@ -56,6 +56,17 @@ def run_main(
     )
 
 
+def import_footprint() -> int:
+    """Bytes of address space the CLI's process maps once torch is imported (VmPeak)."""
+    code = (
+        "import torch, deepalign.cli\n"
+        "for line in open('/proc/self/status'):\n"
+        "    if line.startswith('VmPeak:'): print(int(line.split()[1]) * 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
 def run_limited(*args: str, cwd: Path, fsize: int | None = None, address_space: int | None = None):
     """`run_main` under resource limits: a file-size cap (a disk that fills up: writes fail
     with EFBIG) or an address-space cap (`ulimit -v`: allocations fail)."""

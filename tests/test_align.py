@@ -7,12 +7,13 @@ import pytest
 import torch
 
 import deepalign.methods as align_module
-from deepalign.core.arch import as_input, forward, mlp_arch
+from deepalign.core.arch import as_input
 from deepalign.core.assignment import Answer
+from deepalign.core.chain import forward, mlp_arch
 from deepalign.core.data import Split
 from deepalign.core.lmc import barriers, interpolate, planted_pair, recovery
-from deepalign.core.permspec import apply_permutation, perm_spec, random_permutation
-from deepalign.core.weightspace import WeightSpace, stack
+from deepalign.core.permspec import apply_permutation, random_permutation
+from deepalign.core.weightspace import stack
 from deepalign.errors import DeepAlignError
 from deepalign.methods import (
     ALIGNERS,
@@ -56,6 +57,7 @@ def trained(digits):
             kind,
             hidden,
             strides,
+            0,
             "relu",
             2,
             0,
@@ -86,10 +88,10 @@ def small_split(digits, n=256):
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_weight_matching_recovers_planted_permutation_exactly(trained, digits, kind):
     arch, ws, _ = trained[kind]
-    copy, truth = planted_pair(ws, perm_spec(ws), 0.0, torch.Generator().manual_seed(3))
+    copy, truth = planted_pair(ws, arch.spec, 0.0, torch.Generator().manual_seed(3))
     found = align("weight_matching", Problem.of(ws, copy, arch), CFG).perm
     assert recovery(found, truth) == 1.0
-    aligned = apply_permutation(copy, found)
+    aligned = apply_permutation(copy, found, arch.spec)
     assert all(torch.equal(a, b) for a, b in zip(aligned.tensors(), ws.tensors()))
     assert barriers(interpolate(arch, ws, aligned, digits.test, 5))["loss_barrier"] == 0.0
 
@@ -97,7 +99,7 @@ def test_weight_matching_recovers_planted_permutation_exactly(trained, digits, k
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_activation_matching_recovers_planted_permutation(trained, digits, kind):
     arch, ws, _ = trained[kind]
-    copy, truth = planted_pair(ws, perm_spec(ws), 0.0, torch.Generator().manual_seed(4))
+    copy, truth = planted_pair(ws, arch.spec, 0.0, torch.Generator().manual_seed(4))
     found = align("activation_matching", Problem.of(ws, copy, arch, small_split(digits)), CFG).perm
     assert recovery(found, truth) == 1.0
 
@@ -108,7 +110,7 @@ def test_weight_matching_objective_never_decreases(trained):
     perm, traces = weight_matching_trace(Problem.of(a, b, arch), cfg)
     for trace in traces:
         assert all(y >= x - 1e-9 for x, y in zip(trace, trace[1:]))
-    best = objective(a, apply_permutation(b, perm))
+    best = objective(a, apply_permutation(b, perm, arch.spec))
     assert best == pytest.approx(max(t[-1] for t in traces))
     assert best > objective(a, b)  # better than no alignment
 
@@ -117,13 +119,13 @@ def test_weight_matching_is_exact_for_one_hidden_layer():
     """With one hidden group the LAP is the whole problem: compare with all 6! permutations."""
     arch = mlp_arch(4, [6], 3, "relu")
     a, b = init_network(arch, 0), init_network(arch, 1)
-    spec = perm_spec(a)
+    spec = arch.spec
     found = align("weight_matching", Problem.of(a, b, arch), CFG).perm
     best = max(
         objective(a, apply_permutation(b, {"h0": torch.tensor(p)}, spec))
         for p in itertools.permutations(range(6))
     )
-    assert objective(a, apply_permutation(b, found)) == pytest.approx(best, rel=1e-12)
+    assert objective(a, apply_permutation(b, found, spec)) == pytest.approx(best, rel=1e-12)
 
 
 @pytest.mark.parametrize("n", [2, 4, 6])
@@ -147,7 +149,7 @@ def test_lap_matches_brute_force(n):
 def test_aligned_network_computes_the_same_function(trained, digits, method):
     arch, a, b = trained["mlp"]
     result = align(method, Problem.of(a, b, arch, small_split(digits)), CFG)
-    aligned = apply_permutation(b, result.perm)
+    aligned = apply_permutation(b, result.perm, arch.spec)
     x = as_input(arch, digits.test.x)
     assert (forward(arch, aligned, x) - forward(arch, b, x)).abs().max() <= 1e-5
     if method == "naive":
@@ -157,10 +159,8 @@ def test_aligned_network_computes_the_same_function(trained, digits, method):
     assert moved, f"{method} left every unit where it was"
     # twin: the same units moved in the first layer's rows but not in the next layer's columns
     g, p = next(iter(moved.items()))
-    layer = int(g[1:])
-    weights, biases = list(b.weights), list(b.biases)
-    weights[layer], biases[layer] = weights[layer][p], biases[layer][p]
-    broken = WeightSpace(tuple(weights), tuple(biases))
+    w, bias = (f"{arch.param_indices[int(g[1:])]}.{n}" for n in ("weight", "bias"))
+    broken = b.with_tensors({w: b.named[w][p], bias: b.named[bias][p]})
     assert (forward(arch, broken, x) - forward(arch, b, x)).abs().max() > 1e-2
 
 
@@ -172,7 +172,7 @@ def test_alignment_lowers_the_barrier(trained, digits, method):
     problem = Problem.of(a, b, arch, small_split(digits))
     naive = barriers(interpolate(arch, a, b, digits.test))["loss_barrier"]
     perm = align(method, problem, CFG).perm
-    found = barriers(interpolate(arch, a, apply_permutation(b, perm), digits.test))
+    found = barriers(interpolate(arch, a, apply_permutation(b, perm, arch.spec), digits.test))
     assert found["loss_barrier"] < 0.5 * naive
 
 
@@ -187,8 +187,9 @@ def test_sinkhorn_marginals_and_swap_symmetry():
 
 
 def test_sinkhorn_starts_from_scores_as_they_are():
-    spec = perm_spec(init_network(mlp_arch(3, [5, 4], 2, "relu"), 0))
-    problem = Problem(spec, None, None)
+    arch = mlp_arch(3, [5, 4], 2, "relu")
+    spec = arch.spec
+    problem = Problem(spec, None, None, arch)
     gen = torch.Generator().manual_seed(0)
     scores = {g: torch.randn(n, n, generator=gen) for g, n in spec.sizes.items()}
     perm = random_permutation(spec, gen)
@@ -232,12 +233,12 @@ def test_chain_passes_answers_and_hardens_scores_with_the_hungarian(trained, mon
 
 
 def test_different_architectures_name_the_tensor(trained):
-    _, a, _ = trained["mlp"]
+    arch, a, _ = trained["mlp"]
     wider = init_network(mlp_arch(64, [16, 13], 10, "relu"), 0)
     with pytest.raises(
-        DeepAlignError, match=r"layer 1 weight: reference \(12, 16\) vs other \(13, 16\)"
+        DeepAlignError, match=r"'2.weight': reference \(12, 16\) vs other \(13, 16\)"
     ):
-        Problem.of(a, wider)
+        Problem.of(a, wider, arch)
 
 
 def test_method_parses_once_and_finds_each_steps_settings():
@@ -263,7 +264,7 @@ def test_data_methods_without_data_say_so(trained):
 
 
 def test_recovery_counts_units():
-    spec = perm_spec(init_network(mlp_arch(3, [4, 4], 2, "relu"), 0))
+    spec = mlp_arch(3, [4, 4], 2, "relu").spec
     truth = random_permutation(spec, torch.Generator().manual_seed(0))
     assert recovery(truth, truth) == 1.0
     swapped = {g: p.clone() for g, p in truth.items()}
@@ -276,7 +277,7 @@ def test_pairs_aligned_together_get_the_answers_they_get_alone(trained, digits, 
     arch, a, b = trained["mlp"]
     data = small_split(digits)
     planted = apply_permutation(
-        b, random_permutation(perm_spec(b), torch.Generator().manual_seed(2))
+        b, random_permutation(arch.spec, torch.Generator().manual_seed(2)), arch.spec
     )
     problems = [Problem.of(x, y, arch, data) for x, y in ((a, b), (b, a), (a, planted))]
     together = align_module.align_all(method, problems, CFG)

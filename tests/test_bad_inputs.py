@@ -20,7 +20,7 @@ from torch import nn
 
 from deepalign.cli import app
 from deepalign.config import load_section
-from deepalign.core.arch import arch_of, forward, mlp_arch
+from deepalign.core.chain import arch_of, forward, mlp_arch
 from deepalign.core.data import DataCfg
 from deepalign.errors import DeepAlignError
 from deepalign.evaluation.curves import CurvesCfg
@@ -155,7 +155,7 @@ def test_force_permutes_a_checkpoint_in_place(tmp_path):
     result = runner.invoke(app, ["permute", str(path), "--seed", "3", "-o", str(path), "--force"])
     assert result.exit_code == 0, (result.output, result.exception)
     permuted = load_checkpoint(path).ws
-    assert not torch.equal(permuted.weights[0], original.weights[0])
+    assert not torch.equal(permuted.named["0.weight"], original.named["0.weight"])
     x = torch.randn(32, 64)
     assert (forward(ARCH, permuted, x) - forward(ARCH, original, x)).abs().max() <= 1e-5
     assert leftover_tmp(tmp_path) == []

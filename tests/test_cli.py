@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from deepalign.cli import app
 from deepalign.config import load_section
-from deepalign.core.arch import forward, mlp_arch
+from deepalign.core.chain import forward, mlp_arch
 from deepalign.core.data import DataCfg, load_dataset
 from deepalign.io import load_checkpoint, save_checkpoint
 from deepalign.zoo.build import init_network
@@ -26,9 +26,10 @@ runner = CliRunner()
 def test_info_lists_permutation_groups(tmp_path, cnn):
     arch, ws = cnn
     save_checkpoint(tmp_path / "net.pt", arch, ws, {"seed": 4})
-    result = runner.invoke(app, ["info", str(tmp_path / "net.pt")])
+    result = runner.invoke(app, ["info", str(tmp_path / "net.pt")], terminal_width=200)
     assert result.exit_code == 0
-    assert "conv(1->4" in result.output and "h2" in result.output and "w3[1] x4" in result.output
+    assert "conv(1->4" in result.output and "h2" in result.output
+    assert "4.weight[0], 4.bias[0], 7.weight[1] x4" in result.output  # Flatten: blocks of 2x2
 
 
 def test_permute_writes_same_function_other_weights(tmp_path, mlp):
@@ -40,7 +41,7 @@ def test_permute_writes_same_function_other_weights(tmp_path, mlp):
     permuted = load_checkpoint(dst).ws
     x = torch.randn(32, 64)
     assert (forward(arch, permuted, x) - forward(arch, ws, x)).abs().max() <= 1e-5
-    assert not torch.equal(permuted.weights[0], ws.weights[0])
+    assert not torch.equal(permuted.named["0.weight"], ws.named["0.weight"])
 
 
 def test_bad_file_gives_one_line_and_nonzero_exit(tmp_path):
@@ -72,7 +73,7 @@ def test_align_writes_other_in_ref_basis(tmp_path, mlp):
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "objective" in result.output and "L2 distance" in result.output
+    assert "objective" in result.output and "weight distance to REF" in result.output
     aligned = load_checkpoint(out).ws
     x = torch.randn(32, 64)
     assert (forward(arch, aligned, x) - forward(arch, other_ws, x)).abs().max() <= 1e-5
@@ -96,9 +97,7 @@ def test_align_rejects_mismatch_and_unknown_method(tmp_path, mlp, cnn):
     result = runner.invoke(app, base)
     assert result.exit_code == 1
     assert (
-        "layer 1 weight" in result.output
-        and "(10, 12)" in result.output
-        and "(9, 12)" in result.output
+        "'2.weight'" in result.output and "(10, 12)" in result.output and "(9, 12)" in result.output
     )
     result = runner.invoke(app, [*base, "--method", "magic"])
     assert result.exit_code == 2 and "known: naive, weight_matching" in result.output
@@ -178,4 +177,4 @@ def test_curve_command_fits_and_reports(tmp_path, mlp):
     assert "min_acc" in result.output and "curve_barrier" in result.output
     blob = torch.load(out, weights_only=True)
     assert blob["metrics"]["curve_barrier"] <= blob["metrics"]["linear_curve_barrier"] + 1e-6
-    assert torch.equal(blob["endpoints"][0]["0.weight"], ref.weights[0])
+    assert torch.equal(blob["endpoints"][0]["0.weight"], ref.named["0.weight"])

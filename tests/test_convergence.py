@@ -5,10 +5,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from deepalign.core.arch import mlp_arch
 from deepalign.core.assignment import Answer
+from deepalign.core.chain import mlp_arch
 from deepalign.core.lmc import barriers, interpolate
-from deepalign.core.permspec import apply_permutation, perm_spec, random_permutation
+from deepalign.core.permspec import apply_permutation, random_permutation
 from deepalign.core.weightspace import stack
 from deepalign.errors import DeepAlignError
 from deepalign.evaluation.convergence import (
@@ -43,7 +43,7 @@ def test_trajectory_ends_where_sinkhorn_rebasin_ends():
     assert all(torch.equal(marks[1][1][0][g], short[g]) for g in short)
     # step 0 is the start itself: zero logits harden to the identity, a permutation to itself
     assert all(torch.equal(p, torch.arange(len(p))) for p in marks[0][1][0].values())
-    perm = random_permutation(perm_spec(ref), torch.Generator().manual_seed(3))
+    perm = random_permutation(ARCH.spec, torch.Generator().manual_seed(3))
     started = sinkhorn_trajectory([problem], SINKHORN, [Answer(hard=perm)], [0])[0][1][0]
     assert all(torch.equal(started[g], perm[g]) for g in perm)
     assert not all(torch.equal(started[g], marks[0][1][0][g]) for g in perm)  # twin
@@ -77,16 +77,16 @@ def test_summary_counts_steps_and_seconds_to_the_identity_starts_final_barrier()
 
 @pytest.fixture
 def tiny(tmp_path, digits):
-    net = NetCfg("mlp", [12, 10], [], "relu", 0, 0, 6, 3, 32, 3e-3, 0.0)
+    net = NetCfg("mlp", [12, 10], [], 0, "relu", 0, 0, 6, 3, 32, 3e-3, 0.0)
     start = stack([init_network(ARCH, s) for s in range(6)])
     nets = train_batched(ARCH, start, digits.train, net, list(range(6)), torch.device("cpu"), False)
     records = [{"split": "test"}] * 6
     torch.manual_seed(0)
     model = DeepAlign(
-        Layout.of(nets.layer_shapes()),
+        Layout.of(ARCH),
         ModelCfg(8, 1, 2, 8, 10.0, 1),
-        torch.ones(2 * nets.n_layers),
-        list(perm_spec(nets).groups),
+        torch.ones(len(ARCH.keys())),
+        list(ARCH.spec.groups),
     )
     save_aligner(tmp_path / "mlp.pt", model, ARCH, {})
     methods = MethodsCfg(
@@ -109,7 +109,7 @@ def test_refine_rows_start_where_each_start_puts_them(tiny, digits):
     for k, (i, j) in enumerate([(0, 1), (1, 2)]):
         naive = barriers(interpolate(ARCH, zoo.nets[i], zoo.nets[j], digits.test, 5))
         assert at_zero[("identity", k)] == pytest.approx(naive["loss_barrier"], abs=1e-6)
-        aligned = apply_permutation(zoo.nets[j], {g: p[k] for g, p in da.items()})
+        aligned = apply_permutation(zoo.nets[j], {g: p[k] for g, p in da.items()}, ARCH.spec)
         learned = barriers(interpolate(ARCH, zoo.nets[i], aligned, digits.test, 5))
         assert at_zero[("deep_align", k)] == pytest.approx(learned["loss_barrier"], abs=1e-6)
     assert at_zero[("identity", 0)] > 0.1  # trained networks: unaligned, a real barrier
@@ -126,7 +126,9 @@ def test_layer_rows_score_deep_aligns_permutation_with_one_group_refined(tiny, d
     ]
     sinkhorn = replace(methods.sinkhorn, steps=4)
     for k, (i, j) in enumerate([(0, 1), (1, 2)]):
-        scores = deep_align_batch(zoo.nets[i : i + 1], zoo.nets[j : j + 1], methods.deep_align)
+        scores = deep_align_batch(
+            ARCH, zoo.nets[i : i + 1], zoo.nets[j : j + 1], methods.deep_align
+        )
         problem = Problem.of(zoo.nets[i], zoo.nets[j], ARCH, digits.train)
         start = Answer(scores={g: s[0] for g, s in scores.items()})
         marks = sinkhorn_trajectory([problem], sinkhorn, [start], [0, 4])  # this pair alone
@@ -134,7 +136,7 @@ def test_layer_rows_score_deep_aligns_permutation_with_one_group_refined(tiny, d
         for r in (r for r in layers if r["pair"] == k):
             g = r["group"]
             assert r["agreement"] == pytest.approx((own[g] == refined[g]).double().mean().item())
-            mixed = apply_permutation(zoo.nets[j], own | {g: refined[g]})
+            mixed = apply_permutation(zoo.nets[j], own | {g: refined[g]}, ARCH.spec)
             expected = barriers(interpolate(ARCH, zoo.nets[i], mixed, digits.test, 5))
             assert r["loss_barrier_group_refined"] == pytest.approx(
                 expected["loss_barrier"], abs=1e-6

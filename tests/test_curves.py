@@ -5,7 +5,7 @@ import torch
 
 from deepalign.core.data import Split
 from deepalign.core.lmc import interpolate
-from deepalign.core.permspec import apply_permutation, identity, perm_spec
+from deepalign.core.permspec import apply_permutation, identity
 from deepalign.core.weightspace import lerp, stack
 from deepalign.evaluation.curves import (
     PROBE_POINTS,
@@ -23,7 +23,7 @@ from deepalign.zoo.build import NetCfg, init_network, make_arch, train_batched
 @pytest.fixture(scope="module")
 def pairs(digits):
     net = NetCfg(
-        "mlp", [16, 16], [], "relu", 4, 0, 0, epochs=4, batch_size=64, lr=3e-3, weight_decay=0.0
+        "mlp", [16, 16], [], 0, "relu", 4, 0, 0, epochs=4, batch_size=64, lr=3e-3, weight_decay=0.0
     )
     arch = make_arch(net, digits)
     nets = train_batched(
@@ -57,7 +57,7 @@ def test_midpoint_control_reproduces_linear_interpolation(pairs, digits, kind):
     linear = interpolate(arch, a[0], b[0], digits.test, 5)
     assert torch.allclose(ev.loss[0].double(), linear.loss.double(), atol=1e-5)
     off = point(kind, a, lerp(a, b, 0.9), b, torch.full((2,), 0.5))  # negative twin
-    assert not torch.allclose(off.weights[0], lerp(a, b, 0.5).weights[0], atol=1e-3)
+    assert not torch.allclose(off.named["0.weight"], lerp(a, b, 0.5).named["0.weight"], atol=1e-3)
 
 
 def test_training_keeps_endpoints_and_lowers_the_loss(pairs, digits):
@@ -75,11 +75,11 @@ def test_training_keeps_endpoints_and_lowers_the_loss(pairs, digits):
 def test_pam_never_ends_worse_than_its_start(pairs, digits):
     arch, a, b = pairs
     fit_cfg = CurveFitCfg("bezier", epochs=2, batch_size=64, lr=0.01, seed=0)
-    start = identity(perm_spec(a), batch=2)
+    start = identity(arch.spec, batch=2)
     perms, theta, history = pam(arch, a, b, start, digits.train, fit_cfg, PamCfg(3, 0.1, 400))
     assert all(y <= x + 1e-12 for x, y in zip(history, history[1:]))
     assert history[-1] < 0.9 * history[0]  # from the identity, the permutation step pays
     assert any(not torch.equal(p, torch.arange(p.shape[-1])) for p in perms.values())
     probe = Split(digits.train.x[:400], digits.train.y[:400])
-    final = _objective(arch, a, theta, apply_permutation(b, perms), probe).mean()
+    final = _objective(arch, a, theta, apply_permutation(b, perms, arch.spec), probe).mean()
     assert final.item() == pytest.approx(history[-1], rel=1e-5)

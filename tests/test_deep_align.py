@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepalign.core.arch import as_input, cnn_arch, forward, mlp_arch
+from deepalign.core.arch import as_input
+from deepalign.core.chain import cnn_arch, forward, mlp_arch
 from deepalign.core.lmc import recovery
 from deepalign.core.permspec import (
     apply_permutation,
     compose,
     invert,
-    perm_spec,
     random_permutation,
 )
 from deepalign.core.weightspace import stack
@@ -38,12 +38,9 @@ def batch_of(arch, n=4, start=0):
     return stack([init_network(arch, s) for s in range(start, start + n)])
 
 
-def model_for(ws):
-    spec = perm_spec(ws)
+def model_for(arch):
     torch.manual_seed(0)
-    return DeepAlign(
-        Layout.of(ws.layer_shapes()), MODEL, torch.ones(2 * ws.n_layers), list(spec.groups)
-    )
+    return DeepAlign(Layout.of(arch), MODEL, torch.ones(len(arch.keys())), list(arch.spec.groups))
 
 
 def gather_rows(feat, perm):  # feat (B, n, D), perm (B, n) -> feat[b, perm[b]]
@@ -52,10 +49,11 @@ def gather_rows(feat, perm):  # feat (B, n, D), perm (B, n) -> feat[b, perm[b]]
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_encoder_is_equivariant(kind):
-    ws = batch_of(ARCHS[kind])
-    model = model_for(ws)
-    perm = random_permutation(perm_spec(ws), torch.Generator().manual_seed(1), batch=4)
-    feats, permuted = model.features(ws), model.features(apply_permutation(ws, perm))
+    arch = ARCHS[kind]
+    ws = batch_of(arch)
+    model = model_for(arch)
+    perm = random_permutation(arch.spec, torch.Generator().manual_seed(1), batch=4)
+    feats, permuted = model.features(ws), model.features(apply_permutation(ws, perm, arch.spec))
     for g, f, fp in zip(model.groups, feats, permuted):
         assert torch.allclose(fp, gather_rows(f, perm[g]), atol=1e-5)
         assert not torch.allclose(fp, f, atol=1e-3)  # negative twin: features do move
@@ -63,13 +61,14 @@ def test_encoder_is_equivariant(kind):
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_aligner_is_equivariant_in_both_inputs_and_swap_symmetric(kind):
-    ref, other = batch_of(ARCHS[kind], 3, 0), batch_of(ARCHS[kind], 3, 10)
-    model = model_for(ref)
+    arch = ARCHS[kind]
+    ref, other = batch_of(arch, 3, 0), batch_of(arch, 3, 10)
+    model = model_for(arch)
     gen = torch.Generator().manual_seed(2)
-    g_ref, g_other = (random_permutation(perm_spec(ref), gen, batch=3) for _ in range(2))
+    g_ref, g_other = (random_permutation(arch.spec, gen, batch=3) for _ in range(2))
     base = predict(model, ref, other)
-    moved_ref = predict(model, apply_permutation(ref, g_ref), other)
-    moved_other = predict(model, ref, apply_permutation(other, g_other))
+    moved_ref = predict(model, apply_permutation(ref, g_ref, arch.spec), other)
+    moved_other = predict(model, ref, apply_permutation(other, g_other, arch.spec))
     for g in model.groups:
         assert torch.equal(moved_ref[g], compose(base, g_ref)[g])
         assert torch.equal(moved_other[g], compose(invert(g_other), base)[g])
@@ -78,29 +77,51 @@ def test_aligner_is_equivariant_in_both_inputs_and_swap_symmetric(kind):
     assert not torch.equal(moved_ref[model.groups[0]], base[model.groups[0]])
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_relu_rescaling_preserves_function(kind):
-    arch = ARCHS[kind]
+@pytest.mark.parametrize(
+    ("kind", "activation"),
+    [("mlp", "relu"), ("cnn", "relu"), ("mlp", "leaky_relu"), ("cnn", "leaky_relu")],
+)
+def test_positive_rescaling_preserves_function_where_the_activation_allows(kind, activation):
+    arch = mlp_arch(64, [12, 10, 8], 10, activation)
+    if kind == "cnn":
+        arch = cnn_arch((1, 8, 8), [4, 6, 5], [1, 2, 2], 10, activation)
     ws = batch_of(arch, 2)
-    spec = perm_spec(ws)
     gen = torch.Generator().manual_seed(3)
-    scales = {g: 0.5 + torch.rand(2, n, generator=gen) for g, n in spec.sizes.items()}
-    scaled = rescale_units(ws, spec, scales)
+    scales = {g: 0.5 + torch.rand(2, n, generator=gen) for g, n in arch.spec.sizes.items()}
+    scaled = rescale_units(ws, arch, scales)
     x = torch.randn(8, *arch.input_shape, generator=gen)
     for b in range(2):
         assert torch.allclose(forward(arch, scaled[b], x), forward(arch, ws[b], x), atol=1e-5)
-    one_sided = ws.map(lambda t: t)  # negative twin: scale incoming weights only
-    weights = list(one_sided.weights)
-    weights[0] = weights[0] * scales["h0"].view(2, -1, *[1] * (weights[0].ndim - 2))
-    broken = type(ws)(tuple(weights), ws.biases)
+    w = ws.named["0.weight"]  # negative twin: scale incoming weights only
+    broken = ws.with_tensors({"0.weight": w * scales["h0"].view(2, -1, *[1] * (w.ndim - 2))})
     assert not torch.allclose(forward(arch, broken[0], x), forward(arch, ws[0], x), atol=1e-3)
 
 
+@pytest.mark.parametrize("activation", ["tanh", "gelu", "silu", "sigmoid"])
+def test_positive_rescaling_is_refused_where_it_changes_the_function(activation):
+    arch = mlp_arch(64, [12, 10], 10, activation)
+    ws = batch_of(arch, 2)
+    scales = {g: torch.full((2, n), 1.5) for g, n in arch.spec.sizes.items()}
+    with pytest.raises(DeepAlignError, match=rf"augment.rescale: .*\({activation}\).*set it to 0"):
+        rescale_units(ws, arch, scales)
+    # the refusal is right: done anyway, the rescaling changes what the network computes
+    spec, x = arch.spec, torch.randn(8, 64)
+    scaled = dict(ws.named)
+    for g, s in scales.items():
+        for key, axis, _ in spec.acting(g):
+            shape = [2] + [1] * (scaled[key].ndim - 1)
+            shape[axis + 1] = -1
+            scaled[key] = scaled[key] * (s if axis == 0 else 1 / s).view(shape)
+    changed = ws.replace(scaled.values())
+    assert not torch.allclose(forward(arch, changed[0], x), forward(arch, ws[0], x), atol=1e-3)
+    # with no rescaling asked for, augmenting such a network still works
+    augment(ws, arch, AugmentCfg(0.01, 0.0, 0.0, 0.0), torch.Generator().manual_seed(0))
+
+
 def test_augment_changes_weights_mildly():
-    ws = batch_of(ARCHS["mlp"], 2)
-    aug = augment(
-        ws, perm_spec(ws), AugmentCfg(0.01, 0.05, 0.1, 0.1), torch.Generator().manual_seed(0)
-    )
+    arch = ARCHS["mlp"]
+    ws = batch_of(arch, 2)
+    aug = augment(ws, arch, AugmentCfg(0.01, 0.05, 0.1, 0.1), torch.Generator().manual_seed(0))
     rel = (aug.flatten() - ws.flatten()).norm(dim=1) / ws.flatten().norm(dim=1)
     assert ((rel > 0.01) & (rel < 0.6)).all()
 
@@ -132,7 +153,7 @@ def small_cfg(epochs: int) -> AlignerCfg:
 @pytest.fixture(scope="module")
 def tiny_zoo(digits):
     net = NetCfg(
-        "mlp", [16, 16], [], "relu", 16, 4, 4, epochs=5, batch_size=64, lr=3e-3, weight_decay=0.0
+        "mlp", [16, 16], [], 0, "relu", 16, 4, 4, epochs=5, batch_size=64, lr=3e-3, weight_decay=0.0
     )
     arch = make_arch(net, digits)
     seeds = list(range(24))
@@ -195,11 +216,12 @@ def test_tiny_training_recovers_planted_permutations(tmp_path, tiny_zoo, digits)
     problem = Problem.of(tiny_zoo.nets[20], tiny_zoo.nets[22], tiny_zoo.arch)
     perm = align("deep_align", problem, methods).perm
     x = as_input(tiny_zoo.arch, digits.test.x)
-    out = forward(tiny_zoo.arch, apply_permutation(tiny_zoo.nets[22], perm), x)
+    spec = tiny_zoo.arch.spec
+    out = forward(tiny_zoo.arch, apply_permutation(tiny_zoo.nets[22], perm, spec), x)
     assert torch.allclose(out, forward(tiny_zoo.arch, tiny_zoo.nets[22], x), atol=1e-5)
-    planted = random_permutation(perm_spec(problem.ref), torch.Generator().manual_seed(5))
-    copy = apply_permutation(tiny_zoo.nets[20], planted)
-    found = align("deep_align", Problem.of(tiny_zoo.nets[20], copy), methods).perm
+    planted = random_permutation(spec, torch.Generator().manual_seed(5))
+    copy = apply_permutation(tiny_zoo.nets[20], planted, spec)
+    found = align("deep_align", Problem.of(tiny_zoo.nets[20], copy, tiny_zoo.arch), methods).perm
     assert recovery(found, invert(planted)) >= 0.95
 
     steps0 = SinkhornCfg("l2", 0, 0.1, 1.0, 20, 1.0, 64, 0)  # no step: Hungarian on the scores
@@ -209,10 +231,11 @@ def test_tiny_training_recovers_planted_permutations(tmp_path, tiny_zoo, digits)
     )
     refine = MethodsCfg(None, None, None, replace(steps0, steps=5), DeepAlignCfg([str(path)]))
     refined = align("deep_align+sinkhorn", problem, refine).perm
-    out = forward(tiny_zoo.arch, apply_permutation(tiny_zoo.nets[22], refined), x)
+    out = forward(tiny_zoo.arch, apply_permutation(tiny_zoo.nets[22], refined, spec), x)
     assert torch.allclose(out, forward(tiny_zoo.arch, tiny_zoo.nets[22], x), atol=1e-5)
 
-    wrong = Problem.of(*[init_network(mlp_arch(64, [16, 12], 10, "relu"), s) for s in (0, 1)])
+    other_arch = mlp_arch(64, [16, 12], 10, "relu")
+    wrong = Problem.of(*[init_network(other_arch, s) for s in (0, 1)], other_arch)
     with pytest.raises(DeepAlignError, match=r"fits networks with layers \[16, 12, 10\]"):
         align("deep_align", wrong, methods)
 

@@ -233,6 +233,30 @@ def test_report_renders_self_contained_html(workdir):
     assert _overflow(chromium, workdir, wide) > 0  # twin: a wide block would scroll
 
 
+def test_resnets_flow_resumes_and_its_results_join_the_report(workdir):
+    from flows import report, resnets
+
+    paths = resnets.STAGE.paths(workdir)
+    metrics = resnets.resnets(paths, **configs(resnets.resnets))["metrics"]
+    assert metrics["zoo"]["trained_this_run"] == 3
+    assert set(metrics["bn_reset"]) == {"naive", "weight_matching", "activation_matching"}
+    assert set(metrics["bn_kept"]) == set(metrics["bn_reset"])
+    assert set(metrics["loss_barrier_over_naive"]) == {"weight_matching", "activation_matching"}
+    assert set(metrics["curves"]) == {"naive", "weight_matching"}
+    assert (workdir / "plots" / "resnets" / "interpolation_resnet.png").is_file()
+    nested = mlflow.search_runs(experiment_names=["deepalign"], filter_string="tags.arch='resnet'")
+    assert len(nested) == 3
+    again = resnets.resnets(paths, **configs(resnets.resnets))["metrics"]
+    assert again["zoo"]["trained_this_run"] == 0  # resumed: the zoo is reused
+    for method, found in again["bn_reset"].items():  # same networks, same alignments
+        assert found["loss_barrier_mean"] == metrics["bn_reset"][method]["loss_barrier_mean"]
+
+    _run_chain(workdir)
+    report.report(report.STAGE.paths(workdir))
+    page = report.STAGE.paths(workdir).out.read_text()
+    assert "ResNets with BatchNorm" in page and page.count("data:image/png;base64,") == 4
+
+
 def _chromium(chromium: str, workdir: Path, *args) -> str:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
     done = subprocess.run(

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from deepalign.cli import app
 from deepalign.config import parse_params, read_params
-from deepalign.core.arch import cnn_arch, mlp_arch
+from deepalign.core.chain import cnn_arch, mlp_arch
 from deepalign.errors import DeepAlignError
 from deepalign.io import FORMAT, save_checkpoint
 from deepalign.zoo.build import init_network

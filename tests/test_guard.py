@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from deepalign.cli import app
-from deepalign.core.arch import mlp_arch
+from deepalign.core.chain import mlp_arch
 from deepalign.errors import UsageError
 from deepalign.guard import check_io, clash, overlap
 from deepalign.io import save_checkpoint
@@ -104,7 +104,7 @@ def invocation(command: str, files: dict[str, Path], out: Path) -> list[str]:
     """A command line of `command` that reads every path option it has and writes `out`."""
     f = {k: str(v) for k, v in files.items()}
     if command == "permute":
-        return ["permute", f["checkpoint"], "-o", str(out)]
+        return ["permute", f["checkpoint"], "--model", f["model"], "-o", str(out)]
     reads = [f["ref"], f["other"], "--params", f["params"], "--model", f["model"]]
     return [command, *reads, "--aligner", f["aligner"], "-o", str(out)]
 
@@ -125,17 +125,18 @@ def test_every_path_option_of_every_command_is_classified():
     assert path_options() == {
         "sweep": [],
         "info": ["checkpoint", "model"],
-        "permute": ["checkpoint", "out"],
+        "permute": ["checkpoint", "out", "model"],
         "align": ["ref", "other", "out", "params", "aligner", "model"],
         "interpolate": ["ref", "other", "params", "model"],
         "curve": ["ref", "other", "out", "params", "aligner", "model"],
+        "merge": ["networks", "out", "params", "aligner", "model"],
     }
 
 
 @pytest.mark.parametrize(("command", "option"), read_options())
 def test_no_command_writes_a_path_it_reads(tmp_path, command, option):
     files = make_inputs(tmp_path)
-    victim = files[option]
+    victim = files["ref" if option == "networks" else option]
     before = {p: p.read_bytes() for p in files.values()}
     line = error_line(runner.invoke(app, invocation(command, files, victim)), exit_code=2)
     assert victim.name in line and "--force" in line

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from deepalign.core.arch import arch_of
+from deepalign.core.chain import arch_of
 from deepalign.errors import DeepAlignError
 from deepalign.io import (
     atomic_path,
@@ -47,7 +47,18 @@ def test_round_trip_keeps_arch_weights_and_meta(tmp_path, mlp):
 def test_plain_state_dict_is_accepted(tmp_path):
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     ckpt = load_checkpoint(save(tmp_path / "plain.pt", model.state_dict()))
-    assert ckpt.arch_inferred and ckpt.ws.layer_shapes() == ((6, 4), (3, 6))
+    assert ckpt.arch_inferred and ckpt.arch.weight_shapes() == ((6, 4), (3, 6))
+
+
+def test_a_layer_without_bias_is_a_chain_with_an_optional_bias(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.ReLU(), nn.Linear(6, 3))
+    ckpt = load_checkpoint(save(tmp_path / "plain.pt", model.state_dict()))
+    assert set(ckpt.ws.named) == {"0.weight", "2.weight", "2.bias"}
+    assert tuple(ckpt.arch.spec.acting("h0")) == (("0.weight", 0, 1), ("2.weight", 1, 1))
+    x = torch.randn(5, 4)
+    rebuilt = ckpt.arch.build()
+    rebuilt.load_state_dict(ckpt.arch.state_dict(ckpt.ws))
+    torch.testing.assert_close(rebuilt(x), model(x))
 
 
 @pytest.mark.parametrize(
@@ -66,12 +77,11 @@ def test_plain_state_dict_is_accepted(tmp_path):
         ),
         (
             lambda p: save(p, nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5)).state_dict()),
-            "normalisation layers are unsupported",
+            "normalisation layer's, not a plain Sequential's: give the module with --model",
         ),
-        (lambda p: save(p, {"0.weight": torch.zeros(3, 4)}), "layer 0 lacks a weight or a bias"),
         (lambda p: save(p, [1, 2, 3]), "not a state_dict"),
     ],
-    ids=["text", "nan", "residual", "batchnorm", "no-bias", "list"],
+    ids=["text", "nan", "residual", "batchnorm", "list"],
 )
 def test_bad_checkpoints_name_the_culprit(tmp_path, make, message):
     path = make(tmp_path / "bad.pt")

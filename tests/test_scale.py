@@ -40,7 +40,7 @@ def test_tiny_zoo_is_built_saved_stacked_and_aligned(tmp_path):
         f"net-0000{j}.pt" for j in range(3)
     ]
     stack = torch.load(tmp_path / "stack.pt", weights_only=True)
-    assert stack[0].shape[0] == 3  # three networks stacked
+    assert stack["0.weight"].shape[0] == 3  # three networks stacked, keyed by state_dict
     methods = load_section("align", AlignCfg, ROOT / "params.yaml")
     wm = sc.align_wm(tmp_path / "stack.pt", net, DIGITS, methods)
     assert wm["pairs"] == 3 and wm["pairs_per_s"] > 0

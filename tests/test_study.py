@@ -9,7 +9,7 @@ from deepalign.zoo.build import NetCfg, ZooCfg, init_network, make_arch, train_b
 from deepalign.zoo.store import Zoo
 
 DIGITS = DataCfg("digits", "data", False, 0, 0.1, 0.2)
-NET = NetCfg("mlp", [8, 8], [], "relu", 3, 1, 1, 2, 64, 3e-3, 0.0)
+NET = NetCfg("mlp", [8, 8], [], 0, "relu", 3, 1, 1, 2, 64, 3e-3, 0.0)
 
 
 def test_study_networks_are_the_zoo_recipe_for_more_seeds(tmp_path, digits):
@@ -35,6 +35,6 @@ def test_study_networks_are_the_zoo_recipe_for_more_seeds(tmp_path, digits):
     base = Zoo(arch, records, stack([init_network(arch, s) for s in range(100, 105)]))
     mixed = study_zoo(nets[:2], base)
     assert [r["split"] for r in mixed.records] == ["train", "train", "val", "test", "test"]
-    assert torch.equal(mixed.nets.weights[0][2:], base.nets.weights[0][2:])
-    assert torch.equal(mixed.nets.weights[0][:2], nets.weights[0][:2])
-    assert not torch.equal(mixed.nets.weights[0][:2], base.nets.weights[0][:2])  # twin
+    assert torch.equal(mixed.nets.named["0.weight"][2:], base.nets.named["0.weight"][2:])
+    assert torch.equal(mixed.nets.named["0.weight"][:2], nets.named["0.weight"][:2])
+    assert not torch.equal(mixed.nets.named["0.weight"][:2], base.nets.named["0.weight"][:2])

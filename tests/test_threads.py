@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deepalign.config import load_section
-from deepalign.core.arch import mlp_arch
+from deepalign.core.chain import mlp_arch
 from deepalign.evaluation.bench import benchmark_busy, competing_process
 from deepalign.evaluation.experiment import AlignCfg
 from deepalign.methods import Problem

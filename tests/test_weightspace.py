@@ -5,21 +5,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepalign.core.arch import (
-    cnn_arch,
-    forward,
-    forward_batched,
-    mlp_arch,
-    state_dict_from_weightspace,
-    weightspace_from_state_dict,
-)
+from deepalign.core.arch import forward_batched
+from deepalign.core.chain import cnn_arch, forward, mlp_arch
 from deepalign.core.permspec import (
     apply_permutation,
     apply_soft_permutation,
     compose,
     identity,
     invert,
-    perm_spec,
     perm_to_matrix,
     random_permutation,
 )
@@ -39,8 +32,8 @@ def same_tensors(a: WeightSpace, b: WeightSpace) -> bool:
 @pytest.mark.parametrize("net", ["mlp", "cnn"])
 def test_random_permutation_preserves_function(net, request, gen):
     arch, ws = request.getfixturevalue(net)
-    perm = random_permutation(perm_spec(ws), gen)
-    permuted = apply_permutation(ws, perm)
+    perm = random_permutation(arch.spec, gen)
+    permuted = apply_permutation(ws, perm, arch.spec)
     x = inputs(arch)
     assert (forward(arch, permuted, x) - forward(arch, ws, x)).abs().max() <= 1e-5
     assert not same_tensors(permuted, ws)
@@ -50,11 +43,9 @@ def test_random_permutation_preserves_function(net, request, gen):
 def test_permuting_one_side_only_changes_function(net, request, gen):
     """Negative twin: rows of layer 1 permuted, columns of layer 2 left alone."""
     arch, ws = request.getfixturevalue(net)
-    perm = random_permutation(perm_spec(ws), gen)["h1"]
-    weights = list(ws.weights)
-    biases = list(ws.biases)
-    weights[1], biases[1] = weights[1][perm], biases[1][perm]
-    broken = WeightSpace(tuple(weights), tuple(biases))
+    perm = random_permutation(arch.spec, gen)["h1"]
+    w, b = (f"{arch.param_indices[1]}.{n}" for n in ("weight", "bias"))
+    broken = ws.with_tensors({w: ws.named[w][perm], b: ws.named[b][perm]})
     x = inputs(arch)
     assert (forward(arch, broken, x) - forward(arch, ws, x)).abs().max() > 1e-3
 
@@ -62,32 +53,34 @@ def test_permuting_one_side_only_changes_function(net, request, gen):
 def test_conv_to_linear_step_moves_whole_blocks(cnn, gen):
     """The Linear after Flatten must move h*w features per channel; per-feature is wrong."""
     arch, ws = cnn
-    spec = perm_spec(ws)
-    last = spec.axes[("w", 3)][1]
-    assert last.group == "h2" and last.block == 4  # 5 channels x (2 x 2) map
+    spec = arch.spec
+    assert ("7.weight", 1, 4) in list(spec.acting("h2"))  # 5 channels x (2 x 2) map
     perm = random_permutation(spec, gen)
-    weights = list(apply_permutation(ws, perm).weights)
-    weights[3] = ws.weights[3][:, perm["h2"].repeat(4)[:20]]  # plausible but wrong expansion
-    broken = WeightSpace(tuple(weights), apply_permutation(ws, perm).biases)
+    right = apply_permutation(ws, perm, spec)
+    wrong = ws.named["7.weight"][:, perm["h2"].repeat(4)[:20]]  # plausible but wrong expansion
+    broken = right.with_tensors({"7.weight": wrong})
     x = inputs(arch)
+    assert (forward(arch, right, x) - forward(arch, ws, x)).abs().max() <= 1e-5
     assert (forward(arch, broken, x) - forward(arch, ws, x)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("net", ["mlp", "cnn"])
 def test_invert_round_trip_is_exact(net, request, gen):
-    _, ws = request.getfixturevalue(net)
-    perm = random_permutation(perm_spec(ws), gen)
-    assert same_tensors(apply_permutation(apply_permutation(ws, perm), invert(perm)), ws)
-    assert same_tensors(apply_permutation(ws, identity(perm_spec(ws))), ws)
+    arch, ws = request.getfixturevalue(net)
+    spec = arch.spec
+    perm = random_permutation(spec, gen)
+    back = apply_permutation(apply_permutation(ws, perm, spec), invert(perm), spec)
+    assert same_tensors(back, ws)
+    assert same_tensors(apply_permutation(ws, identity(spec), spec), ws)
 
 
 def test_compose_matches_sequential_application(mlp, gen):
-    _, ws = mlp
-    spec = perm_spec(ws)
+    arch, ws = mlp
+    spec = arch.spec
     p, q = random_permutation(spec, gen), random_permutation(spec, gen)
-    twice = apply_permutation(apply_permutation(ws, p), q)
-    assert same_tensors(twice, apply_permutation(ws, compose(p, q)))
-    assert not same_tensors(twice, apply_permutation(ws, compose(q, p)))
+    twice = apply_permutation(apply_permutation(ws, p, spec), q, spec)
+    assert same_tensors(twice, apply_permutation(ws, compose(p, q), spec))
+    assert not same_tensors(twice, apply_permutation(ws, compose(q, p), spec))
 
 
 @pytest.mark.parametrize("net", ["mlp", "cnn"])
@@ -95,7 +88,7 @@ def test_state_dict_round_trip_is_exact(net, request):
     arch, ws = request.getfixturevalue(net)
     model = arch.build()
     state = model.state_dict()
-    back = state_dict_from_weightspace(arch, weightspace_from_state_dict(arch, state))
+    back = arch.state_dict(arch.weightspace(state))
     assert list(back) == list(state)
     assert all(torch.equal(back[k], state[k]) for k in state)
 
@@ -104,7 +97,7 @@ def test_state_dict_round_trip_is_exact(net, request):
 def test_functional_forward_matches_module(net, request):
     arch, ws = request.getfixturevalue(net)
     model = arch.build()
-    model.load_state_dict(state_dict_from_weightspace(arch, ws))
+    model.load_state_dict(arch.state_dict(ws))
     x = inputs(arch)
     assert torch.allclose(model(x), forward(arch, ws, x), atol=1e-6)
 
@@ -114,14 +107,14 @@ def test_batched_forms_match_per_network(net, request, gen):
     arch, _ = request.getfixturevalue(net)
     nets = [init_network(arch, s) for s in range(3)]
     batch = stack(nets)
-    spec = perm_spec(batch)
+    spec = arch.spec
     perms = random_permutation(spec, gen, batch=3)
-    permuted = apply_permutation(batch, perms)
+    permuted = apply_permutation(batch, perms, spec)
     x = inputs(arch)
     out = forward_batched(arch, batch, x)  # (3, N, 10)
     for b, ws in enumerate(nets):
         one = {g: p[b] for g, p in perms.items()}
-        assert same_tensors(permuted[b], apply_permutation(ws, one))
+        assert same_tensors(permuted[b], apply_permutation(ws, one, spec))
         assert torch.allclose(out[b], forward(arch, ws, x), atol=1e-6)
     per_net = torch.stack([x * (b + 1) for b in range(3)])  # (3, N, ...): each its own inputs
     out = forward_batched(arch, batch, per_net)
@@ -134,10 +127,10 @@ def test_batched_forms_match_per_network(net, request, gen):
 
 @pytest.mark.parametrize("net", ["mlp", "cnn"])
 def test_soft_permutation_with_hard_matrices_matches_index_form(net, request, gen):
-    _, ws = request.getfixturevalue(net)
-    perm = random_permutation(perm_spec(ws), gen)
-    soft = apply_soft_permutation(ws, perm_to_matrix(perm))
-    hard = apply_permutation(ws, perm)
+    arch, ws = request.getfixturevalue(net)
+    perm = random_permutation(arch.spec, gen)
+    soft = apply_soft_permutation(ws, perm_to_matrix(perm), arch.spec)
+    hard = apply_permutation(ws, perm, arch.spec)
     assert all(torch.allclose(a, b) for a, b in zip(soft.tensors(), hard.tensors(), strict=True))
 
 
@@ -149,7 +142,7 @@ def test_lerp_endpoints_and_shape_check(mlp):
         torch.allclose(a, b) for a, b in zip(lerp(ws, other, 1.0).tensors(), other.tensors())
     )
     wider = init_network(mlp_arch(64, [12, 11, 8], 10, "relu"), 0)
-    with pytest.raises(DeepAlignError, match=r"layer 1 weight: a \(10, 12\) vs b \(11, 12\)"):
+    with pytest.raises(DeepAlignError, match=r"'2.weight': a \(10, 12\) vs b \(11, 12\)"):
         check_same_shapes(ws, wider)
 
 
@@ -162,11 +155,11 @@ def test_mlp_permutation_invariance_any_shape(widths, seed):
     arch = mlp_arch(5, widths, 3, "tanh")
     ws = init_network(arch, seed)
     gen = torch.Generator().manual_seed(seed)
-    perm = random_permutation(perm_spec(ws), gen)
-    permuted = apply_permutation(ws, perm)
+    perm = random_permutation(arch.spec, gen)
+    permuted = apply_permutation(ws, perm, arch.spec)
     x = torch.randn(8, 5, generator=gen)
     assert (forward(arch, permuted, x) - forward(arch, ws, x)).abs().max() <= 1e-5
-    assert same_tensors(apply_permutation(permuted, invert(perm)), ws)
+    assert same_tensors(apply_permutation(permuted, invert(perm), arch.spec), ws)
 
 
 @settings(max_examples=15, deadline=None)
@@ -179,7 +172,7 @@ def test_cnn_permutation_invariance_any_shape(channels, strides, seed):
     arch = cnn_arch((2, 8, 8), channels, strides[: len(channels)], 4, "relu")
     ws = init_network(arch, seed)
     gen = torch.Generator().manual_seed(seed)
-    perm = random_permutation(perm_spec(ws), gen)
+    perm = random_permutation(arch.spec, gen)
     x = torch.randn(4, 2, 8, 8, generator=gen)
-    out = forward(arch, apply_permutation(ws, perm), x)
+    out = forward(arch, apply_permutation(ws, perm, arch.spec), x)
     assert (out - forward(arch, ws, x)).abs().max() <= 1e-5

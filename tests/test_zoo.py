@@ -28,7 +28,16 @@ CPU = torch.device("cpu")
 def small_net(kind="mlp", epochs=2, n=(3, 1, 1)):
     hidden, strides = ([8, 8], []) if kind == "mlp" else ([4, 4], [1, 2])
     return NetCfg(
-        kind, hidden, strides, "relu", *n, epochs=epochs, batch_size=32, lr=3e-3, weight_decay=0.0
+        kind,
+        hidden,
+        strides,
+        0,
+        "relu",
+        *n,
+        epochs=epochs,
+        batch_size=32,
+        lr=3e-3,
+        weight_decay=0.0,
     )
 
 
@@ -68,7 +77,7 @@ def test_same_seeds_give_the_same_networks(digits):
     ]
     assert all(torch.equal(x, y) for x, y in zip(runs[0].tensors(), runs[1].tensors()))
     other = init_network(arch, 3)
-    assert not torch.equal(other.weights[0], init_network(arch, 1).weights[0])
+    assert not torch.equal(other.named["0.weight"], init_network(arch, 1).named["0.weight"])
 
 
 def test_trained_networks_learn_digits(digits):

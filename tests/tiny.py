@@ -34,6 +34,9 @@ def tiny_params() -> dict:
     params["curves"].update(methods=["naive", "weight_matching"], pairs=2)
     params["curves"]["fit"]["epochs"] = 1
     params["curves"]["pam"]["rounds"] = 1
+    params["resnets"]["zoo"].update(hidden=[4, 8], n_test=3, epochs=1)
+    params["resnets"].update(pairs=3, points=5, bn_reset_images=64)
+    params["resnets"]["curves"]["pairs"] = 1
     return params
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepalign.core.arch import Arch, as_input, forward_batched, passes, per_pass
+from deepalign.core.arch import Arch, as_input, batchnorm_statistics, passes, per_pass
 from deepalign.core.data import Split
 from deepalign.core.permspec import Perm, PermSpec, apply_permutation, invert, random_permutation
 from deepalign.core.weightspace import WeightSpace, lerp, stack
@@ -52,7 +52,7 @@ def evaluate_networks(
         ce_sum = torch.zeros(group.batch_size, dtype=torch.float64)
         hits = torch.zeros(group.batch_size, dtype=torch.float64)
         for rows in passes(len(y), images):
-            logits = forward_batched(arch, group, x[rows])  # (b, n, C)
+            logits = arch.forward_batched(group, x[rows])  # (b, n, C)
             part = y[rows]
             ce = F.cross_entropy(
                 logits.transpose(1, 2), part.expand(logits.shape[0], -1), reduction="none"
@@ -64,13 +64,36 @@ def evaluate_networks(
     return torch.cat(losses), torch.cat(accs)
 
 
+def reset_statistics(arch: Arch, nets: WeightSpace, images: Tensor | None) -> WeightSpace:
+    """Batched `nets` with their BatchNorm running statistics recomputed on `images` (N, ...),
+    as an interpolated or merged network needs (its parents' statistics do not describe it);
+    unchanged without BatchNorm or without images."""
+    if images is None or not arch.has_batchnorm:
+        return nets
+    x = as_input(arch, images)
+    step = per_pass(arch, min(len(x), BN_BATCH))
+    parts = [
+        batchnorm_statistics(arch, nets[s], x, BN_BATCH) for s in passes(nets.batch_size, step)
+    ]
+    return nets.replace([torch.cat(ts) for ts in zip(*(p.tensors() for p in parts))])
+
+
+BN_BATCH = 256  # images per batch while recomputing BatchNorm statistics
+
+
 def interpolate(
-    arch: Arch, a: WeightSpace, b: WeightSpace, split: Split, points: int = 25
+    arch: Arch,
+    a: WeightSpace,
+    b: WeightSpace,
+    split: Split,
+    points: int = 25,
+    reset: Tensor | None = None,
 ) -> Curve:
-    """Loss and accuracy of (1 - l) a + l b on a split, l on an evenly spaced grid."""
+    """Loss and accuracy of (1 - l) a + l b on a split, l on an evenly spaced grid; with
+    `reset` images, every network on the line gets BatchNorm statistics of its own."""
     lambdas = lambda_grid(points)
     nets = lerp(stack([a] * points), stack([b] * points), lambdas)
-    loss, acc = evaluate_networks(arch, nets, split)
+    loss, acc = evaluate_networks(arch, reset_statistics(arch, nets, reset), split)
     return Curve(lambdas, loss, acc)
 
 
@@ -97,8 +120,14 @@ def barriers(curve: Curve) -> dict[str, float]:
 
 
 def perturb(ws: WeightSpace, noise: float, gen: torch.Generator) -> WeightSpace:
-    """Add Gaussian noise of `noise` times each tensor's std."""
-    return ws.map(lambda t: t + noise * t.std() * torch.randn(t.shape, generator=gen))
+    """Add Gaussian noise of `noise` times each parameter's std (running statistics kept)."""
+
+    def noisy(key: str, t: Tensor) -> Tensor:
+        if key in ws.buffers:
+            return t
+        return t + noise * t.std() * torch.randn(t.shape, generator=gen)
+
+    return ws.replace([noisy(k, t) for k, t in ws.named.items()])
 
 
 def planted_pair(

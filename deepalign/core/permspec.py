@@ -1,7 +1,7 @@
 """Permutation specs as data, and the one generic way to apply a permutation.
 
 A permutation is a dict `group -> LongTensor` of shape (n,) (or (B, n) for a batch).
-Convention: after `apply_permutation(ws, perm)`, hidden unit i of group g is unit
+Convention: after `apply_permutation(ws, perm, spec)`, hidden unit i of group g is unit
 `perm[g][i]` of `ws`. So to bring `other` into `ref`'s basis, `perm[g][i]` names the unit of
 `other` that matches unit i of `ref`. As a matrix, P[i, perm[i]] = 1 and the permuted
 weight is P @ W (rows) and W @ P.T (columns).
@@ -9,7 +9,7 @@ weight is P @ W (rows) and W @ P.T (columns).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -19,75 +19,56 @@ from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError
 
 Perm = dict[str, Tensor]
-Slot = tuple[str, int]  # ("w", layer) or ("b", layer)
 
 
 @dataclass(frozen=True)
-class AxisPerm:
-    """A hidden permutation acting on one tensor axis; `block` units per permuted index.
+class Axis:
+    """One tensor axis a group permutes; `block` entries per permuted unit.
 
-    `block` is 1 except on the Linear after Flatten, where channel c owns the `h * w`
-    flattened features [c*h*w, (c+1)*h*w).
+    `block` is 1 except where a flatten turned channels into features: the Linear after it sees
+    channel c as the `h * w` features [c*h*w, (c+1)*h*w).
     """
 
-    group: str
+    key: str  # the tensor's state_dict key
+    axis: int  # of the unbatched tensor
     block: int = 1
 
 
 @dataclass(frozen=True)
 class PermSpec:
-    """Which hidden permutation acts on which axis of which (unbatched) tensor."""
+    """Which hidden permutation acts on which axis of which tensor: a network's symmetry as
+    data, made once where the network is described (`deepalign.core.trace`) and carried with
+    it; nothing re-derives it from shapes."""
 
-    axes: dict[Slot, tuple[AxisPerm | None, ...]]
-    sizes: dict[str, int]  # group -> number of units it permutes
+    members: Mapping[str, tuple[Axis, ...]]  # group -> every axis it permutes
+    sizes: Mapping[str, int]  # group -> number of units it permutes
 
     @property
     def groups(self) -> tuple[str, ...]:
         return tuple(self.sizes)
 
-    def acting(self, group: str) -> Iterator[tuple[Slot, int, int]]:
-        """(slot, axis, block) for every tensor axis that `group` permutes."""
-        for slot, axes in self.axes.items():
-            for axis, ap in enumerate(axes):
-                if ap is not None and ap.group == group:
-                    yield slot, axis, ap.block
+    def acting(self, group: str) -> Iterator[tuple[str, int, int]]:
+        """(key, axis, block) for every tensor axis that `group` permutes."""
+        for ax in self.members[group]:
+            yield ax.key, ax.axis, ax.block
 
+    def keys(self) -> set[str]:
+        """Every tensor some group permutes."""
+        return {ax.key for axes in self.members.values() for ax in axes}
 
-def _group(layer: int, n_layers: int) -> str | None:
-    """Group of layer `layer`'s output units: hidden layers only."""
-    return f"h{layer}" if 0 <= layer < n_layers - 1 else None
-
-
-def _flatten_block(shapes: tuple[tuple[int, ...], ...], layer: int) -> int:
-    """Features per input unit of `layer`: h*w after conv -> flatten -> linear, else 1."""
-    units_in, features_in = shapes[layer - 1][0], shapes[layer][1]
-    if features_in % units_in:
-        raise DeepAlignError(
-            f"layer {layer} takes {features_in} inputs, not a multiple of the "
-            f"{units_in} units of layer {layer - 1}"
-        )
-    return features_in // units_in
-
-
-def perm_spec(shapes: WeightSpace | tuple[tuple[int, ...], ...]) -> PermSpec:
-    """Derive the permutation spec of a feed-forward net from its weight shapes."""
-    if isinstance(shapes, WeightSpace):
-        shapes = shapes.layer_shapes()
-    n = len(shapes)
-    axes: dict[Slot, tuple[AxisPerm | None, ...]] = {}
-    for i, shape in enumerate(shapes):
-        out_g, in_g = _group(i, n), _group(i - 1, n)
-        out_ax = AxisPerm(out_g) if out_g else None
-        in_ax = AxisPerm(in_g, _flatten_block(shapes, i)) if in_g else None
-        axes[("w", i)] = (out_ax, in_ax) + (None,) * (len(shape) - 2)
-        axes[("b", i)] = (out_ax,)
-    sizes = {_group(i, n): shapes[i][0] for i in range(n - 1)}
-    return PermSpec(axes=axes, sizes=sizes)
-
-
-def _slot_tensor(ws: WeightSpace, slot: Slot) -> Tensor:
-    kind, i = slot
-    return ws.weights[i] if kind == "w" else ws.biases[i]
+    def check(self, ws: WeightSpace) -> None:
+        """Refuse a network whose tensors do not have the axes this spec permutes."""
+        shapes = ws.shapes()
+        for group, n in self.sizes.items():
+            for key, axis, block in self.acting(group):
+                if key not in shapes:
+                    raise DeepAlignError(f"group {group} permutes '{key}', which is missing")
+                shape = shapes[key]
+                if axis >= len(shape) or shape[axis] != n * block:
+                    raise DeepAlignError(
+                        f"group {group} permutes axis {axis} of '{key}' {shape} as {n} units "
+                        f"of {block}"
+                    )
 
 
 def _block_index(perm: Tensor, block: int) -> Tensor:
@@ -117,21 +98,15 @@ def _check_perm(spec: PermSpec, perm: Perm) -> None:
             raise DeepAlignError(f"permutation of group {g} has {perm[g].shape[-1]} units, not {n}")
 
 
-def apply_permutation(ws: WeightSpace, perm: Perm, spec: PermSpec | None = None) -> WeightSpace:
+def apply_permutation(ws: WeightSpace, perm: Perm, spec: PermSpec) -> WeightSpace:
     """Permute the hidden units of `ws` (batched or not) by index permutations."""
-    spec = spec or perm_spec(ws)
     _check_perm(spec, perm)
-    out = {("w", i): w for i, w in enumerate(ws.weights)} | {
-        ("b", i): b for i, b in enumerate(ws.biases)
-    }
+    out = dict(ws.named)
     for group in spec.groups:
-        for slot, axis, block in spec.acting(group):
+        for key, axis, block in spec.acting(group):
             index = _block_index(perm[group], block)
-            out[slot] = _take(out[slot], axis, index, ws.is_batched)
-    n = ws.n_layers
-    return WeightSpace(
-        tuple(out[("w", i)] for i in range(n)), tuple(out[("b", i)] for i in range(n))
-    )
+            out[key] = _take(out[key], axis, index, ws.is_batched)
+    return ws.replace(out.values())
 
 
 def _mix(t: Tensor, axis: int, mat: Tensor, block: int, batched: bool) -> Tensor:
@@ -144,24 +119,16 @@ def _mix(t: Tensor, axis: int, mat: Tensor, block: int, batched: bool) -> Tensor
     return mixed.flatten(-2).movedim(-1, dim)
 
 
-def apply_soft_permutation(
-    ws: WeightSpace, mats: dict[str, Tensor], spec: PermSpec | None = None
-) -> WeightSpace:
+def apply_soft_permutation(ws: WeightSpace, mats: dict[str, Tensor], spec: PermSpec) -> WeightSpace:
     """Apply (doubly-stochastic) matrices P, (n, n) or (B, n, n): rows P @ W, columns W @ P.T.
 
-    With P = perm_to_matrix(perm) this equals `apply_permutation(ws, perm)`.
+    With P = perm_to_matrix(perm) this equals `apply_permutation(ws, perm, spec)`.
     """
-    spec = spec or perm_spec(ws)
-    out = {("w", i): w for i, w in enumerate(ws.weights)} | {
-        ("b", i): b for i, b in enumerate(ws.biases)
-    }
+    out = dict(ws.named)
     for group in spec.groups:
-        for slot, axis, block in spec.acting(group):
-            out[slot] = _mix(out[slot], axis, mats[group], block, ws.is_batched)
-    n = ws.n_layers
-    return WeightSpace(
-        tuple(out[("w", i)] for i in range(n)), tuple(out[("b", i)] for i in range(n))
-    )
+        for key, axis, block in spec.acting(group):
+            out[key] = _mix(out[key], axis, mats[group], block, ws.is_batched)
+    return ws.replace(out.values())
 
 
 def perm_to_matrix(perm: Perm) -> dict[str, Tensor]:

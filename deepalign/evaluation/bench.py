@@ -12,7 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
-from deepalign.core.arch import Arch, mlp_arch
+from deepalign.core.arch import Arch
+from deepalign.core.chain import mlp_arch
 from deepalign.core.data import Split
 from deepalign.core.weightspace import stack
 from deepalign.methods import MethodsCfg, Problem, align

@@ -103,7 +103,7 @@ def _memo_barrier(zoo: Zoo, data: Dataset, points: int) -> Callable[[tuple[int, 
 
 
 def _barrier(zoo: Zoo, pair: tuple[int, int], perm: Perm, data: Dataset, points: int) -> float:
-    aligned = apply_permutation(zoo.nets[pair[1]], perm)
+    aligned = apply_permutation(zoo.nets[pair[1]], perm, zoo.arch.spec)
     curve = interpolate(zoo.arch, zoo.nets[pair[0]], aligned, data.test, points)
     return barriers(curve)["loss_barrier"]
 

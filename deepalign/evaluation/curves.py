@@ -33,10 +33,10 @@ from deepalign.config import (
     between,
     one_of,
 )
-from deepalign.core.arch import Arch, as_input, forward_batched
+from deepalign.core.arch import Arch, as_input
 from deepalign.core.data import Split
-from deepalign.core.lmc import evaluate_networks
-from deepalign.core.permspec import Perm, apply_permutation, perm_spec
+from deepalign.core.lmc import evaluate_networks, reset_statistics
+from deepalign.core.permspec import Perm, apply_permutation
 from deepalign.core.weightspace import WeightSpace, lerp
 from deepalign.errors import DeepAlignError
 from deepalign.methods import Problem, check_methods
@@ -82,9 +82,7 @@ def point(kind: str, a: WeightSpace, theta: WeightSpace, b: WeightSpace, t: Tens
         shape = (-1, *[1] * (x.ndim - 1))
         return ca.view(shape) * x + ct.view(shape) * y + cb.view(shape) * z
 
-    return WeightSpace.from_tensors(
-        [mix(*ts) for ts in zip(a.tensors(), theta.tensors(), b.tensors())]
-    )
+    return a.replace([mix(*ts) for ts in zip(a.tensors(), theta.tensors(), b.tensors())])
 
 
 def midpoint(a: WeightSpace, b: WeightSpace) -> WeightSpace:
@@ -108,13 +106,14 @@ def fit(
     for _ in range(cfg.epochs):
         for idx in torch.randperm(len(y), generator=gen).split(cfg.batch_size):
             t = torch.rand(a.batch_size, generator=gen)
-            phi = point(cfg.kind, a, WeightSpace.from_tensors(params), b, t)
-            logits = forward_batched(arch, phi, x[idx])  # (K, b, C)
+            phi = point(cfg.kind, a, a.replace(params), b, t)
+            # BatchNorm: batch statistics while fitting (Garipov et al.), reset to evaluate
+            logits = arch.forward_batched(phi, x[idx], train=True)  # (K, b, C)
             loss = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(a.batch_size))
             opt.zero_grad(set_to_none=True)
             (loss * a.batch_size).backward()  # each pair's own mean loss
             opt.step()
-    return WeightSpace.from_tensors([p.detach() for p in params])
+    return a.replace([p.detach() for p in params])
 
 
 @dataclass(frozen=True)
@@ -133,13 +132,15 @@ def evaluate(
     b: WeightSpace,
     split: Split,
     points: int,
+    reset: Tensor | None = None,
 ) -> CurveEval:
-    """Loss and accuracy of every pair's curve on a grid of t."""
+    """Loss and accuracy of every pair's curve on a grid of t; with `reset` images, every
+    network on a curve gets BatchNorm statistics of its own."""
     ts = torch.linspace(0, 1, points)
     k = a.batch_size
     losses, accs = [], []
     for t in ts:
-        phi = point(kind, a, theta, b, t.expand(k))
+        phi = reset_statistics(arch, point(kind, a, theta, b, t.expand(k)), reset)
         loss, acc = evaluate_networks(arch, phi, split)
         losses.append(loss)
         accs.append(acc)
@@ -157,15 +158,13 @@ def curve_metrics(ev: CurveEval) -> dict[str, Tensor]:
     }
 
 
-def _realign(a: WeightSpace, theta: WeightSpace, b: WeightSpace, perm: Perm, rho: float) -> Perm:
+def _realign(arch: Arch, theta: WeightSpace, b: WeightSpace, perm: Perm, rho: float) -> Perm:
     """Weight matching of B against theta + rho * (B as currently aligned), for one pair."""
-    spec = perm_spec(b)
+    spec = arch.spec
     current = apply_permutation(b, perm, spec)
-    target = WeightSpace.from_tensors(
-        [t + rho * c for t, c in zip(theta.tensors(), current.tensors())]
-    )
+    target = b.replace([t + rho * c for t, c in zip(theta.tensors(), current.tensors())])
     cfg = WeightMatchingCfg(max_iter=100, restarts=0, seed=0)
-    return weight_matching(Problem(spec, target, b), cfg, perm)
+    return weight_matching(Problem(spec, target, b, arch), cfg, perm)
 
 
 def pam(
@@ -183,19 +182,19 @@ def pam(
     objective after each accepted step (never increasing).
     """
     probe = Split(data.x[: cfg.eval_examples], data.y[: cfg.eval_examples])
-    b = apply_permutation(b_raw, perms)
+    b = apply_permutation(b_raw, perms, arch.spec)
     theta = fit(arch, a, b, data, fit_cfg)
     best = evaluate(arch, fit_cfg.kind, a, theta, b, probe, PROBE_POINTS).loss.mean(1)  # (K,)
     history = [best.mean().item()]
     for _ in range(cfg.rounds):
         new = [
-            _realign(a[k], theta[k], b_raw[k], {g: p[k] for g, p in perms.items()}, cfg.rho)
+            _realign(arch, theta[k], b_raw[k], {g: p[k] for g, p in perms.items()}, cfg.rho)
             for k in range(a.batch_size)
         ]
         new_perms = {g: torch.stack([p[g] for p in new]) for g in perms}
         if all(torch.equal(new_perms[g], perms[g]) for g in perms):
             break
-        new_b = apply_permutation(b_raw, new_perms)
+        new_b = apply_permutation(b_raw, new_perms, arch.spec)
         new_theta = fit(arch, a, new_b, data, fit_cfg, theta=_carry(theta))
         ends = (a, new_theta, new_b)
         value = evaluate(arch, fit_cfg.kind, *ends, probe, PROBE_POINTS).loss.mean(1)
@@ -219,7 +218,7 @@ def _select(mask: Tensor, x: WeightSpace, y: WeightSpace) -> WeightSpace:
     def pick(a: Tensor, b: Tensor) -> Tensor:
         return torch.where(mask.view(-1, *[1] * (a.ndim - 1)), a, b)
 
-    return WeightSpace.from_tensors([pick(a, b) for a, b in zip(x.tensors(), y.tensors())])
+    return x.replace([pick(a, b) for a, b in zip(x.tensors(), y.tensors())])
 
 
 @dataclass(frozen=True)
@@ -231,8 +230,13 @@ class CurvesCfg:
     pam_from: str  # method whose alignment PAM starts from; "" skips PAM
     pairs: Count  # first K of the align stage's test pairs
     points: Annotated[int, between(2, MAX_POINTS)]  # t grid of the evaluation
+    bn_reset_images: Count  # training images for every curve network's BatchNorm statistics
+    # (networks with BatchNorm only; 0: keep the interpolated running statistics)
     fit: CurveFitCfg
     pam: PamCfg
+
+    def reset_images(self, train: Split) -> Tensor | None:
+        return train.x[: self.bn_reset_images] if self.bn_reset_images else None
 
     def __post_init__(self) -> None:
         check_methods("methods", self.methods)
@@ -249,13 +253,13 @@ class CurveResult:
 
 
 def endpoints(
-    nets: WeightSpace, pairs: list[tuple[int, int]], perms: dict[str, Tensor]
+    arch: Arch, nets: WeightSpace, pairs: list[tuple[int, int]], perms: dict[str, Tensor]
 ) -> tuple[WeightSpace, WeightSpace, WeightSpace]:
     """A, B before alignment, and B aligned, for the first K pairs: batched (K, ...)."""
     a = nets[torch.tensor([i for i, _ in pairs])]
     b = nets[torch.tensor([j for _, j in pairs])]
     k = len(pairs)
-    return a, b, apply_permutation(b, {g: p[:k] for g, p in perms.items()})
+    return a, b, apply_permutation(b, {g: p[:k] for g, p in perms.items()}, arch.spec)
 
 
 def fit_and_evaluate(
@@ -265,8 +269,23 @@ def fit_and_evaluate(
     start = time.perf_counter()
     theta = fit(arch, a, b, data_train, cfg.fit)
     seconds = time.perf_counter() - start
-    curve = evaluate(arch, cfg.fit.kind, a, theta, b, data_test, cfg.points)
-    linear = evaluate(arch, cfg.fit.kind, a, midpoint(a, b), b, data_test, cfg.points)
+    return _scored(arch, a, theta, b, data_train, data_test, cfg, seconds)
+
+
+def _scored(
+    arch: Arch,
+    a: WeightSpace,
+    theta: WeightSpace,
+    b: WeightSpace,
+    data_train: Split,
+    data_test: Split,
+    cfg: CurvesCfg,
+    seconds: float,
+) -> CurveResult:
+    """The fitted curves and the straight lines, scored on the test split."""
+    reset = cfg.reset_images(data_train)
+    curve = evaluate(arch, cfg.fit.kind, a, theta, b, data_test, cfg.points, reset)
+    linear = evaluate(arch, cfg.fit.kind, a, midpoint(a, b), b, data_test, cfg.points, reset)
     return CurveResult(curve, linear, seconds, theta)
 
 
@@ -283,10 +302,8 @@ def pam_and_evaluate(
     start = time.perf_counter()
     perms, theta, history = pam(arch, a, b_raw, perms, data_train, cfg.fit, cfg.pam)
     seconds = time.perf_counter() - start
-    b = apply_permutation(b_raw, perms)
-    curve = evaluate(arch, cfg.fit.kind, a, theta, b, data_test, cfg.points)
-    linear = evaluate(arch, cfg.fit.kind, a, midpoint(a, b), b, data_test, cfg.points)
-    return CurveResult(curve, linear, seconds, theta), history
+    b = apply_permutation(b_raw, perms, arch.spec)
+    return _scored(arch, a, theta, b, data_train, data_test, cfg, seconds), history
 
 
 def summarize_curves(result: CurveResult) -> dict[str, float]:

@@ -46,6 +46,8 @@ class EvaluateCfg:
     points: GridPoints  # lambda grid, both ends included (odd, so 0.5 is on it)
     compare: list[list[str]]  # [a, b]: paired difference of loss barriers a - b over pairs
     bootstrap: Positive  # resamples of the pairs for the 95% interval
+    bn_reset_images: Count  # training images for each interpolated network's BatchNorm
+    # statistics (networks with BatchNorm only; 0: keep the interpolated running statistics)
 
     def __post_init__(self) -> None:
         for i, pair in enumerate(self.compare):
@@ -111,12 +113,16 @@ def run_method(method: str, zoo: Zoo, data: Dataset, cfg: AlignCfg) -> MethodRun
     return MethodRun(method, pairs, perms, seconds, objective, planted)
 
 
-def pair_curves(run: MethodRun, zoo: Zoo, data: Dataset, points: int) -> list[Curve]:
-    """Test-split interpolation curve of every aligned pair."""
+def pair_curves(
+    run: MethodRun, zoo: Zoo, data: Dataset, points: int, reset_images: int = 0
+) -> list[Curve]:
+    """Test-split interpolation curve of every aligned pair (BatchNorm statistics recomputed
+    on `reset_images` training images for every network on the line, where it has some)."""
+    reset = data.train.x[:reset_images] if reset_images else None
     curves = []
     for k, (i, j) in enumerate(run.pairs):
-        aligned = apply_permutation(zoo.nets[j], run.perm(k))
-        curves.append(interpolate(zoo.arch, zoo.nets[i], aligned, data.test, points))
+        aligned = apply_permutation(zoo.nets[j], run.perm(k), zoo.arch.spec)
+        curves.append(interpolate(zoo.arch, zoo.nets[i], aligned, data.test, points, reset))
     return curves
 
 

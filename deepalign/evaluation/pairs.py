@@ -10,7 +10,7 @@ from torch import Tensor
 
 from deepalign.core.data import Split
 from deepalign.core.lmc import planted_pair, recovery
-from deepalign.core.permspec import Perm, perm_spec
+from deepalign.core.permspec import Perm
 from deepalign.errors import DeepAlignError
 from deepalign.io import load_current, read_result, save_current
 from deepalign.methods import Method, MethodsCfg, Problem, align_all
@@ -62,7 +62,7 @@ def planted_recoveries(
 ) -> Tensor:
     """Recovery of planted permutations of perturbed copies of the given networks: (P,)."""
     gen = torch.Generator().manual_seed(seed)
-    spec = perm_spec(zoo.nets[indices[0]])
+    spec = zoo.arch.spec
     copies = [planted_pair(zoo.nets[i], spec, noise, gen) for i in indices]
     problems = [
         Problem.of(zoo.nets[i], copy, zoo.arch, data) for i, (copy, _) in zip(indices, copies)

@@ -157,6 +157,30 @@ def headline(metrics: dict[str, dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _resnets(found: dict, plots: Path) -> list[str]:
+    """The study pipeline's ResNet zoo: lines with BatchNorm statistics reset and kept."""
+    rows = {
+        method: {
+            "loss_barrier_mean": reset["loss_barrier_mean"],
+            "acc_barrier_mean": reset["acc_barrier_mean"],
+            "merged_acc_mean": reset["merged_acc_mean"],
+            "kept_loss_barrier_mean": found["bn_kept"][method]["loss_barrier_mean"],
+            "kept_merged_acc_mean": found["bn_kept"][method]["merged_acc_mean"],
+        }
+        for method, reset in found["bn_reset"].items()
+    }
+    return [
+        "<h2>ResNets with BatchNorm (study pipeline, committed results)</h2>",
+        "<p>Every network on a line scored after its BatchNorm statistics are recomputed on "
+        "training images; <i>kept</i>: with the averaged statistics instead.</p>",
+        _table(rows, list(next(iter(rows.values()))), "method"),
+        _image(plots / "resnets" / "interpolation_resnet.png"),
+        "<h3>Bezier curves: resnet</h3>",
+        _table(found["curves"], _keys(CURVED), "method"),
+        _image(plots / "resnets" / "curves_resnet.png"),
+    ]
+
+
 def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign report") -> str:
     """A self-contained page (inline CSS, embedded PNGs) of every stage's results; `plots` holds
     each stage's folder of figures (evaluate/, curves/, converge/)."""
@@ -192,6 +216,8 @@ def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign r
             _table(rows, _keys("steps_to_target seconds_to_target final_loss_barrier"), "start"),
             _image(plots / "converge" / f"refine_convergence_{arch}.png"),
         ]
+    if "resnets" in metrics:
+        parts += _resnets(metrics["resnets"], plots)
     if "train_aligner" in metrics:
         parts += [
             "<h2>DEEP-ALIGN training</h2>",

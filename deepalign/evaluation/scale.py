@@ -74,7 +74,7 @@ def build_zoo(net: NetCfg, data_cfg: DataCfg, n: int, cfg: ScaleCfg, out: Path) 
         records += train_chunk(arch, chunk, data, net, fps, torch.device("cpu"), progress=False)
     seconds = time.perf_counter() - start
     nets = stack([load_checkpoint(j.path).ws for j in jobs])  # for the alignment parts
-    torch.save(nets.tensors(), out / "stack.pt")
+    torch.save(dict(nets.named), out / "stack.pt")
     acc = torch.tensor([r["test_acc"] for r in records])
     return {
         "networks": n,
@@ -90,18 +90,26 @@ def ring(n: int) -> tuple[Tensor, Tensor]:
     return first, (first + 1) % n
 
 
-def align_deep(stack_file: Path, cfg: DeepAlignCfg, pair_chunk: int) -> dict:
+def load_stack(stack_file: Path) -> WeightSpace:
+    """The networks `build_zoo` saved, batched."""
+    return WeightSpace(torch.load(stack_file, weights_only=True), batched=True)
+
+
+def align_deep(
+    stack_file: Path, net: NetCfg, data_cfg: DataCfg, cfg: DeepAlignCfg, pair_chunk: int
+) -> dict:
     """DEEP-ALIGN on n ring pairs of the saved stack: forward passes of `pair_chunk` pairs,
     then the Hungarian solve of each pair's scores."""
-    nets = WeightSpace.from_tensors(torch.load(stack_file, weights_only=True))
+    nets = load_stack(stack_file)
+    arch = make_arch(net, load_dataset(data_cfg))
     first, second = ring(nets.batch_size)
-    deep_align_batch(nets[first[:1]], nets[second[:1]], cfg)  # loads the model
+    deep_align_batch(arch, nets[first[:1]], nets[second[:1]], cfg)  # loads the model
     start = time.perf_counter()
     forward = 0.0
     for k in tqdm(range(0, len(first), pair_chunk), desc="deep_align", mininterval=5.0):
         t0 = time.perf_counter()
         scores = deep_align_batch(
-            nets[first[k : k + pair_chunk]], nets[second[k : k + pair_chunk]], cfg
+            arch, nets[first[k : k + pair_chunk]], nets[second[k : k + pair_chunk]], cfg
         )
         forward += time.perf_counter() - t0
         for b in range(len(next(iter(scores.values())))):
@@ -113,7 +121,7 @@ def align_deep(stack_file: Path, cfg: DeepAlignCfg, pair_chunk: int) -> dict:
 
 def align_wm(stack_file: Path, net: NetCfg, data_cfg: DataCfg, cfg: MethodsCfg) -> dict:
     """Weight matching on the same ring pairs, one pair at a time (1 thread per pair)."""
-    nets = WeightSpace.from_tensors(torch.load(stack_file, weights_only=True))
+    nets = load_stack(stack_file)
     arch = make_arch(net, load_dataset(data_cfg))
     first, second = ring(nets.batch_size)
     start = time.perf_counter()

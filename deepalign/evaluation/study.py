@@ -67,7 +67,7 @@ def build_train_networks(
 def study_zoo(train_nets: WeightSpace, base: Zoo) -> Zoo:
     """Train networks of the study beside the default zoo's val and test networks."""
     keep = torch.tensor(base.indices("val") + base.indices("test"))
-    nets = WeightSpace.from_tensors(
+    nets = train_nets.replace(
         [torch.cat([t, u]) for t, u in zip(train_nets.tensors(), base.nets[keep].tensors())]
     )
     records = [{"split": "train"}] * train_nets.batch_size + [base.records[i] for i in keep]
@@ -78,7 +78,7 @@ def test_barrier(model: DeepAlign, zoo: Zoo, data: Dataset, cfg: StudyCfg) -> fl
     """Mean test loss barrier of the model's hard alignments of the test ring pairs."""
     pairs = ring_pairs(zoo.indices("test"), cfg.pairs)
     ref, other = (zoo.nets[torch.tensor([p[k] for p in pairs])] for k in (0, 1))
-    aligned = apply_permutation(other, predict(model.eval(), ref, other))
+    aligned = apply_permutation(other, predict(model.eval(), ref, other), zoo.arch.spec)
     model.train()
     found = [
         barriers(interpolate(zoo.arch, ref[k], aligned[k], data.test, cfg.points))["loss_barrier"]
@@ -93,7 +93,11 @@ def weight_matching_barrier(zoo: Zoo, data: Dataset, cfg: StudyCfg, wm: WeightMa
     for i, j in pairs:
         perm = weight_matching(Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch), wm)
         curve = interpolate(
-            zoo.arch, zoo.nets[i], apply_permutation(zoo.nets[j], perm), data.test, cfg.points
+            zoo.arch,
+            zoo.nets[i],
+            apply_permutation(zoo.nets[j], perm, zoo.arch.spec),
+            data.test,
+            cfg.points,
         )
         found.append(barriers(curve)["loss_barrier"])
     return sum(found) / len(found)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from deepalign.config import Count, Positive, one_of
-from deepalign.core.arch import as_input, forward
+from deepalign.core.arch import as_input
 from deepalign.core.permspec import Perm
 from deepalign.errors import DeepAlignError
 from deepalign.methods.problem import Problem, solve_lap
@@ -30,9 +30,9 @@ class ActivationMatchingCfg:
 
 
 def _units_as_columns(act: Tensor) -> Tensor:
-    """(N, n) or (N, C, H, W) -> (samples, n) in float64."""
-    if act.ndim == 4:
-        act = act.permute(0, 2, 3, 1).flatten(0, 2)
+    """(N, n) or (N, C, *space) -> (samples, n) in float64."""
+    if act.ndim > 2:
+        act = act.movedim(1, -1).flatten(0, -2)
     return act.double()
 
 
@@ -81,12 +81,11 @@ def activation_scores(problem: Problem, cfg: ActivationMatchingCfg) -> dict[str,
     x = as_input(arch, data.x[: cfg.max_examples or None])
     moments = {g: _Moments(n) for g, n in problem.spec.sizes.items()}
     for batch in x.split(cfg.batch_size):
-        taps_ref: list[Tensor] = []
-        taps_other: list[Tensor] = []
-        forward(arch, problem.ref, batch, taps_ref)
-        forward(arch, problem.other, batch, taps_other)
-        for g, a, b in zip(problem.spec.groups, taps_ref, taps_other, strict=True):
-            moments[g].add(_units_as_columns(a), _units_as_columns(b))
+        taps_ref = arch.activations(problem.ref, batch)  # group -> its taps
+        taps_other = arch.activations(problem.other, batch)
+        for g in problem.spec.groups:  # a residual group's taps all count as its samples
+            for a, b in zip(taps_ref[g], taps_other[g], strict=True):
+                moments[g].add(_units_as_columns(a), _units_as_columns(b))
     return {g: m.score(cfg.statistic) for g, m in moments.items()}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from deepalign.core.arch import Arch
 from deepalign.core.assignment import Answer, Scores
 from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError
@@ -37,7 +38,16 @@ def checkpoint_files(cfg: DeepAlignCfg) -> list[Path]:
 @lru_cache(maxsize=8)
 def _load(path: str) -> tuple[DeepAlign, tuple]:
     model, arch, _ = load_aligner(Path(path))
-    return model, arch.weight_shapes()
+    return model, layer_shapes(arch)
+
+
+def layer_shapes(arch: Arch) -> tuple:
+    """The weight shapes of a chain's layers (DEEP-ALIGN aligns chains alone)."""
+    if not hasattr(arch, "weight_shapes"):
+        raise DeepAlignError(
+            f"DEEP-ALIGN aligns chains of Linear/Conv2d layers, not {arch.describe()}"
+        )
+    return arch.weight_shapes()
 
 
 def model_for(shapes: tuple, cfg: DeepAlignCfg) -> DeepAlign:
@@ -58,13 +68,13 @@ def model_for(shapes: tuple, cfg: DeepAlignCfg) -> DeepAlign:
 
 
 @torch.no_grad()
-def deep_align_batch(ref: WeightSpace, other: WeightSpace, cfg: DeepAlignCfg) -> Scores:
+def deep_align_batch(arch: Arch, ref: WeightSpace, other: WeightSpace, cfg: DeepAlignCfg) -> Scores:
     """Batched pairs in one forward pass: the model's scores {g: (K, n, n)}.
 
     As an `Answer`, their permutation is the Hungarian solution; a refinement that can start from
     scores (Sinkhorn) takes them as its initial logits, as in the paper's DEEP-ALIGN + Sinkhorn.
     """
-    return model_for(ref.layer_shapes(), cfg)(ref, other)
+    return model_for(layer_shapes(arch), cfg)(ref, other)
 
 
 def deep_align_problems(
@@ -73,7 +83,7 @@ def deep_align_problems(
     """Every pair's scores {g: (n, n)} from one forward pass (`inits` are ignored: the model
     reads the weights alone)."""
     pairs = Problem.stack(problems)
-    scores = deep_align_batch(pairs.ref, pairs.other, cfg)
+    scores = deep_align_batch(pairs.arch, pairs.ref, pairs.other, cfg)
     return [Answer(scores={g: s[k] for g, s in scores.items()}) for k in range(len(problems))]
 
 

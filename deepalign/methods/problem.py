@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from deepalign.core.arch import Arch
 from deepalign.core.assignment import solve_lap  # noqa: F401  (re-exported for aligners)
 from deepalign.core.data import Split
-from deepalign.core.permspec import PermSpec, perm_spec
+from deepalign.core.permspec import PermSpec
 from deepalign.core.weightspace import WeightSpace, check_same_shapes, stack
 from deepalign.errors import DeepAlignError
 from deepalign.memory import check_fits
@@ -30,23 +30,20 @@ def check_assignment_memory(spec: PermSpec) -> None:
 class Problem:
     """Bring `other` into `ref`'s basis: find perm with apply_permutation(other, perm) ~ ref."""
 
-    spec: PermSpec
+    spec: PermSpec  # the architecture's, carried along
     ref: WeightSpace
     other: WeightSpace
-    arch: Arch | None = None  # needed by methods that run the networks
+    arch: Arch
     data: Split | None = None  # training images for activation statistics or a task loss
 
     @classmethod
     def of(
-        cls,
-        ref: WeightSpace,
-        other: WeightSpace,
-        arch: Arch | None = None,
-        data: Split | None = None,
+        cls, ref: WeightSpace, other: WeightSpace, arch: Arch, data: Split | None = None
     ) -> Problem:
-        """Check that both networks share one architecture and derive the spec."""
+        """Both networks checked against one architecture, whose spec the problem carries."""
         check_same_shapes(ref, other, ("reference", "other"))
-        spec = perm_spec(ref)
+        spec = arch.spec
+        spec.check(ref)
         check_assignment_memory(spec)
         return cls(spec, ref, other, arch, data)
 
@@ -61,6 +58,6 @@ class Problem:
         return cls(first.spec, ref, other, first.arch, first.data)
 
     def needs_data(self, method: str) -> tuple[Arch, Split]:
-        if self.arch is None or self.data is None:
+        if self.data is None:
             raise DeepAlignError(f"method '{method}' needs data: pass --data (e.g. digits)")
         return self.arch, self.data

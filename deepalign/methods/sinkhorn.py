@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepalign.config import Iterations, Positive, PositiveFloat, Seed, Steps, one_of
-from deepalign.core.arch import as_input, forward_batched, passes, per_pass
+from deepalign.core.arch import as_input, passes, per_pass
 from deepalign.core.assignment import Answer, sinkhorn
 from deepalign.core.permspec import Perm, apply_soft_permutation
 from deepalign.core.weightspace import lerp
@@ -42,15 +42,16 @@ class SinkhornCfg:
 
 
 def l2_loss(pairs: Problem, soft: dict[str, Tensor]) -> Tensor:
-    """Sum over pairs of ||ref - P#other||^2 (batched `pairs`, soft {g: (K, n, n)})."""
-    aligned = apply_soft_permutation(pairs.other, soft, pairs.spec)
-    return sum(((a - b) ** 2).sum() for a, b in zip(pairs.ref.tensors(), aligned.tensors()))
+    """Sum over pairs of ||ref - P#other||^2 over the parameters (batched `pairs`, soft
+    {g: (K, n, n)})."""
+    aligned = apply_soft_permutation(pairs.other, soft, pairs.spec).params()
+    return sum(((t - aligned[k]) ** 2).sum() for k, t in pairs.ref.params().items())
 
 
 def task_loss(pairs: Problem, mats: dict[str, Tensor], lam: float, x: Tensor, y: Tensor) -> Tensor:
     """Sum over pairs of the mean cross-entropy of (1 - lam) ref + lam P#other on x (N, ...)."""
     aligned = apply_soft_permutation(pairs.other, mats, pairs.spec)
-    logits = forward_batched(pairs.arch, lerp(pairs.ref, aligned, lam), x)  # (K, N, C)
+    logits = pairs.arch.forward_batched(lerp(pairs.ref, aligned, lam), x)  # (K, N, C)
     return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]), reduction="sum") / len(
         y
     )

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepalign.config import Iterations, Positive, PositiveFloat, Seed, Steps, one_of
-from deepalign.core.arch import as_input, forward_batched, passes, per_pass
+from deepalign.core.arch import as_input, passes, per_pass
 from deepalign.core.assignment import Answer
 from deepalign.core.permspec import Perm, apply_permutation
 from deepalign.core.weightspace import WeightSpace, lerp, stack
@@ -69,10 +69,10 @@ def ste_batch(
         x, y = as_input(arch, data.x[idx]), data.y[idx]
         opt.zero_grad(set_to_none=True)
         for part in passes(len(problems), step):  # pairs are independent: a pass at a time
-            projected = WeightSpace.from_tensors(
+            projected = hard[part].replace(
                 [f[part] + (h[part] - f[part]).detach() for f, h in zip(free, hard.tensors())]
             )
-            logits = forward_batched(arch, lerp(pairs.ref[part], projected, lam), x)
+            logits = arch.forward_batched(lerp(pairs.ref[part], projected, lam), x)
             loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(logits)), reduction="sum")
             (loss / cfg.batch_size).backward()  # each pair's own mean loss
         opt.step()
@@ -84,6 +84,11 @@ def ste(problem: Problem, cfg: SteCfg, init: Answer | None = None) -> Answer:
     return ste_batch([problem], cfg, [init])[0]
 
 
+def _row(like: WeightSpace, free: list[Tensor], k: int) -> WeightSpace:
+    """Pair k's free weights (detached) as a network laid out like `like`."""
+    return like.replace(f[k].detach() for f in free)
+
+
 def _project(
     problems: Sequence[Problem],
     free: list[Tensor],
@@ -91,9 +96,8 @@ def _project(
     starts: list[Perm | None],
 ) -> list[Perm]:
     """Per pair, the permutation of `other` closest in weights to its free weights."""
-    target = WeightSpace.from_tensors([t.detach() for t in free])
     with per_pair():
         return [
-            weight_matching(Problem(p.spec, target[k], p.other), wm, start)
+            weight_matching(Problem(p.spec, _row(p.other, free, k), p.other, p.arch), wm, start)
             for k, (p, start) in enumerate(zip(problems, starts))
         ]

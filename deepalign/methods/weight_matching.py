@@ -11,7 +11,6 @@ from deepalign.config import Iterations, Seed, Steps
 from deepalign.core.permspec import (
     Perm,
     PermSpec,
-    Slot,
     apply_permutation,
     identity,
     random_permutation,
@@ -27,35 +26,32 @@ class WeightMatchingCfg:
     seed: Seed  # order of the groups in each sweep, and restart starts
 
 
-def _slot(ws: WeightSpace, slot: Slot) -> Tensor:
-    kind, i = slot
-    return ws.weights[i] if kind == "w" else ws.biases[i]
-
-
 def _units_first(t: Tensor, axis: int, n: int) -> Tensor:
     """Move `axis` first and flatten the rest: (n, everything else) in float64."""
     return t.movedim(axis, 0).reshape(n, -1).double()
 
 
 def group_score(spec: PermSpec, ref: WeightSpace, other_fixed: WeightSpace, group: str) -> Tensor:
-    """score[i, j] = <ref unit i, other unit j> over every tensor `group` touches: (n, n).
+    """score[i, j] = <ref unit i, other unit j> over every parameter `group` touches: (n, n)
+    (running statistics are permuted with their channel but not matched).
 
     `other_fixed` has every permutation but `group`'s already applied.
     """
     n = spec.sizes[group]
     score = torch.zeros(n, n, dtype=torch.float64)
-    for slot, axis, _block in spec.acting(group):
-        a = _units_first(_slot(ref, slot), axis, n)
-        b = _units_first(_slot(other_fixed, slot), axis, n)
+    for key, axis, _block in spec.acting(group):
+        if key in ref.buffers:
+            continue
+        a = _units_first(ref.named[key], axis, n)
+        b = _units_first(other_fixed.named[key], axis, n)
         score += a @ b.T
     return score
 
 
 def objective(ref: WeightSpace, aligned: WeightSpace) -> float:
     """<ref, aligned> over all parameters (maximising it minimises their L2 distance)."""
-    return float(
-        sum((a.double() * b.double()).sum() for a, b in zip(ref.tensors(), aligned.tensors()))
-    )
+    other = aligned.params()
+    return float(sum((t.double() * other[k].double()).sum() for k, t in ref.params().items()))
 
 
 def _sweeps(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
@@ -32,19 +33,11 @@ from deepalign.config import (
     invalid,
     one_of,
 )
-from deepalign.core.arch import (
-    ACTIVATIONS,
-    Arch,
-    as_input,
-    cnn_arch,
-    forward_batched,
-    mlp_arch,
-    state_dict_from_weightspace,
-    weightspace_from_state_dict,
-    widest,
-)
+from deepalign.core.arch import Arch, as_input
+from deepalign.core.chain import ACTIVATIONS, cnn_arch, mlp_arch
 from deepalign.core.data import DataCfg, Dataset, Split
-from deepalign.core.lmc import evaluate_networks
+from deepalign.core.lmc import evaluate_networks, reset_statistics
+from deepalign.core.resnet import resnet_arch
 from deepalign.core.weightspace import WeightSpace, stack
 from deepalign.errors import DeepAlignError
 from deepalign.io import (
@@ -62,17 +55,19 @@ _PKG = Path(__file__).resolve().parents[1]
 # The code that decides a trained network: a change retrains resumed zoos.
 TRAINING_CODE = (
     _PKG / "zoo" / "build.py",
-    *(_PKG / "core" / f for f in ("arch.py", "weightspace.py", "data.py")),
+    *(_PKG / "core" / f for f in ("arch.py", "chain.py", "resnet.py", "weightspace.py", "data.py")),
 )
+KINDS = ("mlp", "cnn", "resnet")
 
 
 @dataclass(frozen=True)
 class NetCfg:
     """One architecture of the zoo and how its networks are trained."""
 
-    kind: Annotated[str, one_of("mlp", "cnn")]
-    hidden: list[Positive]  # MLP hidden widths, or CNN conv channels
-    strides: list[Positive]  # CNN conv strides ([] for MLPs)
+    kind: Annotated[str, one_of(*KINDS)]
+    hidden: list[Positive]  # MLP hidden widths, CNN conv channels, ResNet stage widths
+    strides: list[Positive]  # CNN conv strides ([] for the others)
+    blocks: Count  # ResNet basic blocks per stage (0 for the others)
     activation: Annotated[str, one_of(*ACTIVATIONS)]
     n_train: Count  # networks in each zoo split
     n_val: Count
@@ -87,6 +82,10 @@ class NetCfg:
             raise invalid("n_train", self.n_train, ">= 1 when n_val and n_test are 0")
         if self.kind == "cnn" and len(self.strides) != len(self.hidden):
             raise invalid("strides", self.strides, f"one stride per conv ({len(self.hidden)})")
+        if (self.kind == "resnet") != (self.blocks > 0):
+            raise invalid("blocks", self.blocks, ">= 1 for a resnet, 0 for the other kinds")
+        if self.kind == "resnet" and self.activation != "relu":
+            raise invalid("activation", self.activation, "relu for a resnet")
 
 
 @dataclass(frozen=True)
@@ -116,12 +115,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+ARCHS: dict[str, Callable[[NetCfg, Dataset], Arch]] = {
+    "mlp": lambda net, data: mlp_arch(
+        math.prod(data.image_shape), net.hidden, data.n_classes, net.activation
+    ),
+    "cnn": lambda net, data: cnn_arch(
+        data.image_shape, net.hidden, net.strides, data.n_classes, net.activation
+    ),
+    "resnet": lambda net, data: resnet_arch(
+        data.image_shape, net.hidden, net.blocks, data.n_classes
+    ),
+}
+
+
 def make_arch(net: NetCfg, data: Dataset) -> Arch:
-    if net.kind == "mlp":
-        return mlp_arch(math.prod(data.image_shape), net.hidden, data.n_classes, net.activation)
-    if net.kind == "cnn":
-        return cnn_arch(data.image_shape, net.hidden, net.strides, data.n_classes, net.activation)
-    raise DeepAlignError(f"unknown network kind '{net.kind}' (known: mlp, cnn)")
+    """The architecture of a zoo kind for a data set (its kinds: `ARCHS`)."""
+    if net.kind not in ARCHS:
+        raise DeepAlignError(f"unknown network kind '{net.kind}' (known: {', '.join(ARCHS)})")
+    return ARCHS[net.kind](net, data)
 
 
 def network_fingerprint(arch: Arch, net: NetCfg, data: DataCfg, seed: int) -> str:
@@ -170,7 +181,8 @@ def init_network(arch: Arch, seed: int) -> WeightSpace:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = arch.build()
-    return weightspace_from_state_dict(arch, {k: v.detach() for k, v in model.state_dict().items()})
+    state = {k: v.detach() for k, v in model.state_dict().items() if v.is_floating_point()}
+    return arch.weightspace(state)
 
 
 def _epoch_orders(gens: list[torch.Generator], n: int) -> Tensor:
@@ -187,8 +199,14 @@ def train_batched(
     device: torch.device,
     progress: bool = True,
 ) -> WeightSpace:
-    """Train B networks at once from batched `ws`; network b shuffles data with seeds[b]."""
-    params = [t.detach().clone().to(device).requires_grad_() for t in ws.tensors()]
+    """Train B networks at once from batched `ws`; network b shuffles data with seeds[b].
+
+    Normalisation layers use batch statistics; the trained networks' running statistics are
+    then computed on the training images (`reset_statistics`).
+    """
+    trained = [k for k in ws.named if k not in ws.buffers]
+    params = [ws.named[k].detach().clone().to(device).requires_grad_() for k in trained]
+    base = ws.to(device)
     # fused: one kernel per step for all tensors (~10% of an MLP step on CPU otherwise)
     opt = torch.optim.Adam(params, lr=net.lr, weight_decay=net.weight_decay, fused=True)
     x, y = as_input(arch, data.x).to(device), data.y.to(device)
@@ -206,20 +224,22 @@ def train_batched(
         order = _epoch_orders(gens, n).to(device)  # (B, n)
         for s in range(steps):
             idx = order[:, s * bs : (s + 1) * bs]  # (B, b)
-            logits = forward_batched(arch, WeightSpace.from_tensors(params), x[idx])  # (B, b, C)
+            current = base.with_tensors(dict(zip(trained, params)))
+            logits = arch.forward_batched(current, x[idx], train=True)  # (B, b, C)
             loss = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten(), reduction="sum")
             opt.zero_grad(set_to_none=True)
             (loss / idx.shape[1]).backward()  # sum over networks of each one's mean loss
             opt.step()
             bar.update()
     bar.close()
-    return WeightSpace.from_tensors([p.detach().cpu() for p in params])
+    out = ws.with_tensors({k: p.detach().cpu() for k, p in zip(trained, params)})
+    return reset_statistics(arch, out, data.x)
 
 
 def train_one(arch: Arch, ws: WeightSpace, data: Split, net: NetCfg, seed: int) -> WeightSpace:
     """Reference path: one `nn.Module` trained with a plain loop."""
     model = arch.build()
-    model.load_state_dict(state_dict_from_weightspace(arch, ws))
+    model.load_state_dict(arch.state_dict(ws))
     opt = torch.optim.Adam(model.parameters(), lr=net.lr, weight_decay=net.weight_decay)
     x, y = as_input(arch, data.x), data.y
     gen = torch.Generator().manual_seed(seed)
@@ -230,8 +250,8 @@ def train_one(arch: Arch, ws: WeightSpace, data: Split, net: NetCfg, seed: int) 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    return weightspace_from_state_dict(arch, state)
+    state = {k: v.detach() for k, v in model.state_dict().items() if v.is_floating_point()}
+    return arch.weightspace(state)
 
 
 def train_chunk(
@@ -271,8 +291,8 @@ def train_chunk(
 def check_training_memory(arch: Arch, net: NetCfg, count: int, folder: Path) -> None:
     """Refuse to train `count` networks at once when their parameters, gradients, Adam's
     moments and the widest activation of a batch cannot fit in memory."""
-    params = sum(math.prod(s) + s[0] for s in arch.weight_shapes())
-    nbytes = 4 * count * (5 * params + 3 * net.batch_size * widest(arch))
+    params = sum(math.prod(s) for s in arch.shapes().values())
+    nbytes = 4 * count * (5 * params + 3 * net.batch_size * arch.widest())
     what = f"{folder}: training {count} networks of {params:,} parameters at once"
     check_fits(nbytes, f"{what} (lower zoo.chunk_size or the widths)")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deepalign.core.arch import Arch, check_fits, check_same_arch
+from deepalign.core.arch import Arch, arch_from_dict, check_fits, check_same_arch
 from deepalign.core.data import Dataset
 from deepalign.core.weightspace import WeightSpace, check_same_shapes, stack
 from deepalign.errors import DeepAlignError, shown
@@ -80,7 +80,7 @@ def load_zoo(folder: Path, data: Dataset | None = None) -> Zoo:
     zoo = read_manifest(folder)
     manifest = folder / "manifest.json"
     try:
-        arch = Arch.from_dict(zoo.get("arch"))
+        arch = arch_from_dict(zoo.get("arch"))
         if data is not None:
             check_fits(arch, data.image_shape, data.n_classes, data.name)
     except DeepAlignError as e:

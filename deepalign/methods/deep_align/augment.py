@@ -8,8 +8,10 @@ import torch
 from torch import Tensor
 
 from deepalign.config import Fraction, NonNegative
-from deepalign.core.permspec import Perm, PermSpec, apply_permutation, invert, random_permutation
+from deepalign.core.arch import Arch
+from deepalign.core.permspec import Perm, apply_permutation, invert, random_permutation
 from deepalign.core.weightspace import WeightSpace
+from deepalign.errors import DeepAlignError
 
 
 @dataclass(frozen=True)
@@ -20,25 +22,35 @@ class AugmentCfg:
     prune: Fraction  # fraction of smallest-magnitude entries zeroed per tensor
 
 
-def rescale_units(ws: WeightSpace, spec: PermSpec, scales: dict[str, Tensor]) -> WeightSpace:
+def check_rescalable(arch: Arch) -> None:
+    """Refuse the positive rescaling where the network does not have that symmetry."""
+    traced = arch.traced
+    if not traced.rescalable:
+        kinds = ", ".join(sorted(traced.activations)) or "no activation"
+        norm = " and normalisation layers" if traced.norms else ""
+        raise DeepAlignError(
+            f"augment.rescale: {arch.describe()} ({kinds}{norm}) does not keep its function "
+            "when a unit's inputs are scaled by s and its outputs by 1/s; set it to 0"
+        )
+
+
+def rescale_units(ws: WeightSpace, arch: Arch, scales: dict[str, Tensor]) -> WeightSpace:
     """Scale each hidden unit's incoming weights and bias by s, its outgoing weights by 1/s.
 
-    Leaves a ReLU network's function unchanged. `scales[g]` is (B, n).
+    Leaves the function unchanged where the activations are positively homogeneous (ReLU);
+    refused elsewhere. `scales[g]` is (B, n).
     """
-    tensors = {("w", i): w for i, w in enumerate(ws.weights)}
-    tensors |= {("b", i): b for i, b in enumerate(ws.biases)}
+    check_rescalable(arch)
+    tensors = dict(ws.named)
     for g, s in scales.items():
-        for slot, axis, block in spec.acting(g):
-            t = tensors[slot]
+        for key, axis, block in arch.spec.acting(g):
+            t = tensors[key]
             factor = s if axis == 0 else 1 / s
             factor = factor.repeat_interleave(block, dim=-1)  # (B, n * block)
             shape = [t.shape[0]] + [1] * (t.ndim - 1)
             shape[axis + 1] = factor.shape[-1]
-            tensors[slot] = t * factor.view(shape)
-    n = ws.n_layers
-    return WeightSpace(
-        tuple(tensors[("w", i)] for i in range(n)), tuple(tensors[("b", i)] for i in range(n))
-    )
+            tensors[key] = t * factor.view(shape)
+    return ws.replace(tensors.values())
 
 
 def _prune(t: Tensor, fraction: float) -> Tensor:
@@ -51,14 +63,16 @@ def _prune(t: Tensor, fraction: float) -> Tensor:
     return torch.where(t.abs() <= threshold, torch.zeros_like(t), t)
 
 
-def augment(ws: WeightSpace, spec: PermSpec, cfg: AugmentCfg, gen: torch.Generator) -> WeightSpace:
-    """Rescale, prune, drop out and add noise to a batch of networks."""
-    batch = ws.batch_size
-    scales = {
+def augment(ws: WeightSpace, arch: Arch, cfg: AugmentCfg, gen: torch.Generator) -> WeightSpace:
+    """Rescale (where the activations allow), prune, drop out and add noise to a batch of
+    networks."""
+    batch, device = ws.batch_size, ws.tensors()[0].device
+    scales = {  # drawn whether used or not: the same random stream either way
         g: 1 + cfg.rescale * (2 * torch.rand(batch, n, generator=gen) - 1)
-        for g, n in spec.sizes.items()
+        for g, n in arch.spec.sizes.items()
     }
-    ws = rescale_units(ws, spec, {g: s.to(ws.biases[0].device) for g, s in scales.items()})
+    if cfg.rescale > 0:
+        ws = rescale_units(ws, arch, {g: s.to(device) for g, s in scales.items()})
 
     def perturb(t: Tensor) -> Tensor:
         t = _prune(t, cfg.prune)
@@ -70,9 +84,10 @@ def augment(ws: WeightSpace, spec: PermSpec, cfg: AugmentCfg, gen: torch.Generat
 
 
 def planted_copies(
-    ws: WeightSpace, spec: PermSpec, cfg: AugmentCfg, gen: torch.Generator
+    ws: WeightSpace, arch: Arch, cfg: AugmentCfg, gen: torch.Generator
 ) -> tuple[WeightSpace, Perm]:
     """Augmented, randomly permuted copies, and the permutations aligning them back: (B, n)."""
+    spec = arch.spec
     planted = random_permutation(spec, gen, batch=ws.batch_size)
-    planted = {g: p.to(ws.biases[0].device) for g, p in planted.items()}
-    return apply_permutation(augment(ws, spec, cfg, gen), planted, spec), invert(planted)
+    planted = {g: p.to(ws.tensors()[0].device) for g, p in planted.items()}
+    return apply_permutation(augment(ws, arch, cfg, gen), planted, spec), invert(planted)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from deepalign.core.arch import Arch
+from deepalign.core.arch import Arch, arch_from_dict
 from deepalign.core.assignment import solve_lap
 from deepalign.core.permspec import Perm
 from deepalign.core.weightspace import WeightSpace
@@ -62,9 +62,9 @@ def load_aligner(path: Path) -> tuple[DeepAlign, Arch, dict]:
 
 def _build(blob: dict) -> tuple[DeepAlign, Arch, dict]:
     """The aligner a checkpoint blob describes, its weights loaded."""
-    layout = Layout(tuple(blob["layout"]["nodes"]), tuple(blob["layout"]["edge_dims"]))
+    layout = Layout(**{k: tuple(v) for k, v in blob["layout"].items()})
     std = blob["state_dict"]["encoder.tensor_std"]
     model_cfg = ModelCfg(**({"cross_rounds": 0} | blob["model"]))  # older files had none
     model = DeepAlign(layout, model_cfg, std, list(blob["groups"]))
     model.load_state_dict(blob["state_dict"])
-    return model.eval(), Arch.from_dict(blob["arch"]), blob["meta"]
+    return model.eval(), arch_from_dict(blob["arch"]), blob["meta"]

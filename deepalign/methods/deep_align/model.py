@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepalign.config import Iterations, Positive, PositiveFloat, Steps
+from deepalign.core.arch import Arch
 from deepalign.core.assignment import sinkhorn
-from deepalign.core.permspec import perm_spec
 from deepalign.core.weightspace import WeightSpace
+from deepalign.errors import DeepAlignError
 
 
 @dataclass(frozen=True)
@@ -42,26 +43,41 @@ class ModelCfg:
 
 @dataclass(frozen=True)
 class Layout:
-    """Node counts per layer (input .. output) and edge feature sizes per weight layer."""
+    """Node counts per layer (input .. output), edge feature sizes per weight layer, and the
+    keys of each layer's weight and bias."""
 
     nodes: tuple[int, ...]  # (n_0, ..., n_M)
     edge_dims: tuple[int, ...]  # (e_1, ..., e_M)
+    weights: tuple[str, ...]  # layer m's weight key
+    biases: tuple[str, ...]  # layer m's bias key
 
     @classmethod
-    def of(cls, shapes: tuple[tuple[int, ...], ...]) -> Layout:
-        spec = perm_spec(shapes)
+    def of(cls, arch: Arch) -> Layout:
+        """The layout of a chain with a bias on every layer; the Linear after Flatten sees
+        each channel as a block of h*w features (the spec says how many)."""
+        layers = getattr(arch, "param_indices", None)
+        if layers is None or any(not arch.modules[i].bias for i in layers):
+            raise DeepAlignError(
+                "DEEP-ALIGN aligns chains of Linear/Conv2d layers with biases, "
+                f"not {arch.describe()}"
+            )
+        shapes = arch.weight_shapes()
+        blocks = {
+            ax.key: ax.block for axes in arch.spec.members.values() for ax in axes if ax.axis == 1
+        }
         nodes, edges = [shapes[0][1]], []
-        for i, shape in enumerate(shapes):
-            block = spec.axes[("w", i)][1].block if i > 0 else 1
+        for i, shape in zip(layers, shapes):
             nodes.append(shape[0])
-            edges.append(math.prod(shape[2:]) * block)
-        return cls(tuple(nodes), tuple(edges))
+            edges.append(math.prod(shape[2:]) * blocks.get(f"{i}.weight", 1))
+        weights = tuple(f"{i}.weight" for i in layers)
+        return cls(tuple(nodes), tuple(edges), weights, tuple(f"{i}.bias" for i in layers))
 
 
 def edge_features(ws: WeightSpace, layout: Layout) -> list[Tensor]:
     """Batched weights -> [(B, out, in_units, e)] per layer."""
     out = []
-    for m, w in enumerate(ws.weights):
+    for m, key in enumerate(layout.weights):
+        w = ws.named[key]
         out.append(w.reshape(w.shape[0], w.shape[1], layout.nodes[m], layout.edge_dims[m]))
     return out
 
@@ -128,7 +144,7 @@ class Encoder(nn.Module):
     def normalise(self, ws: WeightSpace) -> WeightSpace:
         """Divide every tensor by the zoo's std of that tensor."""
         std = self.tensor_std
-        return WeightSpace.from_tensors([t / std[k] for k, t in enumerate(ws.tensors())])
+        return ws.replace([t / std[k] for k, t in enumerate(ws.tensors())])
 
     def forward(self, ws: WeightSpace) -> list[Tensor]:
         ws = self.normalise(ws)
@@ -137,7 +153,8 @@ class Encoder(nn.Module):
         cols = [e.transpose(1, 2).flatten(2) for e in edges]  # outgoing: (B, in, out * e)
         batch = ws.batch_size
         h = [self.pos_in.expand(batch, -1, -1)]
-        h += [emb(b.unsqueeze(-1)) for emb, b in zip(self.bias_embed, ws.biases)]
+        biases = [ws.named[k] for k in self.layout.biases]
+        h += [emb(b.unsqueeze(-1)) for emb, b in zip(self.bias_embed, biases)]
         h[-1] = h[-1] + self.pos_out
         last = len(h) - 1
         for m, block in zip(self.order, self.blocks):

@@ -36,7 +36,7 @@ from deepalign.config import (
     invalid,
     one_of,
 )
-from deepalign.core.arch import Arch, as_input, forward_batched
+from deepalign.core.arch import Arch, as_input
 from deepalign.core.assignment import sinkhorn_groups
 from deepalign.core.data import Dataset
 from deepalign.core.lmc import barriers, interpolate, recovery
@@ -45,11 +45,10 @@ from deepalign.core.permspec import (
     apply_permutation,
     apply_soft_permutation,
     invert,
-    perm_spec,
 )
 from deepalign.core.weightspace import WeightSpace, lerp
 from deepalign.io import fingerprint, load_current, save_current
-from deepalign.methods.deep_align.augment import AugmentCfg, planted_copies
+from deepalign.methods.deep_align.augment import AugmentCfg, check_rescalable, planted_copies
 from deepalign.methods.deep_align.checkpoint import predict
 from deepalign.methods.deep_align.model import DeepAlign, Layout, ModelCfg
 from deepalign.zoo.store import Zoo, ring_pairs
@@ -98,8 +97,7 @@ def build_model(zoo: Zoo, cfg: ModelCfg) -> DeepAlign:
     """A fresh aligner for the zoo's architecture, normalised by the train split's stds."""
     train = zoo.nets[torch.tensor(zoo.indices("train"))]
     std = torch.stack([t.std() for t in train.tensors()]).clamp_min(1e-8)
-    spec = perm_spec(train)
-    return DeepAlign(Layout.of(train.layer_shapes()), cfg, std, list(spec.groups))
+    return DeepAlign(Layout.of(zoo.arch), cfg, std, list(zoo.arch.spec.groups))
 
 
 def _supervised(logits: dict[str, Tensor], target: Perm) -> Tensor:
@@ -134,12 +132,10 @@ def training_step(
     anchors = torch.randint(n, (k,), generator=gen)
     partners = (anchors + torch.randint(1, n, (k,), generator=gen)) % n  # never the anchor
     a, b = train[anchors.to(x.device)], train[partners.to(x.device)]
-    spec = perm_spec(a)
-    copy, target = planted_copies(a, spec, cfg.augment, gen)
+    spec = arch.spec
+    copy, target = planted_copies(a, arch, cfg.augment, gen)
     feats = model.features(
-        WeightSpace.from_tensors(
-            [torch.cat(ts) for ts in zip(a.tensors(), b.tensors(), copy.tensors())]
-        )
+        a.replace([torch.cat(ts) for ts in zip(a.tensors(), b.tensors(), copy.tensors())])
     )
     fa, fb, fc = zip(*(f.split(k) for f in feats))
     supervised = _supervised(model.logits(list(fa), list(fc)), target)
@@ -148,7 +144,7 @@ def training_step(
     low, high = cfg.loss.lmc_lambda
     lam = (low + (high - low) * torch.rand(k, generator=gen)).to(x.device)
     idx = torch.randint(len(y), (cfg.images_per_step,), generator=gen).to(x.device)
-    logits = forward_batched(arch, lerp(a, aligned, lam), as_input(arch, x[idx]))  # (k, I, C)
+    logits = arch.forward_batched(lerp(a, aligned, lam), as_input(arch, x[idx]))  # (k, I, C)
     lmc = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(k))
     l2 = _l2(model, a, aligned)
     total = cfg.loss.supervised * supervised + cfg.loss.l2 * l2 + cfg.loss.lmc * lmc
@@ -165,25 +161,23 @@ def validate(
     ref = zoo.nets[torch.tensor([i for i, _ in pairs])].to(device)
     other = zoo.nets[torch.tensor([j for _, j in pairs])].to(device)
     perms = predict(model, ref, other)
-    aligned = apply_permutation(other, {g: p.to(device) for g, p in perms.items()})
+    aligned = apply_permutation(other, {g: p.to(device) for g, p in perms.items()}, zoo.arch.spec)
     split = type(data.val)(data.val.x.to(device), data.val.y.to(device))
     found = [
         barriers(interpolate(zoo.arch, ref[k], aligned[k], split, cfg.val_points))["loss_barrier"]
         for k in range(len(pairs))
     ]
-    rec = augmented_recovery(model, ref, cfg.augment, seed=0)
+    rec = augmented_recovery(model, zoo.arch, ref, cfg.augment, seed=0)
     model.train()
     return {"val_loss_barrier": sum(found) / len(found), "val_planted_recovery": rec}
 
 
 @torch.no_grad()
 def augmented_recovery(
-    model: DeepAlign, nets: WeightSpace, augment: AugmentCfg, seed: int
+    model: DeepAlign, arch: Arch, nets: WeightSpace, augment: AugmentCfg, seed: int
 ) -> float:
     """Fraction of hidden units recovered on augmented, permuted copies of `nets`."""
-    copies, truth = planted_copies(
-        nets, perm_spec(nets), augment, torch.Generator().manual_seed(seed)
-    )
+    copies, truth = planted_copies(nets, arch, augment, torch.Generator().manual_seed(seed))
     found = predict(model, nets, copies)
     return recovery({g: p.cpu() for g, p in found.items()}, {g: t.cpu() for g, t in truth.items()})
 
@@ -223,6 +217,8 @@ def train(
 ) -> tuple[DeepAlign, dict]:
     """Train with AdamW, validate every `val_every` epochs, keep the best; resumable via `state`."""
     torch.manual_seed(cfg.seed)
+    if cfg.augment.rescale > 0:
+        check_rescalable(zoo.arch)
     model = build_model(zoo, cfg.model).to(device)
     # fused: one kernel for the ~200 parameter tensors (a third of an MLP step on the CPU
     # went to the per-tensor update otherwise)
