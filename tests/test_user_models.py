@@ -126,3 +126,24 @@ def test_torchvision_resnet18_aligns_from_the_command_line(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(out(x), other(x), atol=1e-4, rtol=1e-4)
         assert not torch.equal(out.conv1.weight, other.conv1.weight)  # permuted, not copied
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--weights", "1,x"], "--weights"),
+        (["--weights", "1,-1"], "weights"),
+        (["--weights", "1,1,1"], "one non-negative weight per network"),
+        (["--input-shape", "3,-2"], "--input-shape"),
+    ],
+    ids=["weights-not-numbers", "weights-negative", "weights-count", "input-shape"],
+)
+def test_bad_merge_options_are_one_line_and_write_nothing(project, extra, words):
+    folder, _ = project
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    args = ["merge", "a.pt", "b.pt", "-o", "m.pt", "--model", "model.py:build", "--data", "digits"]
+    proc = run_main(*args, *extra, cwd=folder)
+    assert proc.returncode != 0 and words in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == {
+        k: v for k, v in before.items() if (folder / k).is_file()
+    }
