@@ -81,18 +81,24 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    add_help_option=False,
-)
-def sweep(ctx: typer.Context) -> None:
-    """Grid of params overrides as DVC experiments logged to MLflow (in a project folder).
-
-    deepalign sweep KEY=V1,V2 [KEY=...] [--workdir DIR] [--metrics FILE] [--debug]: every
-    combination runs as `dvc exp run -S ...` inside the Prefect flow `sweep`; a value may be
-    a YAML list ('align.methods=[naive,ste],[naive]'). Runs `python -m flows.pipeline`.
-    """
-    cmd = [sys.executable, "-m", "flows.pipeline", *ctx.args]
+@app.command()
+def sweep(
+    overrides: list[str] = typer.Argument(
+        ...,
+        help="params.yaml keys and values to try: align.pairs=20,50 aligner.epochs=50,100; a "
+        "value may be a YAML list ('align.methods=[naive,ste],[naive]').",
+    ),
+    workdir: Path = typer.Option(Path("."), help="The DVC project folder."),
+    metrics: str = typer.Option(
+        "metrics/headline.json", help="Metrics file logged per run (the headline)."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Grid of params overrides as DVC experiments logged to MLflow (in a project folder):
+    every combination runs as `dvc exp run -S ...` inside the Prefect flow `sweep`
+    (`python -m flows.pipeline`)."""
+    options = ["--workdir", str(workdir), "--metrics", metrics, *(["--debug"] if debug else [])]
+    cmd = [sys.executable, "-m", "flows.pipeline", *overrides, *options]
     raise typer.Exit(subprocess.run(cmd).returncode)
 
 

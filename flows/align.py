@@ -13,7 +13,7 @@ from deepalign.evaluation.experiment import AlignCfg, run_fingerprint, run_metho
 from deepalign.evaluation.pairs import load_run, save_run
 from deepalign.methods import Method
 from deepalign.zoo.store import Zoo, load_zoo, zoo_digest
-from flows.common import cli, log_method_run, stage_run
+from flows.common import cli, log_method_run, stage_run, track
 from flows.stages import Paths, Stage
 
 STAGE = Stage(
@@ -53,14 +53,14 @@ def align_method(
         result = run_method(method, zoo_of(io.zoo / arch, data, content), data, cfg)
         save_run(path, result, fp)
     seconds, recovery = result.seconds.mean().item(), result.planted_recovery.mean().item()
-    return {"seconds_per_pair": seconds, "planted_recovery": recovery}
+    return {"seconds_per_pair_mean": seconds, "planted_recovery_mean": recovery}
 
 
 @flow(name="align", validate_parameters=False)
 def align(io: Paths, data_cfg: DataCfg, cfg: AlignCfg) -> dict:
     """Run every configured method on every configured architecture."""
     data = load_dataset(data_cfg)
-    with stage_run(STAGE, io, data_cfg, cfg) as run:
+    with stage_run(STAGE, io, data_cfg=data_cfg, cfg=cfg) as run:
         tasks = [(arch, method) for arch in cfg.archs for method in cfg.methods]
         # the iterative (slow) methods first, so that parallel workers finish together
         tasks.sort(key=lambda task: not Method.parse(task[1]).iterative)
@@ -68,8 +68,8 @@ def align(io: Paths, data_cfg: DataCfg, cfg: AlignCfg) -> dict:
             (arch, method): align_method.submit(method, arch, io, data, data_cfg, cfg)
             for arch, method in tasks
         }  # fan-out: one task per architecture and method; MLflow written from here alone
-        for (arch, method), future in futures.items():
-            log_method_run(run, STAGE.name, arch, method, future.result())
+        for (arch, method), found in track(futures, STAGE.name, "method").items():
+            log_method_run(run, STAGE.name, arch, method, found)
     return run.metrics
 
 

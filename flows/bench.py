@@ -134,7 +134,7 @@ def bench(
     data = load_dataset(data_cfg)
     seeds = list(range(cfg.seed, cfg.seed + cfg.n_batched))
     cores = available_cores()
-    with stage_run(STAGE, io, cfg, zoo_cfg) as run, threads(cores):
+    with stage_run(STAGE, io, cfg=cfg, zoo_cfg=zoo_cfg) as run, threads(cores):
         results = {
             f"train_{name}": benchmark_training(
                 make_arch(net, data), data.train, net, seeds[: cfg.n_one_by_one], seeds

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,15 +18,22 @@ from typing import Annotated, Any
 
 import mlflow
 import typer
-from prefect import Flow
+from prefect import Flow, get_run_logger
+from prefect import tags as prefect_tags
+from prefect.artifacts import create_table_artifact
+from prefect.exceptions import MissingContextError
+from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from tqdm import tqdm
 
 from deepalign.config import Count, Positive, build, load_section, one_of, pick, read_params
 from deepalign.console import run_app
 from deepalign.core.data import DataCfg, data_paths
 from deepalign.errors import DeepAlignError, UsageError, one_line
+from deepalign.evaluation.report import headline, shown
 from deepalign.guard import check_io
-from deepalign.io import clean_stale_temps, digest, write_json
+from deepalign.io import clean_stale_temps, write_json
 from deepalign.threads import ALLOCATOR_ENV, configure_process, threads_for
 from flows.server import exit_with_parent, prefect_api, set_exit_code
 from flows.stages import ROLES, Paths, Stage
@@ -32,31 +41,72 @@ from flows.stages import ROLES, Paths, Stage
 EXPERIMENT = "deepalign"
 
 
-def flat_params(section: Any, prefix: str = "") -> dict[str, Any]:
-    """A config dataclass (or dict) as flat 'a.b.c' keys for mlflow.log_params."""
+def flat_params(section: Any, prefix: str) -> dict[str, Any]:
+    """A config (dataclass) as params.yaml names two levels deep (`align.sinkhorn`,
+    `data.name`); deeper settings are one compact JSON value, so that MLflow's table stays
+    readable and each column is a key a user can find in params.yaml."""
     data = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
     out: dict[str, Any] = {}
     for key, value in data.items():
-        name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out |= flat_params(value, f"{name}.")
-        else:
-            out[name] = value
+            value = json.dumps(value, separators=(",", ":"), default=str)
+        out[f"{prefix}.{key}"] = value
     return out
 
 
-def params_hash(*sections: Any) -> str:
-    return digest([flat_params(s) for s in sections], length=12)
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def git_commit() -> str:
+    return _git("rev-parse", "HEAD")
+
+
+def git_dirty() -> str:
+    """ "true" when tracked files differ from the commit (DVC's own outputs aside)."""
+    changed = _git("status", "--porcelain", "--untracked-files=no")
+    return "unknown" if changed == "unknown" else str(bool(changed)).lower()
+
+
+def run_label(stage: str) -> str:
+    """A run's name in Prefect and MLflow: the stage and the commit it ran from."""
+    commit = git_commit()
+    return f"{stage} @ {'no commit' if commit == 'unknown' else commit[:8]}"
+
+
+def logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a flow or task (its lines reach the UI); a plain one
+    outside."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("deepalign")
+
+
+def runs_url(run_id: str = "") -> str:
+    """The runs view of the experiment (or one run) in `mlflow ui` on its default port."""
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    base = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}"
+    return f"{base}/runs/{run_id}" if run_id else f"{base}/runs"
+
+
+def run_tags(stage: Stage, configs: dict[str, Any]) -> dict[str, str]:
+    """What links a stage's MLflow run to the rest: the git commit and whether the work tree
+    was dirty, the DVC experiment (under `dvc exp run`), the Prefect flow run."""
+    tags = {
+        "stage": stage.name,
+        "mlflow.source.git.commit": git_commit(),
+        "git.dirty": git_dirty(),
+    }
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp"] = os.environ["DVC_EXP_NAME"]
+    if flow_run.id:
+        tags["prefect.flow_run"] = str(flow_run.id)
+    return tags
 
 
 @dataclass
@@ -70,18 +120,24 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(stage: Stage, io: Paths, *configs: Any) -> Iterator[StageRun]:
-    """One MLflow run per stage execution, tagged with the commit and the params hash.
+def stage_run(stage: Stage, io: Paths, **configs: Any) -> Iterator[StageRun]:
+    """One MLflow run per stage execution, its params named as in params.yaml (each config by
+    the section its flow argument comes from), tagged with commit, DVC experiment and Prefect
+    flow run.
 
-    When the body succeeds, each metrics file the stage declares is written from `metrics` and
-    logged, and its plots and uncached outputs are logged as artifacts.
+    When the body succeeds, each metrics file the stage declares is written and logged: as an
+    artifact, and as MLflow metrics (nested runs per architecture for `per_arch` files; the
+    flow logs its `nested` files itself); the stage run carries the headline numbers it has.
+    Its plots and uncached outputs are logged as artifacts; the Prefect log names each output
+    and the MLflow run.
     """
+    log = logger()
     mlflow.set_experiment(EXPERIMENT)
-    tags = {"stage": stage.name, "git_commit": git_commit(), "params_hash": params_hash(*configs)}
-    with mlflow.start_run(run_name=stage.name, tags=tags) as active:
-        for config in configs:
-            mlflow.log_params(flat_params(config, f"{type(config).__name__}."))
+    with mlflow.start_run(run_name=run_label(stage.name), tags=run_tags(stage, configs)) as active:
+        for arg, config in configs.items():
+            mlflow.log_params(flat_params(config, stage.configs[arg]))
         run = StageRun(active.info.run_id, io)
+        log.info("MLflow run %s: %s", run.id, runs_url(run.id))
         yield run
         missing = [k for k in stage.metrics if k not in run.metrics]
         if missing:
@@ -89,10 +145,49 @@ def stage_run(stage: Stage, io: Paths, *configs: Any) -> Iterator[StageRun]:
         for key in stage.metrics:
             write_json(io.at[key], run.metrics[key])
             mlflow.log_artifact(str(io.at[key]))
-            if key not in stage.per_method:
-                mlflow.log_metrics(flat_metrics(run.metrics[key]))
+            if key in stage.per_arch:
+                for arch, values in run.metrics[key].items():
+                    log_arch_run(run, stage.name, arch, values)
+            elif key not in stage.nested:
+                log_metrics(run.metrics[key])
+        log_metrics(headline_of(stage, run.metrics))
         for key in (*stage.plots, *stage.uncached):
             _log_artifact(io.at[key])
+        for path in stage.written(io):
+            log.info("wrote %s", path)
+        log.info("done; MLflow run %s (%s)", run.id, runs_url())
+        publish_headline(stage, run.metrics)
+
+
+def headline_of(stage: Stage, metrics: dict[str, dict]) -> dict:
+    """The report's headline numbers this stage's files hold ({arch: {name: value}})."""
+    if "headline" in stage.metrics:
+        return metrics["headline"]
+    return headline({stage.name: metrics.get("metrics", {})})
+
+
+def publish_headline(stage: Stage, metrics: dict[str, dict]) -> None:
+    """The stage's headline as a Prefect table artifact (the flow run's Artifacts tab)."""
+    found = headline_of(stage, metrics)
+    if found and flow_run.id:
+        rows = [{"architecture": arch, **values} for arch, values in found.items()]
+        key = stage.name.replace("_", "-")
+        create_table_artifact(rows, key=f"{key}-headline", description=f"{stage.name}: headline")
+
+
+def track(futures: dict[Any, PrefectFuture], stage: str, unit: str) -> dict[Any, Any]:
+    """Wait for a stage's tasks: one progress bar drawn by the flow's process (so that worker
+    processes never draw over each other) and a Prefect log line per finished task; their
+    results by key."""
+    log, key_of = logger(), {f.task_run_id: k for k, f in futures.items()}
+    with tqdm(total=len(futures), desc=stage, unit=unit, mininterval=1.0) as bar:
+        for future in as_completed(list(futures.values())):
+            key = key_of[future.task_run_id]
+            name = "/".join(map(str, key)) if isinstance(key, tuple) else str(key)
+            bar.set_postfix_str(name, refresh=False)
+            bar.update()
+            log.info("%s: %s done (%d/%d)", stage, name, bar.n, bar.total)
+    return {k: f.result() for k, f in futures.items()}
 
 
 def _log_artifact(path: Path) -> None:
@@ -102,27 +197,52 @@ def _log_artifact(path: Path) -> None:
         mlflow.log_artifact(str(path))
 
 
+def log_arch_run(run: StageRun, stage: str, arch: str, metrics: dict) -> None:
+    """One nested MLflow run per architecture (the numbers the report shows, under their
+    file's names)."""
+    tags = {"stage": stage, "arch": arch}
+    with mlflow.start_run(run_name=arch, nested=True, parent_run_id=run.id, tags=tags):
+        log_metrics(shown(stage, metrics))
+
+
 def log_method_run(
-    run: StageRun, stage: str, arch: str, method: str, metrics: dict[str, float]
+    run: StageRun, stage: str, arch: str, method: str, metrics: dict[str, Any]
 ) -> None:
-    """One nested MLflow run per architecture and method, tagged so a query finds it."""
+    """One nested MLflow run per architecture and method with the numbers the report shows,
+    tagged so a query finds it (the method's name, `+` included, is a tag: MLflow's metric
+    names cannot hold it)."""
     tags = {"stage": stage, "arch": arch, "method": method}
     name = f"{arch}/{method}"
     with mlflow.start_run(run_name=name, nested=True, parent_run_id=run.id, tags=tags):
-        mlflow.log_params({"arch": arch, "method": method})
-        mlflow.log_metrics(metrics)
+        log_metrics(shown(stage, metrics))
+    logger().info("%s: %s done", stage, name)
 
 
-def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """Nested metrics as MLflow names 'a/b/c' ('+' in method names becomes '-')."""
-    out: dict[str, float] = {}
+def log_metrics(metrics: dict) -> None:
+    """Nested numbers as MLflow metrics named 'a/b/c'; a dict keyed by step numbers
+    ({"0": x, "5": y}) is one metric with steps."""
+    scalars, series = flat_metrics(metrics)
+    mlflow.log_metrics(scalars)
+    for name, points in series.items():
+        for step, value in points.items():
+            mlflow.log_metric(name, value, step=step)
+
+
+def flat_metrics(metrics: dict, prefix: str = "") -> tuple[dict[str, float], dict[str, dict]]:
+    """Nested metrics as (scalars 'a/b/c' -> value, series 'a/b' -> {step: value})."""
+    scalars: dict[str, float] = {}
+    series: dict[str, dict[int, float]] = {}
     for key, value in metrics.items():
-        name = f"{prefix}{key}".replace("+", "-")
-        if isinstance(value, dict):
-            out |= flat_metrics(value, f"{name}/")
-        else:
-            out[name] = float(value)
-    return out
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+            series[name] = {int(k): float(v) for k, v in value.items()}
+        elif isinstance(value, dict):
+            inner, steps = flat_metrics(value, f"{name}/")
+            scalars |= inner
+            series |= steps
+        elif isinstance(value, bool | int | float):
+            scalars[name] = float(value)
+    return scalars, series
 
 
 RUNNERS = ("threads", "processes", "dask")
@@ -303,7 +423,10 @@ def cli(flow: Flow) -> None:
             for path in stage.written(io):
                 clean_stale_temps(path)
             with prefect_api():
-                flow.with_options(task_runner=runner)(io, **configs)
+                tags = ["deepalign", f"stage:{stage.name}", f"pipeline:{stage.pipeline}"]
+                named = flow.with_options(task_runner=runner, flow_run_name=run_label(stage.name))
+                with prefect_tags(*tags):
+                    named(io, **configs)
 
     def option(name: str, default: Any, help: str) -> inspect.Parameter:
         kind = inspect.Parameter.KEYWORD_ONLY

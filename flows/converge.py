@@ -12,7 +12,7 @@ from deepalign.evaluation.report import plot_convergence
 from deepalign.io import write_csv
 from deepalign.methods import MethodsCfg
 from deepalign.zoo.store import load_zoo
-from flows.common import StageRun, cli, stage_run
+from flows.common import StageRun, cli, log_method_run, stage_run, track
 from flows.stages import Paths, Plot, Stage
 
 STAGE = Stage(
@@ -23,9 +23,18 @@ STAGE = Stage(
     reads=("aligner",),
     deps={"zoo": "zoo"},
     plots={"plots": "plots/converge"},
+    uncached={"figures": "figures/converge"},
     metrics={"metrics": "metrics/converge.json"},
-    plot=Plot(x="steps", y="loss_barrier"),
-    notes={"plots": "(`refine_convergence_<arch>.{csv,png}`)"},
+    nested=("metrics",),  # per architecture and start, the barrier as a metric with steps
+    plot={
+        "plots": Plot(
+            "steps", "loss_barrier", "Sinkhorn steps", "test loss barrier", "by_method_log"
+        )
+    },
+    notes={
+        "plots": "(`refine_convergence_<arch>.csv`)",
+        "figures": "(`refine_convergence_<arch>.png`)",
+    },
 )
 
 
@@ -36,10 +45,14 @@ def converge_arch(
     """Barrier-vs-steps of the three starts on one architecture's test pairs."""
     rows, layers = cv.refine_rows(arch, load_zoo(run.io.zoo / arch, data), data, methods, cfg)
     summary = cv.summarize_convergence(rows, cfg.steps, methods.sinkhorn.steps)
+    target = summary["target_loss_barrier"]["value"]
+    for start, found in summary.items():
+        if start != "target_loss_barrier":
+            log_method_run(run, STAGE.name, arch, start, found | {"target_loss_barrier": target})
     summary["deep_align"]["per_group"] = cv.summarize_layers(layers)
-    figure = run.io.plots / f"refine_convergence_{arch}.png"
-    write_csv(figure.with_suffix(".csv"), rows)
-    plot_convergence(figure, rows, summary["target_loss_barrier"]["value"], f"digits {arch}")
+    figure = run.io.figures / f"refine_convergence_{arch}.png"
+    write_csv(run.io.plots / f"refine_convergence_{arch}.csv", rows)
+    plot_convergence(figure, rows, target, f"digits {arch}")
     return summary
 
 
@@ -47,9 +60,9 @@ def converge_arch(
 def converge(io: Paths, data_cfg: DataCfg, methods: MethodsCfg, cfg: cv.ConvergeCfg) -> dict:
     """How many Sinkhorn steps each start needs to reach plain Sinkhorn's final barrier."""
     data = load_dataset(data_cfg)
-    with stage_run(STAGE, io, cfg, methods.sinkhorn) as run:
+    with stage_run(STAGE, io, data_cfg=data_cfg, methods=methods, cfg=cfg) as run:
         futures = {a: converge_arch.submit(a, run, data, methods, cfg) for a in cfg.archs}
-        run.metrics["metrics"] = {a: f.result() for a, f in futures.items()}
+        run.metrics["metrics"] = track(futures, STAGE.name, "arch")
     return run.metrics
 
 

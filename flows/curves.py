@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.core.data import DataCfg, Dataset, load_dataset
@@ -22,10 +23,11 @@ STAGE = Stage(
     params=("data", "curves"),
     deps={"zoo": "zoo", "aligned": "aligned"},
     plots={"plots": "plots/curves"},
+    uncached={"figures": "figures/curves"},
     metrics={"metrics": "metrics/curves.json"},
-    plot=Plot(x="t", y="curve_acc"),
-    per_method=("metrics",),
-    notes={"plots": "(`curves_<arch>.{csv,png}`)"},
+    plot={"plots": Plot("t", "curve_acc", "t along the curve", "test accuracy")},
+    nested=("metrics",),
+    notes={"plots": "(`curves_<arch>.csv`)", "figures": "(`curves_<arch>.png`)"},
 )
 
 
@@ -33,7 +35,7 @@ STAGE = Stage(
 def curves_for_arch(arch: str, run: StageRun, data: Dataset, cfg: mc.CurvesCfg) -> dict:
     """Fit and score curves for every method's alignment of one architecture's pairs."""
     zoo, results, k = load_zoo(run.io.zoo / arch, data), {}, cfg.pairs
-    for method in cfg.methods:
+    for method in tqdm(cfg.methods, desc=f"curves {arch}", unit="method", mininterval=1.0):
         aligned = saved_run(run.io.aligned, arch, method)
         a, _, b = mc.endpoints(zoo.arch, zoo.nets, aligned.pairs[:k], aligned.perms)
         results[method] = mc.fit_and_evaluate(zoo.arch, a, b, data.train, data.test, cfg)
@@ -47,7 +49,7 @@ def curves_for_arch(arch: str, run: StageRun, data: Dataset, cfg: mc.CurvesCfg) 
     for method, metrics in summary.items():
         log_method_run(run, STAGE.name, arch, method, metrics)
     write_csv(run.io.plots / f"curves_{arch}.csv", mc.curve_rows(results))
-    plot_curve_accuracy(run.io.plots / f"curves_{arch}.png", results, f"digits {arch}")
+    plot_curve_accuracy(run.io.figures / f"curves_{arch}.png", results, f"digits {arch}")
     return summary
 
 
@@ -56,7 +58,7 @@ def curves(io: Paths, data_cfg: DataCfg, cfg: mc.CurvesCfg) -> dict:
     """Mode-connectivity curves for every configured alignment, logged to MLflow."""
     data = load_dataset(data_cfg)
     torch.manual_seed(cfg.fit.seed)
-    with stage_run(STAGE, io, data_cfg, cfg) as run:
+    with stage_run(STAGE, io, data_cfg=data_cfg, cfg=cfg) as run:
         futures = {a: curves_for_arch.submit(a, run, data, cfg) for a in cfg.archs}
         run.metrics["metrics"] = {a: f.result() for a, f in futures.items()}
     return run.metrics

@@ -67,15 +67,21 @@ def dvc_stage(stage: Stage) -> dict:
     code = [str(p) for p in sorted(import_closure(f"flows.{stage.name}"))]
     out: dict = {} if wdir == ROOT else {"wdir": ".."}
     out |= {"cmd": command(stage), "deps": code + _reads(stage), "params": list(stage.params)}
-    plot = {"cache": False} | (asdict(stage.plot) if stage.plot else {})
     detail = [p for k, p in stage.metrics.items() if k not in stage.headline]
     out["outs"] = [
         *({p: {"persist": True}} for p in stage.persist.values()),
         *({p: {"cache": False}} for p in [*stage.uncached.values(), *detail]),
     ]
     out["metrics"] = [{stage.metrics[k]: {"cache": False}} for k in stage.headline]
-    out["plots"] = [{p: plot} for p in stage.plots.values()]
+    out["plots"] = [{p: _plot_props(stage, k)} for k, p in stage.plots.items()]
     return {k: v for k, v in out.items() if v}
+
+
+def _plot_props(stage: Stage, option: str) -> dict:
+    """How DVC draws one plots path: its Plot, or DVC's defaults where the stage gives none."""
+    if option not in stage.plot:
+        return {"cache": False}
+    return {"cache": False} | asdict(stage.plot[option])
 
 
 def render_pipeline(stages: list[Stage], pipeline: str) -> str:
@@ -114,10 +120,41 @@ def readme_with_table(readme: str, table: str) -> str:
     return head + table + tail
 
 
+PLOTS_PAGE = """<!DOCTYPE html>
+<html>
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+{refresh_tag}
+<title>deepalign: dvc plots</title>
+<!-- Vega, Vega-Lite and Vega-Embed inlined from vl-convert-python (VERSION) by
+`python -m flows.dvcgen`, so that `dvc plots show` draws with the network off -->
+<script>BUNDLE</script>
+<style>body{font-family:sans-serif;margin:1em}div{max-width:100%;overflow-x:auto}</style>
+</head>
+<body>
+{plot_divs}
+</body>
+</html>
+"""
+
+
+def offline_plots_page() -> str:
+    """DVC's HTML template (`plots.html_template` in .dvc/config) with Vega's scripts inlined in
+    place of DVC's CDN links."""
+    from importlib.metadata import version
+
+    import vl_convert
+
+    page = PLOTS_PAGE.replace("VERSION", version("vl-convert-python"))
+    return page.replace("BUNDLE", vl_convert.javascript_bundle())
+
+
 def generated() -> dict[Path, str]:
     """Every generated file's path and its expected text."""
     stages = discover()
     files = {ROOT / p: render_pipeline(stages, p) for p in sorted({s.pipeline for s in stages})}
+    files[ROOT / ".dvc" / "plots" / "offline.html"] = offline_plots_page()
     readme = ROOT / "README.md"
     files[readme] = readme_with_table(readme.read_text(), render_table(stages))
     return files

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.core.data import DataCfg, Dataset, load_dataset
@@ -22,11 +23,15 @@ STAGE = Stage(
     params=("runner", "data", "align.archs", "align.methods", "evaluate"),
     deps={"zoo": "zoo", "aligned": "aligned"},
     plots={"plots": "plots/evaluate"},
-    uncached={"table": "plots/pairs.csv"},
+    uncached={"figures": "figures/evaluate", "table": "plots/pairs.csv"},
     metrics={"metrics": "metrics/evaluate.json", "compare": "metrics/compare.json"},
-    plot=Plot(x="lambda", y="test_loss"),
-    per_method=("metrics", "compare"),
-    notes={"plots": "(`interpolation_<arch>.{csv,png}`)", "table": "(one row per pair)"},
+    plot={"plots": Plot("lambda", "test_loss", "lambda", "test loss", "by_method_log")},
+    nested=("metrics", "compare"),
+    notes={
+        "plots": "(`interpolation_<arch>.csv`)",
+        "figures": "(`interpolation_<arch>.png`)",
+        "table": "(one row per pair)",
+    },
 )
 
 
@@ -37,7 +42,7 @@ def evaluate_arch(
     """Curves and metrics of every method on one architecture's pairs."""
     zoo = load_zoo(run.io.zoo / arch, data)
     summary, rows, curves = {}, [], {}
-    for method in methods:
+    for method in tqdm(methods, desc=f"evaluate {arch}", unit="method", mininterval=1.0):
         result = saved_run(run.io.aligned, arch, method)
         curves[method] = experiment.pair_curves(result, zoo, data, cfg.points, cfg.bn_reset_images)
         summary[method], pair_rows = experiment.method_metrics(result, curves[method])
@@ -45,7 +50,7 @@ def evaluate_arch(
         rows += [name | r for name, r in zip(names, pair_rows)]
         log_method_run(run, STAGE.name, arch, method, summary[method])
     write_csv(run.io.plots / f"interpolation_{arch}.csv", interpolation_rows(curves))
-    plot_curves(run.io.plots / f"interpolation_{arch}.png", curves, f"digits {arch}")
+    plot_curves(run.io.figures / f"interpolation_{arch}.png", curves, f"digits {arch}")
     return summary, rows
 
 
@@ -54,7 +59,7 @@ def evaluate(io: Paths, data_cfg: DataCfg, align_cfg: AlignCfg, cfg: EvaluateCfg
     """Score every aligned pair along the linear path and log the comparison."""
     data = load_dataset(data_cfg)
     summary, rows = {}, []
-    with stage_run(STAGE, io, cfg, align_cfg) as run:
+    with stage_run(STAGE, io, data_cfg=data_cfg, align_cfg=align_cfg, cfg=cfg) as run:
         futures = {
             arch: evaluate_arch.submit(arch, align_cfg.methods, run, data, cfg)
             for arch in align_cfg.archs

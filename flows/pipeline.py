@@ -29,9 +29,9 @@ from deepalign.errors import DeepAlignError, UsageError
 from flows.common import (
     EXPERIMENT,
     RunnerCfg,
-    flat_metrics,
     flow_configs,
     git_commit,
+    log_metrics,
     one_line_errors,
 )
 from flows.server import prefect_api
@@ -148,14 +148,16 @@ def sweep(
     """One DVC experiment per combination of overrides ({'align.pairs': [10, 20]}), in MLflow."""
     results = []
     mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name="sweep", tags={"stage": "sweep", "git_commit": git_commit()}):
+    with mlflow.start_run(
+        run_name="sweep", tags={"stage": "sweep", "mlflow.source.git.commit": git_commit()}
+    ):
         for combo in _combinations(grid):
             sets = [arg for k, v in combo.items() for arg in ("-S", f"{k}={json.dumps(v)}")]
             dvc(["exp", "run", *sets], workdir)
             found = json.loads((Path(workdir) / metrics).read_text())
             with mlflow.start_run(run_name=str(combo), nested=True):
                 mlflow.log_params(combo)
-                mlflow.log_metrics(flat_metrics(found))
+                log_metrics(found)
             results.append({"params": combo, "metrics": found})
     return results
 

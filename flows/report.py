@@ -37,13 +37,13 @@ STAGE = Stage(
     "report",
     configs={},
     params=(),
-    folders={"metrics": "metrics", "plots": "plots"},
+    folders={"metrics": "metrics", "figures": "figures"},
     uncached={"out": "report/index.html"},
     metrics={"headline": "metrics/headline.json"},
     headline=("headline",),
     reads=(
         *(f"metrics/{s}.json" for s in STAGES),
-        *(f"plots/{s}" for s in ("evaluate", "curves", "converge")),
+        *(f"figures/{s}" for s in ("evaluate", "curves", "converge")),
     ),
     notes={"out": "(self-contained)", "headline": "(the only DVC metrics file)"},
 )
@@ -53,7 +53,7 @@ STAGE = Stage(
 def report(io: Paths) -> dict:
     """Render the report and the headline metrics; attach both to an MLflow run."""
     title, found = f"deepalign report ({git_commit()[:8]})", read_metrics(io.metrics)
-    page = render_html(found, io.plots, title)
+    page = render_html(found, io.figures, title)
     write_atomic(io.out, lambda tmp: tmp.write_text(page))
     with stage_run(STAGE, io) as run:
         run.metrics["headline"] = headline(found)

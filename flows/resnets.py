@@ -21,7 +21,7 @@ from deepalign.io import write_csv
 from deepalign.zoo import build
 from deepalign.zoo.store import load_zoo
 from flows.common import StageRun, cli, log_method_run, stage_run
-from flows.stages import Paths, Stage
+from flows.stages import Paths, Plot, Stage
 
 STAGE = Stage(
     "resnets",
@@ -39,7 +39,12 @@ STAGE = Stage(
     ),
     partial=("align", "curves"),  # method settings of `align`; fit and t grid of `curves`
     persist={"out": "resnets"},
-    plots={"plots": "plots/resnets"},
+    plots={"interpolation": "plots/resnets/interpolation", "curves": "plots/resnets/curves"},
+    uncached={"figures": "figures/resnets"},
+    plot={
+        "interpolation": Plot("lambda", "test_loss", "lambda", "test loss", "by_method_log"),
+        "curves": Plot("t", "curve_acc", "t along the curve", "test accuracy"),
+    },
     metrics={"metrics": "metrics/resnets.json"},
     notes={"out": "(the zoo: `net-NNNN.pt` + `manifest.json`)", "metrics": "(~6 min)"},
     pipeline="study/dvc.yaml",
@@ -67,8 +72,8 @@ def lines(run: StageRun, runs: dict, zoo, data: Dataset, cfg: rs.ResNetStudyCfg)
     kept, _ = rs.line_metrics(runs, zoo, data, cfg, reset=False)
     for method, metrics in reset.items():
         log_method_run(run, STAGE.name, "resnet", method, metrics)
-    write_csv(run.io.plots / "interpolation_resnet.csv", interpolation_rows(curves))
-    plot_curves(run.io.plots / "interpolation_resnet.png", curves, "digits resnet (BN reset)")
+    write_csv(run.io.interpolation / "interpolation_resnet.csv", interpolation_rows(curves))
+    plot_curves(run.io.figures / "interpolation_resnet.png", curves, "digits resnet (BN reset)")
     return {"bn_reset": reset, "bn_kept": kept, "loss_barrier_over_naive": rs.barrier_ratios(reset)}
 
 
@@ -76,8 +81,8 @@ def lines(run: StageRun, runs: dict, zoo, data: Dataset, cfg: rs.ResNetStudyCfg)
 def fit_curves(run: StageRun, runs: dict, zoo, data: Dataset, cfg, fit: mc.CurvesCfg) -> dict:
     """Bezier curves between each configured method's endpoints."""
     results = rs.bezier_curves(runs, zoo, data, cfg, fit)
-    write_csv(run.io.plots / "curves_resnet.csv", mc.curve_rows(results))
-    plot_curve_accuracy(run.io.plots / "curves_resnet.png", results, "digits resnet")
+    write_csv(run.io.curves / "curves_resnet.csv", mc.curve_rows(results))
+    plot_curve_accuracy(run.io.figures / "curves_resnet.png", results, "digits resnet")
     return {m: mc.summarize_curves(r) for m, r in results.items()}
 
 
@@ -88,7 +93,7 @@ def resnets(
     """Build, align and score the ResNet zoo; everything logged to MLflow."""
     data = load_dataset(data_cfg)
     torch.manual_seed(curves.fit.seed)
-    with stage_run(STAGE, io, data_cfg, cfg) as run:
+    with stage_run(STAGE, io, data_cfg=data_cfg, cfg=cfg) as run:
         zoo_summary = train_zoo(io.out, data, data_cfg, cfg)
         zoo = load_zoo(io.out, data)
         runs = rs.aligned_runs(zoo, data, cfg, align)

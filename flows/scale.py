@@ -44,7 +44,7 @@ def scale(
     net = zoo_cfg.archs[cfg.arch]
     cores = threads_for(workers=1)
     results: dict[str, dict] = {"zoo": {}, "deep_align": {}, "weight_matching": {}}
-    with stage_run(STAGE, io, cfg) as run:
+    with stage_run(STAGE, io, cfg=cfg) as run:
         results["process_memory_mb"] = sc.in_fresh_process(sc.idle, n_threads=1)["peak_memory_mb"]
         for n in cfg.sizes:
             with tempfile.TemporaryDirectory(prefix="deepalign-scale-") as scratch:

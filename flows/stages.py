@@ -19,8 +19,8 @@ ROLES = {
     "folders": "Folder the stage reads.",
     "deps": "Input, written by an earlier stage.",
     "persist": "Output kept across runs: an interrupted run resumes in it.",
-    "plots": "Plots folder or file (kept in git).",
-    "uncached": "Output file (kept in git).",
+    "plots": "Folder or file of CSV series DVC draws (kept in git).",
+    "uncached": "Output file or folder, e.g. PNG figures (kept in git).",
     "metrics": "Metrics file (JSON, kept in git).",
 }
 
@@ -42,11 +42,14 @@ class Paths:
 
 @dataclass(frozen=True)
 class Plot:
-    """How DVC draws a stage's plots: their x and y columns, and a template (one under
-    .dvc/plots/; `by_method` draws one line per value of the CSV's `method` column)."""
+    """How DVC draws the CSVs of one plots path: their x and y columns, the axis titles and a
+    template (one under .dvc/plots/: `by_method` draws one line per value of the CSV's `method`
+    column, `by_method_log` the same on a log y axis, `by_steps` one line per step count)."""
 
     x: str
     y: str
+    x_label: str
+    y_label: str
     template: str = "by_method"
 
 
@@ -63,11 +66,13 @@ class Stage:
     plots: dict[str, str] = field(default_factory=dict)
     uncached: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=dict)
-    plot: Plot | None = None  # for every plots path
+    plot: dict[str, Plot] = field(default_factory=dict)  # plots option -> how DVC draws it
     headline: tuple[str, ...] = ()  # metrics options DVC shows (`dvc metrics show`); the
     # others are detail files, kept in git and logged to MLflow, but not DVC metrics
-    per_method: tuple[str, ...] = ()  # metrics options whose numbers MLflow holds per method
-    # (nested runs tagged stage/arch/method); the stage's own run keeps the file as an artifact
+    per_arch: tuple[str, ...] = ()  # metrics options keyed by architecture: MLflow gets one
+    # nested run per architecture (tagged stage/arch) with the numbers under their own names
+    nested: tuple[str, ...] = ()  # metrics options the flow logs itself in nested runs (per
+    # architecture and method, tagged); the stage's own run keeps the file as an artifact
     reads: tuple[str, ...] = ()  # further deps: files other stages write
     partial: tuple[str, ...] = ()  # flow arguments built from only part of their section
     notes: dict[str, str] = field(default_factory=dict)  # option -> what is inside (README)

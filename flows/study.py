@@ -34,9 +34,13 @@ STAGE = Stage(
     deps={"zoo": "zoo"},
     persist={"out": "study/zoo"},
     plots={"table": "plots/aligner_scaling.csv"},
-    uncached={"figure": "plots/aligner_scaling.png"},
+    uncached={"figure": "figures/aligner_scaling.png"},
     metrics={"metrics": "metrics/study.json"},
-    plot=Plot(x="train_networks", y="deep_align", template="linear"),
+    plot={
+        "table": Plot(
+            "train_networks", "deep_align", "train networks", "test loss barrier", "by_steps"
+        )
+    },
     notes={"out": "(its own zoo, resumable)"},
     pipeline="study/dvc.yaml",
 )
@@ -53,7 +57,7 @@ def study(
 ) -> dict:
     """Test barrier of DEEP-ALIGN per train-set size and step count, and weight matching's."""
     data, base = load_dataset(data_cfg), load_zoo(io.zoo / cfg.arch)
-    with stage_run(STAGE, io, cfg, aligner) as run:
+    with stage_run(STAGE, io, cfg=cfg, aligner=aligner) as run:
         net, size = zoo_cfg.archs[cfg.arch], max(cfg.train_sizes)
         nets = build_train_networks(io.out / cfg.arch, net, zoo_cfg, data_cfg, data, size)
         rows = scaling_rows(nets, base, data, aligner, cfg, io.out)

@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.core.data import DataCfg, Dataset, load_dataset
+from deepalign.evaluation.report import shown
 from deepalign.methods.deep_align import train as trainer
 from deepalign.methods.deep_align.checkpoint import save_aligner
 from deepalign.zoo.build import resolve_device
@@ -23,13 +24,14 @@ STAGE = Stage(
     deps={"zoo": "zoo"},
     persist={"out": "aligner"},
     metrics={"metrics": "metrics/train_aligner.json"},
+    nested=("metrics",),  # per architecture, beside its losses per epoch
     notes={"out": "(`<arch>.pt`; `<arch>.state.pt` to resume)"},
     fan_out=True,  # one task per architecture
 )
 
 
 @task(cache_policy=NO_CACHE)
-def train_one_arch(arch: str, io: Paths, data: Dataset, cfg: trainer.AlignerCfg) -> dict:
+def train_one_arch(arch: str, line: int, io: Paths, data: Dataset, cfg: trainer.AlignerCfg) -> dict:
     """Train (or resume) the aligner of one architecture and save it; its numbers, its
     device and its losses per epoch (`history`, for MLflow)."""
     zoo, out = load_zoo(io.zoo / arch, data), io.out
@@ -37,9 +39,9 @@ def train_one_arch(arch: str, io: Paths, data: Dataset, cfg: trainer.AlignerCfg)
     fp = trainer.aligner_fingerprint(cfg, zoo.arch, zoo_digest(io.zoo / arch), data)
     history: list[tuple[int, dict[str, float]]] = []
     state = out / f"{arch}.state.pt"
-    model, result = trainer.train(
-        zoo, data, cfg, device, state, fp, on_epoch=lambda e, m, _: history.append((e, dict(m)))
-    )
+    on_epoch = lambda e, m, _: history.append((e, dict(m)))  # noqa: E731
+    desc = f"train_aligner {arch}"
+    model, result = trainer.train(zoo, data, cfg, device, state, fp, on_epoch, desc=desc, line=line)
     test = zoo.nets[torch.tensor(zoo.indices("test"))].to(device)
     recovered = trainer.augmented_recovery(model, zoo.arch, test, cfg.augment, seed=1)
     result["test_planted_recovery_augmented"] = recovered
@@ -54,9 +56,10 @@ def log_arch_run(run: StageRun, arch: str, trained: dict) -> None:
     """One nested MLflow run per architecture: its device, losses per epoch, checkpoint."""
     tags = {"stage": STAGE.name, "arch": arch}
     with mlflow.start_run(run_name=arch, nested=True, parent_run_id=run.id, tags=tags):
-        mlflow.log_params({"arch": arch, "device": trained["device"]})
+        mlflow.set_tag("device", trained["device"])
         for epoch, metrics in trained["history"]:
             mlflow.log_metrics(metrics, step=epoch)
+        mlflow.log_metrics(shown(STAGE.name, trained["numbers"]))
         mlflow.log_artifact(str(run.io.out / f"{arch}.pt"))
 
 
@@ -64,10 +67,12 @@ def log_arch_run(run: StageRun, arch: str, trained: dict) -> None:
 def train_aligner(io: Paths, data_cfg: DataCfg, cfg: trainer.AlignerCfg) -> dict:
     """Train DEEP-ALIGN for every configured architecture and record it in MLflow."""
     data = load_dataset(data_cfg)
-    with stage_run(STAGE, io, data_cfg, cfg) as run:
+    with stage_run(STAGE, io, data_cfg=data_cfg, cfg=cfg) as run:
         # fan-out: one task per architecture (worker processes train them side by side);
         # MLflow written from here alone
-        futures = {arch: train_one_arch.submit(arch, io, data, cfg) for arch in cfg.archs}
+        futures = {
+            arch: train_one_arch.submit(arch, k, io, data, cfg) for k, arch in enumerate(cfg.archs)
+        }  # one progress bar per task, each on its own line
         run.metrics["metrics"] = {}
         for arch, future in futures.items():
             trained = future.result()

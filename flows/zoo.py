@@ -12,7 +12,7 @@ import flows  # noqa: F401  (offline defaults first)
 from deepalign.core.data import DataCfg, Dataset, load_dataset
 from deepalign.zoo import build
 from deepalign.zoo.build import NetCfg, ZooCfg
-from flows.common import cli, stage_run
+from flows.common import cli, stage_run, track
 from flows.stages import Paths, Stage
 
 STAGE = Stage(
@@ -21,6 +21,7 @@ STAGE = Stage(
     params=("runner", "data", "zoo"),
     persist={"out": "zoo"},
     metrics={"metrics": "metrics/zoo.json"},
+    per_arch=("metrics",),
     notes={"out": "(`<arch>/net-NNNN.pt` + `manifest.json`)"},
     fan_out=True,  # groups of networks
 )
@@ -45,7 +46,8 @@ def train_group(
     arch = build.make_arch(net, data)
     jobs, fps = build.planned(folder, net, cfg.seed, arch, data_cfg)
     group = [jobs[i] for i in indices]
-    return build.train_chunk(arch, group, data, net, fps, build.resolve_device(cfg.device))
+    device = build.resolve_device(cfg.device)  # the flow draws the bar: workers run side by side
+    return build.train_chunk(arch, group, data, net, fps, device, progress=False)
 
 
 @task(cache_policy=NO_CACHE)
@@ -61,14 +63,17 @@ def finish(folder: Path, net: NetCfg, data: Dataset, seed: int) -> list[dict]:
 def zoo(io: Paths, data_cfg: DataCfg, cfg: ZooCfg) -> dict:
     """Build the model zoo and record it in MLflow."""
     data = load_dataset(data_cfg)
-    with stage_run(STAGE, io, data_cfg, cfg) as run:
+    with stage_run(STAGE, io, data_cfg=data_cfg, cfg=cfg) as run:
         summary = run.metrics.setdefault("metrics", {})
         for name, net in cfg.archs.items():
             folder = io.out / name
             todo = pending(folder, net, data, data_cfg, cfg.seed)
             chunks = [todo[i : i + cfg.chunk_size] for i in range(0, len(todo), cfg.chunk_size)]
-            futures = [train_group.submit(folder, net, data, data_cfg, cfg, c) for c in chunks]
-            [f.result() for f in futures]  # fan-out: one task per group of networks
+            futures = {  # fan-out: one task per group of networks
+                (name, f"{c[0]}-{c[-1]}"): train_group.submit(folder, net, data, data_cfg, cfg, c)
+                for c in chunks
+            }
+            track(futures, f"{STAGE.name} {name}", "group")
             summary[name] = build.summarize(finish(folder, net, data, cfg.seed), len(todo))
     return run.metrics
 

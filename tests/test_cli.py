@@ -178,3 +178,30 @@ def test_curve_command_fits_and_reports(tmp_path, mlp):
     blob = torch.load(out, weights_only=True)
     assert blob["metrics"]["curve_barrier"] <= blob["metrics"]["linear_curve_barrier"] + 1e-6
     assert torch.equal(blob["endpoints"][0]["0.weight"], ref.named["0.weight"])
+
+
+HEAVY = ("torch", "prefect", "mlflow", "dvc", "matplotlib", "scipy")
+
+
+@pytest.mark.parametrize(
+    "command", ["", "info", "permute", "align", "merge", "interpolate", "curve", "sweep"]
+)
+def test_help_lists_every_option_without_loading_the_heavy_libraries(command):
+    """`deepalign [COMMAND] --help` prints its options from the parsed signature alone: none
+    of torch, Prefect or MLflow is imported (what made `--help` take seconds)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from deepalign.cli import main; sys.argv = ['deepalign', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit as done:\n    code = done.code\n"
+        f"print('LOADED', [m for m in {HEAVY!r} if m in sys.modules], code)"
+    )
+    args = [command, "--help"] if command else ["--help"]
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.rstrip().endswith("LOADED [] 0"), done.stdout[-500:] + done.stderr[-500:]
+    assert "--help" in done.stdout
+    if command in ("align", "merge", "sweep"):
+        assert "--debug" in done.stdout or "--model" in done.stdout  # its own options listed

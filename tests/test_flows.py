@@ -56,11 +56,13 @@ def test_zoo_flow_writes_zoo_metrics_and_mlflow_run(workdir):
     metrics = json.loads((workdir / "metrics" / "zoo.json").read_text())
     assert metrics == json.loads(json.dumps(summary))
     assert metrics["mlp"]["trained_this_run"] == 6 and metrics["mlp"]["test_acc_mean"] > 0.1
-    runs = mlflow.search_runs(experiment_names=["deepalign"])
-    assert len(runs) == 1 and runs.loc[0, "tags.stage"] == "zoo"
-    assert runs.loc[0, "metrics.mlp/test_acc_mean"] == pytest.approx(
+    runs = mlflow.search_runs(experiment_names=["deepalign"]).set_index("tags.mlflow.runName")
+    assert set(runs["tags.stage"]) == {"zoo"} and len(runs) == 3  # the stage, one per arch
+    assert runs.loc["mlp", "metrics.test_acc_mean"] == pytest.approx(
         metrics["mlp"]["test_acc_mean"]
-    )
+    )  # nested per architecture; the stage run carries the headline
+    (stage,) = [name for name in runs.index if name.startswith("zoo @ ")]
+    assert runs.loc[stage, "metrics.mlp/acc"] == round(metrics["mlp"]["test_acc_mean"], 4)
 
     again = zoo(paths, **configs(zoo))["metrics"]
     assert again["mlp"]["trained_this_run"] == 0 and again["cnn"]["trained_this_run"] == 0
@@ -102,7 +104,7 @@ def test_train_align_evaluate_flows_chain(workdir):
         assert set(summary[arch]) == {"naive", "weight_matching", "deep_align+weight_matching"}
         assert summary[arch]["weight_matching"]["planted_recovery_mean"] == 1.0
         assert (
-            workdir / "plots" / "evaluate" / f"interpolation_{arch}.png"
+            workdir / "figures" / "evaluate" / f"interpolation_{arch}.png"
         ).stat().st_size > 10_000
     assert len((workdir / "plots" / "pairs.csv").read_text().splitlines()) == 1 + 2 * 3 * 2
     stages = set(mlflow.search_runs(experiment_names=["deepalign"])["tags.stage"].dropna())
@@ -211,7 +213,7 @@ def test_report_renders_self_contained_html(workdir):
     _run_chain(workdir)
     paths = STAGE.paths(workdir)
     headline = report(paths)["headline"]
-    assert set(headline) == {"mlp", "cnn"} and 0 < headline["mlp"]["test_acc"] <= 1
+    assert set(headline) == {"mlp", "cnn"} and 0 < headline["mlp"]["acc"] <= 1
     page_path = paths.out
     page = page_path.read_text()
     assert page.count("data:image/png;base64,") == 2
@@ -221,6 +223,7 @@ def test_report_renders_self_contained_html(workdir):
         "b.png",
     ]  # twin: the check sees what a browser would fetch
     assert "weight_matching" in page and "Model zoo" in page
+    assert page.count("Lowest loss barrier: <b>") == 2  # the winner, per architecture
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no headless Chromium here (CI installs it)")
@@ -229,8 +232,11 @@ def test_report_renders_self_contained_html(workdir):
     pixels = plt.imread(shot)
     assert pixels.shape[0] == 2000 and pixels.std() > 0.05  # something was drawn
     assert _overflow(chromium, workdir, page) <= 0  # fits a 1366-pixel laptop screen
+    assert _overflow(chromium, workdir, page, 390) <= 0  # and a phone: tables scroll inside
     wide = page.replace("</body>", "<div style='min-width:3000px'>x</div></body>")
     assert _overflow(chromium, workdir, wide) > 0  # twin: a wide block would scroll
+    bare = page.replace('<div class="scroll">', "<div>").replace('name="viewport"', "")
+    assert _overflow(chromium, workdir, bare, 390) > 0  # twin: without them a phone scrolls
 
 
 def test_resnets_flow_resumes_and_its_results_join_the_report(workdir):
@@ -243,7 +249,8 @@ def test_resnets_flow_resumes_and_its_results_join_the_report(workdir):
     assert set(metrics["bn_kept"]) == set(metrics["bn_reset"])
     assert set(metrics["loss_barrier_over_naive"]) == {"weight_matching", "activation_matching"}
     assert set(metrics["curves"]) == {"naive", "weight_matching"}
-    assert (workdir / "plots" / "resnets" / "interpolation_resnet.png").is_file()
+    assert (workdir / "figures" / "resnets" / "interpolation_resnet.png").is_file()
+    assert (workdir / "plots" / "resnets" / "curves" / "curves_resnet.csv").is_file()
     nested = mlflow.search_runs(experiment_names=["deepalign"], filter_string="tags.arch='resnet'")
     assert len(nested) == 3
     again = resnets.resnets(paths, **configs(resnets.resnets))["metrics"]
@@ -274,10 +281,10 @@ def _chromium(chromium: str, workdir: Path, *args) -> str:
     return done.stdout
 
 
-def _overflow(chromium: str, workdir: Path, page: str) -> int:
-    """How many pixels the page is wider than a 1366-pixel window (its horizontal scroll)."""
+def _overflow(chromium: str, workdir: Path, page: str, width: int = 1366) -> int:
+    """How many pixels the page is wider than a `width`-pixel window (its horizontal scroll)."""
     probe = "<script>document.title = document.documentElement.scrollWidth - innerWidth</script>"
     path = workdir / "probe.html"
     path.write_text(page.replace("</body>", probe + "</body>"))
-    dom = _chromium(chromium, workdir, "--dump-dom", "--window-size=1366,768", path.as_uri())
+    dom = _chromium(chromium, workdir, "--dump-dom", f"--window-size={width},800", path.as_uri())
     return int(re.search(r"<title>(-?\d+)</title>", dom).group(1))

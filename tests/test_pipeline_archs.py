@@ -27,7 +27,8 @@ def _repro(repo: Path, env: dict) -> None:
 
 def _evaluated(repo: Path) -> tuple[set[str], list[str]]:
     evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
-    return set(evaluate), sorted(p.name for p in (repo / "plots" / "evaluate").iterdir())
+    written = [*(repo / "plots" / "evaluate").iterdir(), *(repo / "figures" / "evaluate").iterdir()]
+    return set(evaluate), sorted(p.name for p in written)
 
 
 def test_dvc_repro_runs_whatever_architectures_params_list(tmp_path):

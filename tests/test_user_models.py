@@ -147,3 +147,57 @@ def test_bad_merge_options_are_one_line_and_write_nothing(project, extra, words)
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == {
         k: v for k, v in before.items() if (folder / k).is_file()
     }
+
+
+MYNETS = """
+import torch
+
+
+def build():
+    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+"""
+
+
+def test_the_readme_command_line_tour_runs_as_written(tmp_path):
+    """The README's tour, line by line in a shell, on two MLPs and two resnet18s of a user's."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    tour = re.search(r"own networks:\n\n```bash\n(.*?)```", readme, re.DOTALL).group(1)
+    lines = [line.split("#")[0].strip() for line in tour.splitlines() if line.strip()]
+    assert len(lines) >= 5 and all(line.startswith("deepalign ") for line in lines)
+    (tmp_path / "mynets.py").write_text(MYNETS)
+    for seed, name in enumerate(("A.pt", "B.pt")):
+        torch.manual_seed(seed)
+        torch.save(load_mynets(tmp_path)().state_dict(), tmp_path / name)
+    for seed, name in enumerate(("R1.pt", "R2.pt")):
+        torch.manual_seed(seed)
+        torch.save(torchvision.models.resnet18().state_dict(), tmp_path / name)
+    bin_dir = Path(sys.executable).parent
+    for line in lines:
+        done = subprocess.run(
+            line, shell=True, cwd=tmp_path, capture_output=True, text=True,
+            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)},
+        )  # fmt: skip
+        assert done.returncode == 0, (line, done.stderr[-800:])
+    for out in ("aligned.pt", "merged.pt", "r2_aligned.pt"):
+        assert (tmp_path / out).is_file(), out
+    nets = {}
+    for name in ("B.pt", "aligned.pt", "merged.pt"):
+        nets[name] = load_mynets(tmp_path)()
+        nets[name].load_state_dict(torch.load(tmp_path / name, weights_only=True))
+    x = torch.randn(16, 64)
+    assert torch.allclose(nets["aligned.pt"](x), nets["B.pt"](x), atol=1e-5)  # B's function
+    assert not torch.allclose(nets["merged.pt"](x), nets["B.pt"](x), atol=1e-3)  # an average
+
+
+def load_mynets(folder):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mynets", folder / "mynets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build

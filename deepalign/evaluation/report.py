@@ -120,7 +120,25 @@ def _table(rows: dict[str, dict[str, float]], columns: list[str], first: str = "
     for name, values in rows.items():
         cells = "".join(f"<td>{_cell(k, values[k]) if k in values else ''}</td>" for k in columns)
         body += f"<tr><th>{html.escape(name)}</th>{cells}</tr>"
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
+
+
+def winner(methods: dict[str, dict[str, float]]) -> str:
+    """One sentence: the method with the lowest mean test loss barrier, and against weight
+    matching (the classical reference) and naive averaging."""
+    scored = {m: v["loss_barrier_mean"] for m, v in methods.items() if "loss_barrier_mean" in v}
+    if not scored:
+        return ""
+    best = min(scored, key=scored.get)
+    seconds = methods[best].get("seconds_per_pair_mean")
+    parts = [f"Lowest loss barrier: <b>{html.escape(best)}</b> ({scored[best]:.3f}"]
+    if seconds is not None:
+        parts.append(f", {seconds:.2g} s per pair")
+    parts.append(")")
+    for other in ("weight_matching", "naive"):
+        if other in scored and other != best:
+            parts.append(f"; {other} {scored[other]:.3f}")
+    return f"<p class='winner'>{''.join(parts)}.</p>"
 
 
 def _image(path: Path) -> str:
@@ -135,11 +153,29 @@ COMPARED = "mean_diff ci_low ci_high frac_pairs_a_le_b"
 CURVED = "mean_acc min_acc curve_barrier linear_mean_acc linear_curve_barrier seconds_to_fit"
 ZOO_COLUMNS = "n_networks test_acc_mean test_acc_std test_acc_min train_seconds networks_per_second"
 TRAINED = "train_seconds best_epoch best_val_loss_barrier device_cuda"
-HEADLINE = {  # dvc metrics show: a few numbers per architecture, a terminal's width
-    "test_acc": ("zoo", "test_acc_mean"),
-    "wm_barrier": ("evaluate", "weight_matching", "loss_barrier_mean"),
-    "da_barrier": ("evaluate", "deep_align", "loss_barrier_mean"),
-    "da_sinkhorn_barrier": ("evaluate", "deep_align+sinkhorn", "loss_barrier_mean"),
+CONVERGED = "steps_to_target seconds_to_target final_loss_barrier"
+
+SHOWN = {  # per stage, the numbers the report's tables show: what MLflow gets per run
+    "zoo": _keys(ZOO_COLUMNS),
+    "train_aligner": _keys(TRAINED),
+    "evaluate": [*_keys(EVALUATED, "_mean"), "loss_barrier_std"],
+    "curves": _keys(CURVED),
+    "converge": [*_keys(CONVERGED), "loss_barrier"],  # and the barrier against steps
+}
+
+
+def shown(stage: str, metrics: dict) -> dict:
+    """The numbers of `metrics` the report shows for `stage` (all of them for a stage it does
+    not tabulate); the metrics files keep the rest."""
+    keys = SHOWN.get(stage)
+    return metrics if keys is None else {k: metrics[k] for k in keys if k in metrics}
+
+
+HEADLINE = {  # `dvc metrics show` / `dvc exp show`: a few short columns per architecture
+    "acc": ("zoo", "test_acc_mean"),  # the zoo's mean test accuracy
+    "wm": ("evaluate", "weight_matching", "loss_barrier_mean"),  # mean test loss barriers
+    "da": ("evaluate", "deep_align", "loss_barrier_mean"),
+    "da_sinkhorn": ("evaluate", "deep_align+sinkhorn", "loss_barrier_mean"),
 }
 
 
@@ -157,7 +193,7 @@ def headline(metrics: dict[str, dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _resnets(found: dict, plots: Path) -> list[str]:
+def _resnets(found: dict, figures: Path) -> list[str]:
     """The study pipeline's ResNet zoo: lines with BatchNorm statistics reset and kept."""
     rows = {
         method: {
@@ -173,17 +209,18 @@ def _resnets(found: dict, plots: Path) -> list[str]:
         "<h2>ResNets with BatchNorm (study pipeline, committed results)</h2>",
         "<p>Every network on a line scored after its BatchNorm statistics are recomputed on "
         "training images; <i>kept</i>: with the averaged statistics instead.</p>",
+        winner(found["bn_reset"]),
         _table(rows, list(next(iter(rows.values()))), "method"),
-        _image(plots / "resnets" / "interpolation_resnet.png"),
+        _image(figures / "resnets" / "interpolation_resnet.png"),
         "<h3>Bezier curves: resnet</h3>",
         _table(found["curves"], _keys(CURVED), "method"),
-        _image(plots / "resnets" / "curves_resnet.png"),
+        _image(figures / "resnets" / "curves_resnet.png"),
     ]
 
 
-def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign report") -> str:
-    """A self-contained page (inline CSS, embedded PNGs) of every stage's results; `plots` holds
-    each stage's folder of figures (evaluate/, curves/, converge/)."""
+def render_html(metrics: dict[str, dict], figures: Path, title: str = "deepalign report") -> str:
+    """A self-contained page (inline CSS, embedded PNGs) of every stage's results; `figures`
+    holds each stage's folder of PNGs (evaluate/, curves/, converge/, resnets/)."""
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         "<h2>Model zoo</h2>",
@@ -192,8 +229,9 @@ def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign r
     for arch, methods in metrics.get("evaluate", {}).items():
         parts += [
             f"<h2>Linear interpolation: {arch} (test pairs, mean over pairs)</h2>",
+            winner(methods),
             _table(methods, _keys(EVALUATED, "_mean") + ["loss_barrier_std"], "method"),
-            _image(plots / "evaluate" / f"interpolation_{arch}.png"),
+            _image(figures / "evaluate" / f"interpolation_{arch}.png"),
         ]
         if arch in metrics.get("compare", {}):
             parts += [
@@ -206,18 +244,18 @@ def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign r
         parts += [
             f"<h2>Bezier curves: {arch}</h2>",
             _table(methods, _keys(CURVED), "method"),
-            _image(plots / "curves" / f"curves_{arch}.png"),
+            _image(figures / "curves" / f"curves_{arch}.png"),
         ]
     for arch, starts in metrics.get("converge", {}).items():
         rows = {k: v for k, v in starts.items() if k != "target_loss_barrier"}
         target = starts.get("target_loss_barrier", {}).get("value", float("nan"))
         parts += [
             f"<h2>Sinkhorn re-basin from three starts: {arch} (target {target:.4f})</h2>",
-            _table(rows, _keys("steps_to_target seconds_to_target final_loss_barrier"), "start"),
-            _image(plots / "converge" / f"refine_convergence_{arch}.png"),
+            _table(rows, _keys(CONVERGED), "start"),
+            _image(figures / "converge" / f"refine_convergence_{arch}.png"),
         ]
     if "resnets" in metrics:
-        parts += _resnets(metrics["resnets"], plots)
+        parts += _resnets(metrics["resnets"], figures)
     if "train_aligner" in metrics:
         parts += [
             "<h2>DEEP-ALIGN training</h2>",
@@ -228,9 +266,11 @@ def render_html(metrics: dict[str, dict], plots: Path, title: str = "deepalign r
         "table{border-collapse:collapse;margin:1em 0;max-width:100%}"
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
         "tr:first-child th{text-align:center;font-size:90%}img{max-width:100%;height:auto}"
+        ".scroll{overflow-x:auto;max-width:100%}.winner{font-size:110%}"
     )
+    viewport = "<meta name='viewport' content='width=device-width, initial-scale=1'>"
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"<!doctype html><html><head><meta charset='utf-8'>{viewport}<title>{html.escape(title)}"
         f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
     )
 

@@ -214,8 +214,11 @@ def train(
     fp: str,
     on_epoch: OnEpoch | None = None,
     progress: bool = True,
+    desc: str = "train_aligner",
+    line: int = 0,
 ) -> tuple[DeepAlign, dict]:
-    """Train with AdamW, validate every `val_every` epochs, keep the best; resumable via `state`."""
+    """Train with AdamW, validate every `val_every` epochs, keep the best; resumable via `state`.
+    The progress bar is drawn on terminal line `line` (side-by-side workers get one each)."""
     torch.manual_seed(cfg.seed)
     if cfg.augment.rescale > 0:
         check_rescalable(zoo.arch)
@@ -234,7 +237,8 @@ def train(
     steps = max(1, train_nets.batch_size // cfg.pairs_per_step)
     bar = tqdm(
         range(run["epoch"], cfg.epochs),
-        desc="train_aligner",
+        desc=desc,
+        position=line,
         disable=not progress,
         mininterval=2.0,
         unit="epoch",
