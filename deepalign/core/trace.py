@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -352,11 +353,17 @@ class Traced:
         )
 
 
+# torch.fx patches nn.Module.__call__ for the whole process while it traces: a second thread's
+# trace (its ShapeProp runs modules) would call into the first one's tracer and fail
+_FX_LOCK = threading.Lock()
+
+
 def trace(model: nn.Module, example: torch.Tensor) -> Traced:
     """Trace `model` on one example batch (N >= 1, any values): groups 'h0', 'h1', ... in the
-    order they first appear in the forward pass."""
-    gm = _graph(model)
-    _propagate(gm, example)
+    order they first appear in the forward pass. One trace at a time per process."""
+    with _FX_LOCK:
+        gm = _graph(model)
+        _propagate(gm, example)
     tracer = _Tracer(dict(gm.named_modules()))
     tracer.run(gm)
     spec, names = _spec(tracer.groups, model)
