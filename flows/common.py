@@ -94,7 +94,7 @@ def runs_url(run_id: str = "") -> str:
     return f"{base}/runs/{run_id}" if run_id else f"{base}/runs"
 
 
-def run_tags(stage: Stage, configs: dict[str, Any]) -> dict[str, str]:
+def run_tags(stage: Stage) -> dict[str, str]:
     """What links a stage's MLflow run to the rest: the git commit and whether the work tree
     was dirty, the DVC experiment (under `dvc exp run`), the Prefect flow run."""
     tags = {
@@ -133,7 +133,7 @@ def stage_run(stage: Stage, io: Paths, **configs: Any) -> Iterator[StageRun]:
     """
     log = logger()
     mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=run_label(stage.name), tags=run_tags(stage, configs)) as active:
+    with mlflow.start_run(run_name=run_label(stage.name), tags=run_tags(stage)) as active:
         for arg, config in configs.items():
             mlflow.log_params(flat_params(config, stage.configs[arg]))
         run = StageRun(active.info.run_id, io)
@@ -150,13 +150,14 @@ def stage_run(stage: Stage, io: Paths, **configs: Any) -> Iterator[StageRun]:
                     log_arch_run(run, stage.name, arch, values)
             elif key not in stage.nested:
                 log_metrics(run.metrics[key])
-        log_metrics(headline_of(stage, run.metrics))
+        found = headline_of(stage, run.metrics)
+        log_metrics(found)
         for key in (*stage.plots, *stage.uncached):
             _log_artifact(io.at[key])
         for path in stage.written(io):
             log.info("wrote %s", path)
         log.info("done; MLflow run %s (%s)", run.id, runs_url())
-        publish_headline(stage, run.metrics)
+        publish_headline(stage, found)
 
 
 def headline_of(stage: Stage, metrics: dict[str, dict]) -> dict:
@@ -166,9 +167,9 @@ def headline_of(stage: Stage, metrics: dict[str, dict]) -> dict:
     return headline({stage.name: metrics.get("metrics", {})})
 
 
-def publish_headline(stage: Stage, metrics: dict[str, dict]) -> None:
-    """The stage's headline as a Prefect table artifact (the flow run's Artifacts tab)."""
-    found = headline_of(stage, metrics)
+def publish_headline(stage: Stage, found: dict[str, dict]) -> None:
+    """The stage's headline ({arch: {name: value}}) as a Prefect table artifact (the flow
+    run's Artifacts tab)."""
     if found and flow_run.id:
         rows = [{"architecture": arch, **values} for arch, values in found.items()]
         key = stage.name.replace("_", "-")
