@@ -1,4 +1,4 @@
-"""dvc.yaml, study/dvc.yaml and the README's stage table, generated from the stages' STAGEs.
+"""dvc.yaml, study/dvc.yaml and the stage table in docs/pipeline.md, generated from STAGEs.
 
     python -m flows.dvcgen          # rewrite them
     python -m flows.dvcgen --check  # exit 1 if any differs (CI runs this through the tests)
@@ -155,7 +155,7 @@ def generated() -> dict[Path, str]:
     stages = discover()
     files = {ROOT / p: render_pipeline(stages, p) for p in sorted({s.pipeline for s in stages})}
     files[ROOT / ".dvc" / "plots" / "offline.html"] = offline_plots_page()
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "pipeline.md"
     files[readme] = readme_with_table(readme.read_text(), render_table(stages))
     return files
 

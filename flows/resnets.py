@@ -54,15 +54,9 @@ STAGE = Stage(
 @task(cache_policy=NO_CACHE)
 def train_zoo(folder: Path, data: Dataset, data_cfg: DataCfg, cfg: rs.ResNetStudyCfg) -> dict:
     """Train the networks not yet trained with these settings (resumes), then the manifest."""
-    arch = build.make_arch(cfg.zoo, data)
-    jobs, fps = build.planned(folder, cfg.zoo, cfg.seed, arch, data_cfg)
-    todo = [j for j in jobs if not build.is_done(j, fps[j.index])]
-    if todo:
-        build.train_chunk(arch, todo, data, cfg.zoo, fps, torch.device("cpu"))
-    records = build.read_records(jobs)
-    manifest = build.write_manifest(folder, "resnet", arch, records)
-    mlflow.log_artifact(str(manifest), artifact_path="resnets")
-    return build.summarize(records, len(todo))
+    records, trained = build.train_zoo(folder, "resnet", cfg.zoo, cfg.seed, (data, data_cfg))
+    mlflow.log_artifact(str(folder / "manifest.json"), artifact_path="resnets")
+    return build.summarize(records, trained)
 
 
 @task(cache_policy=NO_CACHE)

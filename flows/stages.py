@@ -3,7 +3,7 @@
 The declaration names the params.yaml sections its typed configs come from, the DVC params
 keys it depends on, and its paths by role: each path is a command-line option (its default:
 the pipeline's path) and a DVC dep, out, metric or plot. dvc.yaml, study/dvc.yaml and the
-README's stage table are generated from these declarations (`python -m flows.dvcgen`;
+stage table of docs/pipeline.md are generated from these declarations (`python -m flows.dvcgen`;
 `tests/test_dvc_deps.py` fails when they differ).
 """
 

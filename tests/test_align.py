@@ -66,6 +66,8 @@ def trained(digits):
             batch_size=64,
             lr=3e-3,
             weight_decay=0.0,
+            optimizer="adam",
+            momentum=0.0,
         )
         arch = make_arch(net, digits)
         ws = train_batched(

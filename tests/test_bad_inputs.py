@@ -504,6 +504,14 @@ BAD_VALUES = [
     case({"zoo.archs.mlp.kind": "rnn"}, "zoo.archs.mlp.kind", "rnn", id="zoo.mlp.kind=rnn"),
     case({"zoo.archs.mlp.lr": -0.1}, "zoo.archs.mlp.lr", "-0.1", id="zoo.mlp.lr=-0.1"),
     case(
+        {"zoo.archs.mlp.optimizer": "rmsprop"},
+        "zoo.archs.mlp.optimizer",
+        "rmsprop",
+        id="zoo.mlp.optimizer=rmsprop",
+    ),
+    case({"zoo.archs.mlp.momentum": 0.9}, "zoo.archs.mlp.momentum", "adam", id="adam+momentum"),
+    case({"zoo.archs.mlp.momentum": 1.0}, "zoo.archs.mlp.momentum", "1.0", id="momentum=1"),
+    case(
         {"align.weight_matching.max_iter": -1},
         "align.weight_matching.max_iter",
         "-1",

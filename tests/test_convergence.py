@@ -77,7 +77,7 @@ def test_summary_counts_steps_and_seconds_to_the_identity_starts_final_barrier()
 
 @pytest.fixture
 def tiny(tmp_path, digits):
-    net = NetCfg("mlp", [12, 10], [], 0, "relu", 0, 0, 6, 3, 32, 3e-3, 0.0)
+    net = NetCfg("mlp", [12, 10], [], 0, "relu", 0, 0, 6, 3, 32, 3e-3, 0.0, "adam", 0.0)
     start = stack([init_network(ARCH, s) for s in range(6)])
     nets = train_batched(ARCH, start, digits.train, net, list(range(6)), torch.device("cpu"), False)
     records = [{"split": "test"}] * 6

@@ -23,7 +23,20 @@ from deepalign.zoo.build import NetCfg, init_network, make_arch, train_batched
 @pytest.fixture(scope="module")
 def pairs(digits):
     net = NetCfg(
-        "mlp", [16, 16], [], 0, "relu", 4, 0, 0, epochs=4, batch_size=64, lr=3e-3, weight_decay=0.0
+        "mlp",
+        [16, 16],
+        [],
+        0,
+        "relu",
+        4,
+        0,
+        0,
+        epochs=4,
+        batch_size=64,
+        lr=3e-3,
+        weight_decay=0.0,
+        optimizer="adam",
+        momentum=0.0,
     )
     arch = make_arch(net, digits)
     nets = train_batched(

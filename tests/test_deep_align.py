@@ -153,7 +153,20 @@ def small_cfg(epochs: int) -> AlignerCfg:
 @pytest.fixture(scope="module")
 def tiny_zoo(digits):
     net = NetCfg(
-        "mlp", [16, 16], [], 0, "relu", 16, 4, 4, epochs=5, batch_size=64, lr=3e-3, weight_decay=0.0
+        "mlp",
+        [16, 16],
+        [],
+        0,
+        "relu",
+        16,
+        4,
+        4,
+        epochs=5,
+        batch_size=64,
+        lr=3e-3,
+        weight_decay=0.0,
+        optimizer="adam",
+        momentum=0.0,
     )
     arch = make_arch(net, digits)
     seeds = list(range(24))

@@ -59,7 +59,7 @@ def test_closure_follows_parents_and_from_imports():
     assert "deepalign/cli.py" not in closure  # twin: not everything is imported
 
 
-def test_dvc_yaml_and_the_readme_table_are_what_the_stages_declare():
+def test_dvc_yaml_and_the_stage_table_are_what_the_stages_declare():
     assert dvcgen.main(["--check"]) == 0, "run `python -m flows.dvcgen`"
 
 
@@ -71,7 +71,7 @@ def test_a_changed_declaration_makes_the_check_fail(monkeypatch, capsys):
     assert dvcgen.main(["--check"]) == 1
     stale = "out of date; run `python -m flows.dvcgen`"
     assert capsys.readouterr().out.splitlines() == [
-        f"{f}: {stale}" for f in ("dvc.yaml", "README.md")
+        f"{f}: {stale}" for f in ("dvc.yaml", "docs/pipeline.md")
     ]
 
 

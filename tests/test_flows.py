@@ -17,6 +17,7 @@ import torch
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
+from deepalign.zoo.store import load_zoo
 from tests.tiny import configs, tiny_params
 
 pytestmark = pytest.mark.slow  # real Prefect server, MLflow and DVC: minutes
@@ -262,6 +263,45 @@ def test_resnets_flow_resumes_and_its_results_join_the_report(workdir):
     report.report(report.STAGE.paths(workdir))
     page = report.STAGE.paths(workdir).out.read_text()
     assert "ResNets with BatchNorm" in page and page.count("data:image/png;base64,") == 4
+
+
+def test_ood_and_merge_flows_score_shifted_zoos_and_join_the_report(workdir):
+    from flows import merge, ood, report
+
+    _run_chain(workdir)  # the default zoo's aligner, which the ood stage applies unchanged
+    found = ood.ood(ood.STAGE.paths(workdir), **configs(ood.ood))["metrics"]
+    assert found["arch"] == "mlp" and set(found["zoos"]) == {"rotated", "sgd"}
+    for name, zoo in found["zoos"].items():
+        assert zoo["zoo"]["trained_this_run"] == 3
+        assert set(zoo["methods"]) == {"naive", "deep_align"}
+        assert (workdir / "plots" / "ood" / f"interpolation_{name}.csv").is_file()
+    rotated = load_zoo(workdir / "ood" / "rotated")
+    plain = load_zoo(workdir / "ood" / "sgd")
+    assert not torch.equal(rotated.nets.flatten(), plain.nets.flatten())
+    again = ood.ood(ood.STAGE.paths(workdir), **configs(ood.ood))["metrics"]
+    assert again["zoos"]["sgd"]["zoo"]["trained_this_run"] == 0  # resumed
+    nested = mlflow.search_runs(experiment_names=["deepalign"], filter_string="tags.stage='ood'")
+    assert {"rotated", "sgd"} <= set(nested["tags.arch"].dropna())
+
+    merged = merge.merge(merge.STAGE.paths(workdir), **configs(merge.merge))["metrics"]
+    sides = merged["sides"]
+    assert sides["a"]["n_networks"] == sides["b"]["n_networks"] == 2
+    assert sides["a"]["train_images"] < 0.6 * len(load_dataset_of(workdir).train.y)
+    for values in merged["methods"].values():
+        assert 0 <= values["merged_acc"] <= 1 and 0 <= values["best_lambda"] <= 1
+        assert values["best_line_acc"] >= max(values["a_acc"], values["b_acc"]) - 1e-6
+
+    report.report(report.STAGE.paths(workdir))
+    page = report.STAGE.paths(workdir).out.read_text()
+    assert "Out of distribution" in page and "Merging networks trained on disjoint" in page
+    assert "paper, rotated CIFAR10 CNNs" in page  # the paper's reading beside the table
+
+
+def load_dataset_of(workdir: Path):
+    from deepalign.config import build
+    from deepalign.core.data import DataCfg, load_dataset
+
+    return load_dataset(build(DataCfg, tiny_params()["data"], "data"))
 
 
 def _chromium(chromium: str, workdir: Path, *args) -> str:

@@ -626,7 +626,7 @@ def test_yaml_merge_keys_work(tmp_path):
 def test_a_diverged_zoo_names_the_learning_rate_and_writes_nothing(tmp_path, digits):
     from deepalign.zoo.build import planned, train_chunk
 
-    net = NetCfg("mlp", [8], [], 0, "relu", 2, 0, 0, 1, 64, 1e30, 0.0)
+    net = NetCfg("mlp", [8], [], 0, "relu", 2, 0, 0, 1, 64, 1e30, 0.0, "adam", 0.0)
     data_cfg = DataCfg("digits", "data", False, 0, 0.1, 0.2)
     arch = mlp_arch(64, [8], 10, "relu")
     folder = tmp_path / "mlp"

@@ -30,7 +30,7 @@ PARAMS = ROOT / "params.yaml"
 
 
 def trained(digits, kind: str, hidden: list[int], blocks: int = 0, epochs: int = 4, n: int = 2):
-    net = NetCfg(kind, hidden, [], blocks, "relu", n, 0, 0, epochs, 64, 3e-3, 0.0)
+    net = NetCfg(kind, hidden, [], blocks, "relu", n, 0, 0, epochs, 64, 3e-3, 0.0, "adam", 0.0)
     arch = make_arch(net, digits)
     nets = stack([init_network(arch, s) for s in range(n)])
     seeds = list(range(n))

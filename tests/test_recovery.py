@@ -22,7 +22,7 @@ ZOO_STAGE += ["--metrics", "zoo.json"]
 
 
 def wide_net() -> NetCfg:
-    return NetCfg("mlp", [64, 64], [], 0, "relu", 4, 0, 0, 1, 64, 3e-3, 0.0)
+    return NetCfg("mlp", [64, 64], [], 0, "relu", 4, 0, 0, 1, 64, 3e-3, 0.0, "adam", 0.0)
 
 
 def test_zoo_checkpoints_hold_only_their_own_network(tmp_path, digits):

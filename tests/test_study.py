@@ -9,7 +9,7 @@ from deepalign.zoo.build import NetCfg, ZooCfg, init_network, make_arch, train_b
 from deepalign.zoo.store import Zoo
 
 DIGITS = DataCfg("digits", "data", False, 0, 0.1, 0.2)
-NET = NetCfg("mlp", [8, 8], [], 0, "relu", 3, 1, 1, 2, 64, 3e-3, 0.0)
+NET = NetCfg("mlp", [8, 8], [], 0, "relu", 3, 1, 1, 2, 64, 3e-3, 0.0, "adam", 0.0)
 
 
 def test_study_networks_are_the_zoo_recipe_for_more_seeds(tmp_path, digits):

@@ -1,5 +1,7 @@
 """Zoo training: batched equals one-by-one, seeds reproduce, reruns resume."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -38,6 +40,8 @@ def small_net(kind="mlp", epochs=2, n=(3, 1, 1)):
         batch_size=32,
         lr=3e-3,
         weight_decay=0.0,
+        optimizer="adam",
+        momentum=0.0,
     )
 
 
@@ -46,8 +50,11 @@ def subset(split: Split, n: int) -> Split:
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_batched_training_matches_one_by_one(digits, kind):
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_batched_training_matches_one_by_one(digits, kind, optimizer):
     net = small_net(kind)
+    if optimizer == "sgd":
+        net = dataclasses.replace(net, optimizer="sgd", momentum=0.9, lr=0.05)
     arch, data = make_arch(net, digits), subset(digits.train, 200)
     seeds = [5, 6, 7]
     start = [init_network(arch, s) for s in seeds]
@@ -78,6 +85,16 @@ def test_same_seeds_give_the_same_networks(digits):
     assert all(torch.equal(x, y) for x, y in zip(runs[0].tensors(), runs[1].tensors()))
     other = init_network(arch, 3)
     assert not torch.equal(other.named["0.weight"], init_network(arch, 1).named["0.weight"])
+
+
+def test_sgd_and_adam_train_different_networks(digits):
+    """The optimiser is used: the same seeds under SGD with momentum end elsewhere."""
+    adam = small_net()
+    sgd = dataclasses.replace(adam, optimizer="sgd", momentum=0.9, lr=0.05)
+    arch, data = make_arch(adam, digits), subset(digits.train, 200)
+    start = stack([init_network(arch, s) for s in (1, 2)])
+    a, b = (train_batched(arch, start, data, n, [1, 2], CPU, progress=False) for n in (adam, sgd))
+    assert not torch.allclose(a.flatten(), b.flatten(), atol=1e-3)
 
 
 def test_trained_networks_learn_digits(digits):

@@ -37,6 +37,10 @@ def tiny_params() -> dict:
     params["resnets"]["zoo"].update(hidden=[4, 8], n_test=3, epochs=1)
     params["resnets"].update(pairs=3, points=5, bn_reset_images=64)
     params["resnets"]["curves"]["pairs"] = 1
+    params["ood"].update(networks=3, pairs=3, points=5, methods=["naive", "deep_align"])
+    for shifted_zoo in params["ood"]["zoos"].values():
+        shifted_zoo["epochs"] = 1
+    params["merge"].update(networks=2, points=5, methods=["naive", "weight_matching"])
     return params
 
 

@@ -218,6 +218,75 @@ def _resnets(found: dict, figures: Path) -> list[str]:
     ]
 
 
+# DEEP-ALIGN's Table 3 (Navon et al. 2024): loss barriers of CIFAR10 CNNs trained with random
+# rotations, DEEP-ALIGN trained on plain CIFAR10 CNNs
+PAPER_ROTATED = {
+    "naive": 1.077,
+    "weight_matching": 0.945,
+    "activation_matching": 0.586,
+    "sinkhorn": 0.596,
+    "deep_align": 0.769,
+    "deep_align+sinkhorn": 0.430,
+}
+PAPER_COLUMN = "paper, rotated CIFAR10 CNNs"
+
+
+def _ood(found: dict, evaluated: dict, figures: Path) -> list[str]:
+    """The study pipeline's shifted zoos: each method's loss barrier in and out of the
+    distribution its DEEP-ALIGN model was trained on."""
+    zoos = {name: z["methods"] for name, z in found["zoos"].items()}
+    columns = {"in distribution": evaluated.get(found["arch"], {}), **zoos}
+    rows: dict[str, dict[str, float]] = {}
+    for name, methods in columns.items():
+        for method, values in methods.items():
+            rows.setdefault(method, {})[name] = values["loss_barrier_mean"]
+    for method, value in PAPER_ROTATED.items():
+        rows.setdefault(method, {})[PAPER_COLUMN] = value
+    accuracy = {n: {"zoo test_acc": z["zoo"]["test_acc_mean"]} for n, z in found["zoos"].items()}
+    parts = [
+        "<h2>Out of distribution (study pipeline, committed results)</h2>",
+        f"<p>Mean test loss barrier of {html.escape(found['arch'])} pairs; DEEP-ALIGN's model is "
+        "the default zoo's, applied unchanged to zoos trained on rotated digits and with SGD "
+        "(<i>in distribution</i>: the evaluate stage).</p>",
+        _table(rows, ["in distribution", *zoos, PAPER_COLUMN], "method"),
+        _table(accuracy, ["zoo test_acc"], "zoo"),
+    ]
+    for name, methods in zoos.items():
+        parts += [f"<h3>{html.escape(name)}</h3>", winner(methods)]
+        parts.append(_image(figures / "ood" / f"interpolation_{name}.png"))
+    return parts
+
+
+MERGED = [  # merged at lambda 0.5 against both endpoints; the best point of the line
+    "merged_acc",
+    "a_acc",
+    "b_acc",
+    "merged_minus_best_end",
+    "best_line_acc",
+    "best_lambda",
+    "merged_loss",
+    "a_loss",
+    "b_loss",
+]
+
+
+def _disjoint(found: dict, figures: Path) -> list[str]:
+    """The study pipeline's disjoint-data merges: merged against endpoint accuracy."""
+    best = max(found["methods"], key=lambda m: found["methods"][m]["merged_acc"])
+    acc = found["methods"][best]["merged_acc"]
+    return [
+        "<h2>Merging networks trained on disjoint data (study pipeline, committed results)</h2>",
+        "<p>A trains on 95% of classes 0-4 and 5% of 5-9, B on the mirror; each pair aligned, "
+        "averaged and scored on the whole test split (means over pairs). The paper (its "
+        "Figure 5, no numbers printed) finds DEEP-ALIGN, Sinkhorn and activation matching "
+        "merge to a lower loss than either original.</p>",
+        f"<p class='winner'>Best merge: <b>{html.escape(best)}</b> ({acc:.3f}; endpoints "
+        f"{found['methods'][best]['a_acc']:.3f} and {found['methods'][best]['b_acc']:.3f})</p>",
+        _table(found["methods"], MERGED, "method"),
+        _image(figures / "merge" / "interpolation_disjoint.png"),
+    ]
+
+
 def render_html(metrics: dict[str, dict], figures: Path, title: str = "deepalign report") -> str:
     """A self-contained page (inline CSS, embedded PNGs) of every stage's results; `figures`
     holds each stage's folder of PNGs (evaluate/, curves/, converge/, resnets/)."""
@@ -256,6 +325,10 @@ def render_html(metrics: dict[str, dict], figures: Path, title: str = "deepalign
         ]
     if "resnets" in metrics:
         parts += _resnets(metrics["resnets"], figures)
+    if "ood" in metrics:
+        parts += _ood(metrics["ood"], metrics.get("evaluate", {}), figures)
+    if "merge" in metrics:
+        parts += _disjoint(metrics["merge"], figures)
     if "train_aligner" in metrics:
         parts += [
             "<h2>DEEP-ALIGN training</h2>",

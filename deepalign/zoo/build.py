@@ -2,7 +2,7 @@
 
 Networks train many at a time: their parameters are stacked along a batch dimension, one
 batched forward pass (`forward_batched`: batched matmuls, grouped convolutions) serves them
-all, and Adam (elementwise, fused) updates them as independent networks. Each
+all, and the optimiser (Adam or SGD: elementwise) updates them as independent networks. Each
 network keeps its own initialisation and data order, so the batched path matches the
 one-by-one reference (`train_one`) up to float rounding.
 """
@@ -25,6 +25,7 @@ from tqdm import tqdm
 from deepalign.config import (
     Count,
     Device,
+    Fraction,
     Iterations,
     NonNegative,
     Positive,
@@ -56,8 +57,10 @@ _PKG = Path(__file__).resolve().parents[1]
 TRAINING_CODE = (
     _PKG / "zoo" / "build.py",
     *(_PKG / "core" / f for f in ("arch.py", "chain.py", "resnet.py", "weightspace.py", "data.py")),
+    _PKG / "core" / "shifts.py",
 )
 KINDS = ("mlp", "cnn", "resnet")
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,12 @@ class NetCfg:
     batch_size: Positive
     lr: PositiveFloat
     weight_decay: NonNegative
+    optimizer: Annotated[str, one_of(*OPTIMIZERS)]
+    momentum: Fraction  # SGD's (0 for adam)
 
     def __post_init__(self) -> None:
+        if self.optimizer == "adam" and self.momentum != 0:
+            raise invalid("momentum", self.momentum, "0 with adam (momentum is SGD's)")
         if self.n_train + self.n_val + self.n_test == 0:
             raise invalid("n_train", self.n_train, ">= 1 when n_val and n_test are 0")
         if self.kind == "cnn" and len(self.strides) != len(self.hidden):
@@ -135,19 +142,56 @@ def make_arch(net: NetCfg, data: Dataset) -> Arch:
     return ARCHS[net.kind](net, data)
 
 
-def network_fingerprint(arch: Arch, net: NetCfg, data: DataCfg, seed: int) -> str:
-    """The resume key of one trained network: its settings, seed and training code."""
+def network_fingerprint(
+    arch: Arch, net: NetCfg, data: DataCfg, seed: int, shift: dict | None = None
+) -> str:
+    """The resume key of one trained network: its settings, seed, data shift and training
+    code."""
     record = {"arch": arch.to_dict(), "net": asdict(net), "data": asdict(data), "seed": seed}
+    if shift:
+        record["shift"] = shift
     return fingerprint(record, TRAINING_CODE)
 
 
 def planned(
-    folder: Path, net: NetCfg, seed: int, arch: Arch, data: DataCfg, key: NetCfg | None = None
+    folder: Path,
+    net: NetCfg,
+    seed: int,
+    arch: Arch,
+    data: DataCfg,
+    key: NetCfg | None = None,
+    shift: dict | None = None,
 ) -> tuple[list[Job], dict[int, str]]:
     """Every network of one architecture's plan, and the fingerprint each is trained under
     (from `key`'s settings where given: the study trains more networks of the zoo's recipe)."""
     jobs = plan(folder, net, seed)
-    return jobs, {j.index: network_fingerprint(arch, key or net, data, j.seed) for j in jobs}
+    fps = {j.index: network_fingerprint(arch, key or net, data, j.seed, shift) for j in jobs}
+    return jobs, fps
+
+
+def train_zoo(
+    folder: Path,
+    name: str,
+    net: NetCfg,
+    seed: int,
+    data: tuple[Dataset, DataCfg],
+    shift: dict | None = None,
+) -> tuple[list[dict], int]:
+    """Train on the CPU, in one group, the networks of a recipe not yet trained with these
+    settings (it resumes), and write the zoo's manifest: every record, and how many trained.
+
+    `data`: the (possibly shifted) data set and the config it was loaded with; `shift`: what
+    shifted it (part of each network's resume key).
+    """
+    dataset, data_cfg = data
+    arch = make_arch(net, dataset)
+    jobs, fps = planned(folder, net, seed, arch, data_cfg, shift=shift)
+    todo = [j for j in jobs if not is_done(j, fps[j.index])]
+    if todo:
+        train_chunk(arch, todo, dataset, net, fps, torch.device("cpu"))
+    records = read_records(jobs)
+    write_manifest(folder, name, arch, records)
+    return records, len(todo)
 
 
 def plan(out_dir: Path, net: NetCfg, seed: int) -> list[Job]:
@@ -185,6 +229,18 @@ def init_network(arch: Arch, seed: int) -> WeightSpace:
     return arch.weightspace(state)
 
 
+def make_optimizer(params: list[Tensor], net: NetCfg, fused: bool = False) -> torch.optim.Optimizer:
+    """The recipe's optimiser; elementwise, so batched networks stay independent. `fused`:
+    one kernel per step for all tensors (~10% of an MLP step on CPU otherwise)."""
+    if net.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=net.lr, momentum=net.momentum, weight_decay=net.weight_decay
+        )
+    return torch.optim.Adam(
+        params, lr=net.lr, weight_decay=net.weight_decay, fused=True if fused else None
+    )
+
+
 def _epoch_orders(gens: list[torch.Generator], n: int) -> Tensor:
     """A fresh shuffle of the n training examples per network: (B, n)."""
     return torch.stack([torch.randperm(n, generator=g) for g in gens])
@@ -207,8 +263,7 @@ def train_batched(
     trained = [k for k in ws.named if k not in ws.buffers]
     params = [ws.named[k].detach().clone().to(device).requires_grad_() for k in trained]
     base = ws.to(device)
-    # fused: one kernel per step for all tensors (~10% of an MLP step on CPU otherwise)
-    opt = torch.optim.Adam(params, lr=net.lr, weight_decay=net.weight_decay, fused=True)
+    opt = make_optimizer(params, net, fused=True)
     x, y = as_input(arch, data.x).to(device), data.y.to(device)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     n, bs = len(y), net.batch_size
@@ -240,7 +295,7 @@ def train_one(arch: Arch, ws: WeightSpace, data: Split, net: NetCfg, seed: int) 
     """Reference path: one `nn.Module` trained with a plain loop."""
     model = arch.build()
     model.load_state_dict(arch.state_dict(ws))
-    opt = torch.optim.Adam(model.parameters(), lr=net.lr, weight_decay=net.weight_decay)
+    opt = make_optimizer(list(model.parameters()), net)
     x, y = as_input(arch, data.x), data.y
     gen = torch.Generator().manual_seed(seed)
     for _ in range(net.epochs):
@@ -350,3 +405,11 @@ def summarize(records: list[dict], trained_this_run: int) -> dict[str, float]:
         "train_seconds": seconds,
         "networks_per_second": len(records) / seconds if seconds > 0 else 0.0,
     }
+
+
+def recipe_of(zoo: ZooCfg, arch: str, where: str) -> NetCfg:
+    """The default zoo's recipe for `arch`, or an error naming the key `where` asked for it."""
+    if arch not in zoo.archs:
+        known = ", ".join(zoo.archs)
+        raise DeepAlignError(f"{where}: '{arch}' is not in zoo.archs (known: {known})")
+    return zoo.archs[arch]

@@ -1,0 +1,122 @@
+"""Merging networks trained on disjoint data (DEEP-ALIGN's Figure 5): side A trains on most of
+the training images of the first half of the classes and few of the rest, side B on the
+mirror; each pair (A_k, B_k) is aligned by every method, averaged with `deepalign`'s merge
+code, and the merged network is judged on the whole test split against both endpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Annotated
+
+import torch
+from tqdm import tqdm
+
+from deepalign.config import Check, GridPoints, Positive, Seed, invalid
+from deepalign.core.data import Dataset
+from deepalign.core.lmc import Curve, evaluate_networks, interpolate
+from deepalign.core.permspec import apply_permutation
+from deepalign.core.shifts import ShiftCfg
+from deepalign.core.weightspace import stack
+from deepalign.evaluation.experiment import AlignCfg
+from deepalign.evaluation.pairs import MethodRun, align_pairs
+from deepalign.merging import merged
+from deepalign.methods import check_methods
+from deepalign.zoo.build import NetCfg
+from deepalign.zoo.store import Zoo
+
+SIDES = ("a", "b")
+
+
+@dataclass(frozen=True)
+class MergeCfg:
+    """Section `merge` of params.yaml."""
+
+    arch: str  # the default zoo's architecture whose recipe both sides follow
+    networks: Positive  # per side; pair k is (A_k, B_k)
+    seed: Seed  # A_k trains from seed + k, B_k from seed + networks + k
+    skew: Annotated[float, Check(lambda v: 0.5 < v < 1, "in (0.5, 1)")]  # the part of
+    # its own classes' training images a side keeps (and 1 - skew of the other classes')
+    methods: list[str]
+    points: GridPoints  # lambda grid of each pair's line (merged: lambda = 0.5)
+
+    def __post_init__(self) -> None:
+        check_methods("methods", self.methods)
+        if "naive" not in self.methods:
+            raise invalid("methods", self.methods, "a list with naive (the unaligned average)")
+
+
+def side_shifts(cfg: MergeCfg, n_classes: int) -> dict[str, ShiftCfg]:
+    """The class fractions of each side: A keeps `skew` of the first half's images, B of the
+    second half's, each 1 - skew of the other half's."""
+    half = n_classes // 2
+    fractions = {
+        "a": [cfg.skew if c < half else 1 - cfg.skew for c in range(n_classes)],
+        "b": [1 - cfg.skew if c < half else cfg.skew for c in range(n_classes)],
+    }
+    return {s: ShiftCfg(0.0, fractions[s], cfg.seed + i) for i, s in enumerate(SIDES)}
+
+
+def side_recipe(base: NetCfg, cfg: MergeCfg) -> NetCfg:
+    """The default recipe, every network a test one."""
+    return dataclasses.replace(base, n_train=0, n_val=0, n_test=cfg.networks)
+
+
+def side_seed(cfg: MergeCfg, side: str) -> int:
+    return cfg.seed + SIDES.index(side) * cfg.networks
+
+
+def paired(a: Zoo, b: Zoo) -> tuple[Zoo, list[tuple[int, int]]]:
+    """One zoo holding side A then side B, and the pairs (A_k, B_k)."""
+    both = Zoo(a.arch, a.records + b.records, stack([*a.nets.unbind(), *b.nets.unbind()]))
+    n = len(a.records)
+    return both, [(k, n + k) for k in range(min(n, len(b.records)))]
+
+
+def merge_pairs(
+    zoo: Zoo, pairs: list[tuple[int, int]], data: Dataset, cfg: MergeCfg, align: AlignCfg
+) -> tuple[dict[str, dict], dict[str, list[Curve]]]:
+    """Every method on every pair: merge metrics (means over pairs) and the lines behind."""
+    summary, lines = {}, {}
+    for method in tqdm(cfg.methods, desc="merge", unit="method", mininterval=5.0):
+        perms, seconds, objective = align_pairs(method, zoo, pairs, data.train, align)
+        run = MethodRun(method, pairs, perms, seconds, objective, torch.zeros(0))
+        lines[method] = [_line(zoo, run, k, data, cfg.points) for k in range(len(pairs))]
+        summary[method] = _merged_metrics(zoo, run, data, lines[method])
+    return summary, lines
+
+
+def _line(zoo: Zoo, run: MethodRun, k: int, data: Dataset, points: int) -> Curve:
+    i, j = run.pairs[k]
+    aligned = apply_permutation(zoo.nets[j], run.perm(k), zoo.arch.spec)
+    return interpolate(zoo.arch, zoo.nets[i], aligned, data.test, points)
+
+
+def _merged_metrics(zoo: Zoo, run: MethodRun, data: Dataset, lines: list[Curve]) -> dict:
+    """The merged networks (equal-weight averages by `merging.merged`) on the whole test
+    split, the endpoints' accuracy, and the best point of each line: means over pairs."""
+    spec = zoo.arch.spec
+    nets = [
+        merged(
+            zoo.arch, [zoo.nets[i], apply_permutation(zoo.nets[j], run.perm(k), spec)], [0.5] * 2
+        )
+        for k, (i, j) in enumerate(run.pairs)
+    ]
+    loss, acc = evaluate_networks(zoo.arch, stack(nets), data.test)  # (K,), (K,)
+    ends = torch.stack([torch.stack([c.acc[0], c.acc[-1]]) for c in lines])  # (K, 2)
+    end_loss = torch.stack([torch.stack([c.loss[0], c.loss[-1]]) for c in lines])  # (K, 2)
+    best = torch.stack([c.acc.max() for c in lines])  # (K,)
+    best_at = torch.stack([c.lambdas[c.acc.argmax()] for c in lines])  # (K,)
+    return {
+        "merged_acc": acc.mean().item(),
+        "merged_loss": loss.mean().item(),
+        "a_acc": ends[:, 0].mean().item(),
+        "b_acc": ends[:, 1].mean().item(),
+        "a_loss": end_loss[:, 0].mean().item(),
+        "b_loss": end_loss[:, 1].mean().item(),
+        "merged_minus_best_end": (acc - ends.max(1).values).mean().item(),
+        "best_line_acc": best.mean().item(),
+        "best_lambda": best_at.mean().item(),
+        "seconds_per_pair": run.seconds.mean().item(),
+    }
