@@ -120,3 +120,12 @@ def test_merging_a_network_with_its_permuted_copy_gives_it_back_only_when_aligne
     assert summary["naive"]["merged_acc"] < aligned["merged_acc"] - 0.05  # twin: unaligned
     assert summary["naive"]["merged_loss"] > aligned["merged_loss"]
     assert len(lines["naive"]) == 2 and lines["naive"][0].acc.shape == (cfg.points,)
+
+
+def test_a_study_asking_for_an_unknown_architecture_names_its_key():
+    from deepalign.zoo.build import ZooCfg, recipe_of
+
+    zoo = build(ZooCfg, tiny_params()["zoo"], "zoo")
+    assert recipe_of(zoo, "mlp", "ood.arch").kind == "mlp"
+    with pytest.raises(DeepAlignError, match=r"ood.arch: 'rnn' is not in zoo.archs \(known: mlp"):
+        recipe_of(zoo, "rnn", "ood.arch")
