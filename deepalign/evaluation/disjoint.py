@@ -15,11 +15,11 @@ from tqdm import tqdm
 
 from deepalign.config import Check, GridPoints, Positive, Seed, invalid
 from deepalign.core.data import Dataset
-from deepalign.core.lmc import Curve, evaluate_networks, interpolate
+from deepalign.core.lmc import Curve, evaluate_networks
 from deepalign.core.permspec import apply_permutation
 from deepalign.core.shifts import ShiftCfg
 from deepalign.core.weightspace import stack
-from deepalign.evaluation.experiment import AlignCfg
+from deepalign.evaluation.experiment import AlignCfg, pair_curves
 from deepalign.evaluation.pairs import MethodRun, align_pairs
 from deepalign.merging import merged
 from deepalign.methods import check_methods
@@ -82,15 +82,9 @@ def merge_pairs(
     for method in tqdm(cfg.methods, desc="merge", unit="method", mininterval=5.0):
         perms, seconds, objective = align_pairs(method, zoo, pairs, data.train, align)
         run = MethodRun(method, pairs, perms, seconds, objective, torch.zeros(0))
-        lines[method] = [_line(zoo, run, k, data, cfg.points) for k in range(len(pairs))]
+        lines[method] = pair_curves(run, zoo, data, cfg.points)
         summary[method] = _merged_metrics(zoo, run, data, lines[method])
     return summary, lines
-
-
-def _line(zoo: Zoo, run: MethodRun, k: int, data: Dataset, points: int) -> Curve:
-    i, j = run.pairs[k]
-    aligned = apply_permutation(zoo.nets[j], run.perm(k), zoo.arch.spec)
-    return interpolate(zoo.arch, zoo.nets[i], aligned, data.test, points)
 
 
 def _merged_metrics(zoo: Zoo, run: MethodRun, data: Dataset, lines: list[Curve]) -> dict:
