@@ -283,9 +283,9 @@ def test_one_training_step_on_cuda_matches_the_cpu(tiny_zoo, digits):
         torch.manual_seed(0)
         model = build_model(tiny_zoo, cfg.model).to(device)
         nets = tiny_zoo.nets[torch.tensor(tiny_zoo.indices("train"))].to(device)
-        x, y = digits.train.x.to(device), digits.train.y.to(device)
+        data = (digits.train.to(device), 0)
         step = training_step(
-            model, tiny_zoo.arch, nets, x, y, cfg, torch.Generator().manual_seed(0)
+            model, tiny_zoo.arch, nets, data, cfg, torch.Generator().manual_seed(0)
         )
         step["loss"].backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]

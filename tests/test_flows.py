@@ -297,6 +297,39 @@ def test_ood_and_merge_flows_score_shifted_zoos_and_join_the_report(workdir):
     assert "paper, rotated CIFAR10 CNNs" in page  # the paper's reading beside the table
 
 
+def test_inr_flow_fits_siren_zoos_trains_their_aligners_and_joins_the_report(workdir):
+    from deepalign.evaluation.report import render_html
+    from flows import inr
+
+    found = inr.inr(inr.STAGE.paths(workdir), **configs(inr.inr))["metrics"]
+    assert set(found) == {"sine", "digits"}
+    for name, kind in found.items():
+        assert kind["zoo"]["trained_this_run"] == 10 and kind["zoo"]["test_acc_mean"] <= 1
+        assert set(kind["methods"]) == {
+            "naive",
+            "weight_matching",
+            "deep_align",
+            "deep_align+sinkhorn",
+        }
+        assert set(kind["converge"]) == {
+            "target_loss_barrier",
+            "identity",
+            "weight_matching",
+            "deep_align",
+        }
+        assert (workdir / "inr" / name / "aligner.pt").is_file()
+        assert (workdir / "plots" / "inr" / "converge" / f"converge_{name}.csv").is_file()
+        assert (workdir / "figures" / "inr" / f"interpolation_{name}.png").is_file()
+        zoo = load_zoo(workdir / "inr" / name)
+        assert zoo.pairs("test", 2) == [(6, 7), (8, 9)]
+    again = inr.inr(inr.STAGE.paths(workdir), **configs(inr.inr))["metrics"]
+    assert again["sine"]["zoo"]["trained_this_run"] == 0  # resumed
+    nested = mlflow.search_runs(experiment_names=["deepalign"], filter_string="tags.stage='inr'")
+    assert {"sine", "digits"} <= set(nested["tags.arch"].dropna())
+    page = render_html({"inr": found}, workdir / "figures")  # the report's INR section
+    assert "Implicit neural representations" in page and 'alt="converge_sine.png"' in page
+
+
 def load_dataset_of(workdir: Path):
     from deepalign.config import build
     from deepalign.core.data import DataCfg, load_dataset

@@ -41,6 +41,12 @@ def tiny_params() -> dict:
     for shifted_zoo in params["ood"]["zoos"].values():
         shifted_zoo["epochs"] = 1
     params["merge"].update(networks=2, points=5, methods=["naive", "weight_matching"])
+    for inr_zoo in params["inr"]["zoos"].values():
+        inr_zoo["net"].update(n_train=4, n_val=2, n_test=4, epochs=5)
+    params["inr"]["aligner"].update(epochs=2, val_every=1, val_pairs=1, pairs_per_step=2)
+    params["inr"]["aligner"]["model"].update(dim=8, head_dim=8, rounds=1)
+    params["inr"].update(pairs=2, points=5, converge_pairs=2, converge_steps=[0, 1, 2])
+    params["inr"]["methods"] = ["naive", "weight_matching", "deep_align", "deep_align+sinkhorn"]
     return params
 
 

@@ -140,6 +140,11 @@ class Arch(ABC):
         """One network's activations per group: every tap of the group, (N, n, ...) each."""
         return functional_activations(self, ws, x)
 
+    def canonical(self, ws: WeightSpace) -> WeightSpace:
+        """The same functions with every unit in a canonical form of its activation's
+        symmetries beyond permutations (none here; a sine chain has some)."""
+        return ws
+
 
 def built(arch: Arch) -> nn.Module:
     """A module of `arch` for reading its structure: built without touching the global random

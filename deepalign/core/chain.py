@@ -25,6 +25,17 @@ from deepalign.core.trace import Traced, trace
 from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError, shown
 
+# SIREN's frequency (Sitzmann et al. 2020): a `sine` unit computes sin(OMEGA_0 z)
+OMEGA_0 = 30.0
+
+
+class Sine(nn.Module):
+    """SIREN's activation, sin(OMEGA_0 z): odd, not positively homogeneous."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sin(OMEGA_0 * x)
+
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
     "tanh": torch.tanh,
@@ -32,6 +43,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "leaky_relu": F.leaky_relu,
     "silu": F.silu,
+    "sine": lambda z: torch.sin(OMEGA_0 * z),
 }
 _MODULE_ACTIVATIONS = {
     nn.ReLU: "relu",
@@ -40,6 +52,7 @@ _MODULE_ACTIVATIONS = {
     nn.GELU: "gelu",
     nn.LeakyReLU: "leaky_relu",
     nn.SiLU: "silu",
+    Sine: "sine",
 }
 PARAM_KINDS = ("linear", "conv")
 MODULE_KINDS = (*PARAM_KINDS, "flatten", "maxpool", "avgpool", *ACTIVATIONS)
@@ -103,8 +116,12 @@ class Chain(Arch):
         return " ".join(_describe(m) for m in self.modules)
 
     def build(self) -> nn.Sequential:
-        """A freshly initialised `nn.Sequential` of this architecture."""
-        return nn.Sequential(*(_build_module(m) for m in self.modules))
+        """A freshly initialised `nn.Sequential` of this architecture (a sine chain with
+        SIREN's initialisation)."""
+        model = nn.Sequential(*(_build_module(m) for m in self.modules))
+        if any(m.kind == "sine" for m in self.modules):
+            siren_init(model)
+        return model
 
     # --- tensors: weights first, then biases, each in layer order ------------------------------
 
@@ -172,6 +189,10 @@ class Chain(Arch):
 
     def widest(self) -> int:
         return widest(self)
+
+    def canonical(self, ws: WeightSpace) -> WeightSpace:
+        """Batched networks with every sine unit in canonical form (`sine_canonical`)."""
+        return sine_canonical(self, ws)
 
     def first_difference(self, other: Chain) -> str | None:
         """Where two chains differ (an unknown stride matches any), or None."""
@@ -339,6 +360,38 @@ def _build_module(m: Module) -> nn.Module:
     if cls is None:
         raise DeepAlignError(f"unknown module kind '{m.kind}'")
     return cls()
+
+
+@torch.no_grad()
+def sine_canonical(arch: Chain, ws: WeightSpace) -> WeightSpace:
+    """Batched networks, each sine unit's phase OMEGA_0 * bias wrapped into [-pi, pi) and its
+    sign then flipped so that the phase lies in [0, pi]: the same functions, since sin has
+    period 2 pi (a bias shift of 2 pi / OMEGA_0) and is odd (negate a unit's incoming weights,
+    bias and outgoing weights). Two fits of a signal differ by these symmetries as well as by
+    permutations; interpolating before removing them averages units that only look unlike."""
+    tensors = dict(ws.named)
+    layers = arch.param_indices
+    for i, after in zip(layers, layers[1:]):
+        linears = arch.modules[i].kind == arch.modules[after].kind == "linear"
+        if arch.modules[i + 1].kind != "sine" or not linears or f"{i}.bias" not in tensors:
+            continue
+        phase = torch.remainder(OMEGA_0 * tensors[f"{i}.bias"] + math.pi, 2 * math.pi) - math.pi
+        sign = torch.where(phase < 0, -1.0, 1.0)  # (B, n)
+        tensors[f"{i}.weight"] = tensors[f"{i}.weight"] * sign[..., None]  # (B, n, in)
+        tensors[f"{i}.bias"] = sign * phase / OMEGA_0
+        tensors[f"{after}.weight"] = tensors[f"{after}.weight"] * sign[:, None, :]  # (B, out, n)
+    return ws.replace(tensors.values())
+
+
+@torch.no_grad()
+def siren_init(model: nn.Sequential) -> None:
+    """SIREN's initialisation: the first layer's weights ~ U(-1/in, 1/in), the others'
+    ~ U(-c, c) with c = sqrt(6 / in) / OMEGA_0 (biases keep PyTorch's default)."""
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    for i, layer in enumerate(linears):
+        fan_in = layer.in_features
+        bound = 1 / fan_in if i == 0 else math.sqrt(6 / fan_in) / OMEGA_0
+        layer.weight.uniform_(-bound, bound)
 
 
 def _module_of(index: int, mod: nn.Module) -> Module:

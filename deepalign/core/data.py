@@ -33,10 +33,41 @@ class DataCfg:
             raise invalid("val_fraction", self.val_fraction, allowed)
 
 
+TASKS = ("classify", "regress")
+
+
 @dataclass(frozen=True)
 class Split:
-    x: Tensor  # (N, C, H, W) float32 in [0, 1]
-    y: Tensor  # (N,) int64
+    """Examples and targets. A classifier zoo shares one split; in an INR zoo each network
+    fits its own signal, so y holds every network's targets and `of_networks` picks them."""
+
+    x: Tensor  # (N, C, H, W) images in [0, 1], or (N, d) coordinates
+    y: Tensor  # classify: (N,) int64 labels; regress: (N, out), or (Z, N, out) per network
+    task: str = "classify"  # classify: cross-entropy and accuracy; regress: MSE and R^2
+
+    @property
+    def size(self) -> int:
+        """Examples in the split."""
+        return self.x.shape[0]
+
+    @property
+    def per_network(self) -> bool:
+        """Whether y holds one target set per network, (Z, N, out)."""
+        return self.task == "regress" and self.y.ndim == 3
+
+    def of_networks(self, index: int | slice | list[int] | Tensor) -> Split:
+        """The targets of networks `index` (an int: one network's, shared along its lines);
+        the split itself where every network shares it."""
+        if not self.per_network:
+            return self
+        return Split(self.x, self.y[index], self.task)
+
+    def examples(self, idx: Tensor | slice) -> tuple[Tensor, Tensor]:
+        """Inputs and targets of examples idx: (n, ...), and (n, ...) or (Z, n, out)."""
+        return self.x[idx], self.y[:, idx] if self.per_network else self.y[idx]
+
+    def to(self, device: torch.device) -> Split:
+        return Split(self.x.to(device), self.y.to(device), self.task)
 
 
 @dataclass(frozen=True)

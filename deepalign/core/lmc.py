@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from deepalign.core.arch import Arch, as_input, batchnorm_statistics, passes, per_pass
 from deepalign.core.data import Split
 from deepalign.core.permspec import Perm, PermSpec, apply_permutation, invert, random_permutation
+from deepalign.core.task import example_hits, example_losses, scores
 from deepalign.core.weightspace import WeightSpace, lerp, stack
 from deepalign.errors import DeepAlignError
 
@@ -40,27 +40,29 @@ def lambda_grid(points: int) -> Tensor:
 def evaluate_networks(
     arch: Arch, nets: WeightSpace, split: Split, chunk: int = 32
 ) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy and accuracy of each of B networks on a whole split: (B,), (B,).
+    """Mean task loss and score of each of B networks on a whole split: (B,), (B,).
 
-    Networks go `chunk` at a time, images as many at a time as `per_pass` allows.
+    The score is accuracy for classifiers, R^2 for INRs (`deepalign.core.task`). Networks go
+    `chunk` at a time, examples as many at a time as `per_pass` allows; per-network targets
+    (`Split.per_network`) are B sets, one per network.
     """
-    x, y = as_input(arch, split.x), split.y
+    x = as_input(arch, split.x)
     images = per_pass(arch, min(chunk, nets.batch_size))
     losses, accs = [], []
     for start in range(0, nets.batch_size, chunk):
         group = nets[start : start + chunk]
-        ce_sum = torch.zeros(group.batch_size, dtype=torch.float64)
+        targets = split.of_networks(slice(start, start + chunk))
+        loss_sum = torch.zeros(group.batch_size, dtype=torch.float64)
         hits = torch.zeros(group.batch_size, dtype=torch.float64)
-        for rows in passes(len(y), images):
-            logits = arch.forward_batched(group, x[rows])  # (b, n, C)
-            part = y[rows]
-            ce = F.cross_entropy(
-                logits.transpose(1, 2), part.expand(logits.shape[0], -1), reduction="none"
-            )
-            ce_sum += ce.double().sum(1)
-            hits += (logits.argmax(-1) == part).double().sum(1)
-        losses.append((ce_sum / len(y)).to(torch.get_default_dtype()))
-        accs.append(hits / len(y))
+        for rows in passes(split.size, images):
+            out = arch.forward_batched(group, x[rows])  # (b, n, C)
+            part = targets.examples(rows)[1]
+            loss_sum += example_losses(out, part, split.task).double().sum(1)
+            if split.task == "classify":
+                hits += example_hits(out, part).sum(1)
+        mean = loss_sum / split.size
+        losses.append(mean.to(torch.get_default_dtype()))
+        accs.append(hits / split.size if split.task == "classify" else scores(targets, mean))
     return torch.cat(losses), torch.cat(accs)
 
 
@@ -120,12 +122,14 @@ def barriers(curve: Curve) -> dict[str, float]:
 
 
 def perturb(ws: WeightSpace, noise: float, gen: torch.Generator) -> WeightSpace:
-    """Add Gaussian noise of `noise` times each parameter's std (running statistics kept)."""
+    """Add Gaussian noise of `noise` times each parameter's std (running statistics kept; a
+    single-entry tensor, an INR's output bias, has no spread and gets none)."""
 
     def noisy(key: str, t: Tensor) -> Tensor:
         if key in ws.buffers:
             return t
-        return t + noise * t.std() * torch.randn(t.shape, generator=gen)
+        spread = t.std() if t.numel() > 1 else t.new_zeros(())
+        return t + noise * spread * torch.randn(t.shape, generator=gen)
 
     return ws.replace([noisy(k, t) for k, t in ws.named.items()])
 

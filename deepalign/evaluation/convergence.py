@@ -26,7 +26,7 @@ from deepalign.core.lmc import barriers, interpolate
 from deepalign.core.permspec import Perm, apply_permutation
 from deepalign.methods import MethodsCfg, Problem, align_all
 from deepalign.methods.sinkhorn import sinkhorn_trajectory
-from deepalign.zoo.store import Zoo, ring_pairs
+from deepalign.zoo.store import Zoo
 
 STARTS = ("identity", "weight_matching", "deep_align")
 
@@ -60,8 +60,10 @@ def refine_rows(
     """One row per (start, pair, steps): the loss barrier and the seconds spent so far; and
     one row per (pair, hidden group) diagnosing DEEP-ALIGN's own permutation. The descents of
     every start and pair run at once (seconds per pair: each descent's share, plus its start)."""
-    pairs = ring_pairs(zoo.indices("test"), cfg.pairs)
-    problems = [Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch, data.train) for i, j in pairs]
+    pairs = zoo.pairs("test", cfg.pairs)
+    problems = [
+        Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch, data.train.of_networks(i)) for i, j in pairs
+    ]
     sinkhorn = dataclasses.replace(methods.sinkhorn, steps=cfg.steps[-1])
     begun = _starts(problems, methods)
     inits = [answer for start in STARTS for answer, _ in begun[start]]
@@ -104,7 +106,8 @@ def _memo_barrier(zoo: Zoo, data: Dataset, points: int) -> Callable[[tuple[int, 
 
 def _barrier(zoo: Zoo, pair: tuple[int, int], perm: Perm, data: Dataset, points: int) -> float:
     aligned = apply_permutation(zoo.nets[pair[1]], perm, zoo.arch.spec)
-    curve = interpolate(zoo.arch, zoo.nets[pair[0]], aligned, data.test, points)
+    split = data.test.of_networks(pair[0])
+    curve = interpolate(zoo.arch, zoo.nets[pair[0]], aligned, split, points)
     return barriers(curve)["loss_barrier"]
 
 

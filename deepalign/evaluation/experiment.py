@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from deepalign.config import Count, GridPoints, NonNegative, Positive, Seed, invalid
 from deepalign.core.data import DataCfg, Dataset
 from deepalign.core.lmc import Curve, barriers, interpolate
@@ -14,7 +16,7 @@ from deepalign.evaluation.stats import paired_bootstrap, summarize_pairs
 from deepalign.io import file_digest, fingerprint
 from deepalign.methods import Method, MethodsCfg, check_methods
 from deepalign.methods.learned import checkpoint_files
-from deepalign.zoo.store import Zoo, ring_pairs
+from deepalign.zoo.store import Zoo
 
 BARRIER_KEYS = (
     "loss_barrier",
@@ -105,7 +107,7 @@ def run_fingerprint(method: str, cfg: AlignCfg, data: DataCfg, zoo: str) -> str:
 def run_method(method: str, zoo: Zoo, data: Dataset, cfg: AlignCfg) -> MethodRun:
     """Align the test pairs and the planted copies with one method."""
     test = zoo.indices("test")
-    pairs = ring_pairs(test, cfg.pairs)
+    pairs = zoo.pairs("test", cfg.pairs)
     perms, seconds, objective = align_pairs(method, zoo, pairs, data.train, cfg)
     planted = planted_recoveries(
         method, zoo, test[: cfg.planted_pairs], data.train, cfg, cfg.planted_noise, cfg.seed
@@ -122,8 +124,21 @@ def pair_curves(
     curves = []
     for k, (i, j) in enumerate(run.pairs):
         aligned = apply_permutation(zoo.nets[j], run.perm(k), zoo.arch.spec)
-        curves.append(interpolate(zoo.arch, zoo.nets[i], aligned, data.test, points, reset))
+        split = data.test.of_networks(i)
+        curves.append(interpolate(zoo.arch, zoo.nets[i], aligned, split, points, reset))
     return curves
+
+
+def score_methods(
+    zoo: Zoo, data: Dataset, methods: list[str], settings: AlignCfg, points: int, label: str
+) -> tuple[dict[str, dict], dict[str, list[Curve]]]:
+    """Every method on the zoo's test pairs: barrier metrics, and the lines behind them."""
+    summary, lines = {}, {}
+    for method in tqdm(methods, desc=label, unit="method", mininterval=5.0):
+        run = run_method(method, zoo, data, settings)
+        lines[method] = pair_curves(run, zoo, data, points)
+        summary[method], _ = method_metrics(run, lines[method])
+    return summary, lines
 
 
 def method_metrics(run: MethodRun, curves: list[Curve]) -> tuple[dict[str, float], list[dict]]:

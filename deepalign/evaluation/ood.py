@@ -13,8 +13,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Annotated
 
-from tqdm import tqdm
-
 from deepalign.config import (
     Count,
     Fraction,
@@ -30,7 +28,8 @@ from deepalign.config import (
 from deepalign.core.data import Dataset
 from deepalign.core.lmc import Curve
 from deepalign.core.shifts import ShiftCfg
-from deepalign.evaluation.experiment import AlignCfg, method_metrics, pair_curves, run_method
+from deepalign.evaluation import experiment
+from deepalign.evaluation.experiment import AlignCfg
 from deepalign.methods import check_methods
 from deepalign.zoo.build import OPTIMIZERS, NetCfg
 from deepalign.zoo.store import Zoo
@@ -91,9 +90,4 @@ def score_methods(
 ) -> tuple[dict[str, dict], dict[str, list[Curve]]]:
     """Every method on the shifted zoo's ring pairs: barrier metrics and the lines behind."""
     settings = dataclasses.replace(align, pairs=cfg.pairs)
-    summary, lines = {}, {}
-    for method in tqdm(cfg.methods, desc=f"ood {name}", unit="method", mininterval=5.0):
-        run = run_method(method, zoo, data, settings)
-        lines[method] = pair_curves(run, zoo, data, cfg.points)
-        summary[method], _ = method_metrics(run, lines[method])
-    return summary, lines
+    return experiment.score_methods(zoo, data, cfg.methods, settings, cfg.points, f"ood {name}")

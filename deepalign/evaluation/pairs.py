@@ -44,11 +44,16 @@ def align_pairs(
     Steps that can (DEEP-ALIGN, Sinkhorn re-basin) run on all pairs at once, their time shared
     evenly; the rest (the Hungarian algorithm at least) runs and is timed per pair.
     """
-    problems = [Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch, data) for i, j in pairs]
+    problems = [Problem.of(zoo.nets[i], zoo.nets[j], zoo.arch, _of(data, i)) for i, j in pairs]
     results = align_all(method, problems, cfg)
     perms = {g: torch.stack([r.perm[g] for r in results]) for g in results[0].perm}
     seconds = torch.tensor([r.seconds for r in results], dtype=torch.float64)
     return perms, seconds, torch.tensor([r.objective for r in results], dtype=torch.float64)
+
+
+def _of(data: Split | None, i: int) -> Split | None:
+    """Network i's data (its own signal's, in an INR zoo)."""
+    return data.of_networks(i) if data is not None else None
 
 
 def planted_recoveries(
@@ -65,7 +70,8 @@ def planted_recoveries(
     spec = zoo.arch.spec
     copies = [planted_pair(zoo.nets[i], spec, noise, gen) for i in indices]
     problems = [
-        Problem.of(zoo.nets[i], copy, zoo.arch, data) for i, (copy, _) in zip(indices, copies)
+        Problem.of(zoo.nets[i], copy, zoo.arch, _of(data, i))
+        for i, (copy, _) in zip(indices, copies)
     ]
     found = align_all(method, problems, cfg)
     return torch.tensor(

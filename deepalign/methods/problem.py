@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from deepalign.core.arch import Arch
 from deepalign.core.assignment import solve_lap  # noqa: F401  (re-exported for aligners)
 from deepalign.core.data import Split
@@ -24,6 +26,17 @@ def check_assignment_memory(spec: PermSpec) -> None:
         return
     group, n = max(spec.sizes.items(), key=lambda item: item[1])
     check_fits(ASSIGNMENT_BYTES * n * n, f"aligning group {group} ({n:,} units)")
+
+
+def _stacked_data(problems: Sequence[Problem]) -> Split | None:
+    """The data of stacked pairs: the first pair's (classifiers share their images), or (INR
+    pairs, each fitting its own signal) every pair's targets stacked, (K, N, out)."""
+    first = problems[0].data
+    if first is None or first.task == "classify" or all(p.data is first for p in problems):
+        return first
+    if any(p.data is None or p.data.task != "regress" for p in problems):
+        raise DeepAlignError("stacked pairs must share their data, or each have its targets")
+    return Split(first.x, torch.stack([p.data.y for p in problems]), first.task)
 
 
 @dataclass(frozen=True)
@@ -55,7 +68,12 @@ class Problem:
             check_same_shapes(first.ref, p.ref, ("pair 0", f"pair {k}"))
         ref = stack([p.ref.detach() for p in problems])
         other = stack([p.other.detach() for p in problems])
-        return cls(first.spec, ref, other, first.arch, first.data)
+        return cls(first.spec, ref, other, first.arch, _stacked_data(problems))
+
+    def of_pairs(self, part: slice) -> Problem:
+        """Pairs `part` of a stacked problem, with their own targets where each has some."""
+        data = self.data.of_networks(part) if self.data is not None else None
+        return Problem(self.spec, self.ref[part], self.other[part], self.arch, data)
 
     def needs_data(self, method: str) -> tuple[Arch, Split]:
         if self.data is None:

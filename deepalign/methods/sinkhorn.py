@@ -22,6 +22,7 @@ from deepalign.config import Iterations, Positive, PositiveFloat, Seed, Steps, o
 from deepalign.core.arch import as_input, passes, per_pass
 from deepalign.core.assignment import Answer, sinkhorn
 from deepalign.core.permspec import Perm, apply_soft_permutation
+from deepalign.core.task import task_loss
 from deepalign.core.weightspace import lerp
 from deepalign.errors import DeepAlignError
 from deepalign.methods.problem import Problem, solve_lap
@@ -48,33 +49,33 @@ def l2_loss(pairs: Problem, soft: dict[str, Tensor]) -> Tensor:
     return sum(((t - aligned[k]) ** 2).sum() for k, t in pairs.ref.params().items())
 
 
-def task_loss(pairs: Problem, mats: dict[str, Tensor], lam: float, x: Tensor, y: Tensor) -> Tensor:
-    """Sum over pairs of the mean cross-entropy of (1 - lam) ref + lam P#other on x (N, ...)."""
+def lerp_loss(pairs: Problem, mats: dict[str, Tensor], lam: float, idx: Tensor) -> Tensor:
+    """Sum over pairs of the mean task loss of (1 - lam) ref + lam P#other on examples idx
+    of each pair's data (N,)."""
+    x, y = pairs.data.examples(idx)
     aligned = apply_soft_permutation(pairs.other, mats, pairs.spec)
-    logits = pairs.arch.forward_batched(lerp(pairs.ref, aligned, lam), x)  # (K, N, C)
-    return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]), reduction="sum") / len(
-        y
-    )
+    out = pairs.arch.forward_batched(lerp(pairs.ref, aligned, lam), as_input(pairs.arch, x))
+    return task_loss(out, y, pairs.data.task) / len(idx)  # out: (K, n, C)
 
 
-Batch = tuple[Tensor, Tensor, float] | None  # one step's images, labels and lambda
+Batch = tuple[Tensor, float] | None  # one step's examples and lambda
 
 
 def _draw(pairs: Problem, cfg: SinkhornCfg, gen: torch.Generator) -> Batch:
     """One step's training images and lambda, shared by every pair (None for the L2 loss)."""
     if cfg.loss == "l2":
         return None
-    arch, data = pairs.needs_data(f"sinkhorn ({cfg.loss})")
-    idx = torch.randint(len(data.y), (cfg.batch_size,), generator=gen)
+    _, data = pairs.needs_data(f"sinkhorn ({cfg.loss})")
+    idx = torch.randint(data.size, (cfg.batch_size,), generator=gen)
     lam = 0.5 if cfg.loss == "midpoint" else float(torch.rand((), generator=gen))
-    return as_input(arch, data.x[idx]), data.y[idx], lam
+    return idx, lam
 
 
 def _loss(pairs: Problem, soft: dict[str, Tensor], batch: Batch) -> Tensor:
     if batch is None:
         return l2_loss(pairs, soft)
-    x, y, lam = batch
-    return task_loss(pairs, soft, lam, x, y)
+    idx, lam = batch
+    return lerp_loss(pairs, soft, lam, idx)
 
 
 def _parts(pairs: Problem, cfg: SinkhornCfg) -> list[slice]:
@@ -136,7 +137,7 @@ def _descend(
         opt.zero_grad(set_to_none=True)
         for part in parts:  # pairs are independent: each part's loss, its own gradients
             soft = {n: sinkhorn(lg[part], cfg.iterations, cfg.tau) for n, lg in logits.items()}
-            some = Problem(pairs.spec, pairs.ref[part], pairs.other[part], pairs.arch, pairs.data)
+            some = pairs.of_pairs(part)
             _loss(some, _per_group(some, soft), batch).backward()
         opt.step()
         yield step, _per_group(pairs, logits)

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from deepalign.config import Iterations, Positive, PositiveFloat, Seed, Steps, one_of
 from deepalign.core.arch import as_input, passes, per_pass
 from deepalign.core.assignment import Answer
 from deepalign.core.permspec import Perm, apply_permutation
+from deepalign.core.task import task_loss
 from deepalign.core.weightspace import WeightSpace, lerp, stack
 from deepalign.errors import DeepAlignError
 from deepalign.methods.problem import Problem
@@ -64,17 +64,17 @@ def ste_batch(
         perms = _project(problems, free, wm, perms)
         stacked = {g: torch.stack([perm[g] for perm in perms]) for g in pairs.spec.groups}
         hard = apply_permutation(pairs.other, stacked, pairs.spec)
-        idx = torch.randint(len(data.y), (cfg.batch_size,), generator=gen)
+        idx = torch.randint(data.size, (cfg.batch_size,), generator=gen)
         lam = 0.5 if cfg.lam == "midpoint" else float(torch.rand((), generator=gen))
-        x, y = as_input(arch, data.x[idx]), data.y[idx]
+        x = as_input(arch, data.x[idx])
         opt.zero_grad(set_to_none=True)
         for part in passes(len(problems), step):  # pairs are independent: a pass at a time
             projected = hard[part].replace(
                 [f[part] + (h[part] - f[part]).detach() for f, h in zip(free, hard.tensors())]
             )
-            logits = arch.forward_batched(lerp(pairs.ref[part], projected, lam), x)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(logits)), reduction="sum")
-            (loss / cfg.batch_size).backward()  # each pair's own mean loss
+            out = arch.forward_batched(lerp(pairs.ref[part], projected, lam), x)  # (k, n, C)
+            y = pairs.of_pairs(part).data.examples(idx)[1]
+            (task_loss(out, y, data.task) / cfg.batch_size).backward()  # each pair's mean loss
         opt.step()
     return [Answer(hard=perm) for perm in _project(problems, free, wm, perms)]
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -39,6 +38,7 @@ from deepalign.core.chain import ACTIVATIONS, cnn_arch, mlp_arch
 from deepalign.core.data import DataCfg, Dataset, Split
 from deepalign.core.lmc import evaluate_networks, reset_statistics
 from deepalign.core.resnet import resnet_arch
+from deepalign.core.task import task_loss
 from deepalign.core.weightspace import WeightSpace, stack
 from deepalign.errors import DeepAlignError
 from deepalign.io import (
@@ -57,9 +57,9 @@ _PKG = Path(__file__).resolve().parents[1]
 TRAINING_CODE = (
     _PKG / "zoo" / "build.py",
     *(_PKG / "core" / f for f in ("arch.py", "chain.py", "resnet.py", "weightspace.py", "data.py")),
-    _PKG / "core" / "shifts.py",
+    *(_PKG / "core" / f for f in ("shifts.py", "signals.py", "task.py")),
 )
-KINDS = ("mlp", "cnn", "resnet")
+KINDS = ("mlp", "cnn", "resnet", "siren")
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -93,6 +93,8 @@ class NetCfg:
             raise invalid("blocks", self.blocks, ">= 1 for a resnet, 0 for the other kinds")
         if self.kind == "resnet" and self.activation != "relu":
             raise invalid("activation", self.activation, "relu for a resnet")
+        if (self.kind == "siren") != (self.activation == "sine"):
+            raise invalid("activation", self.activation, "sine for a siren, and only there")
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class Job:
     seed: int
     split: str
     path: Path
+    signal: int | None = None  # INR zoos: the signal it fits (its views are consecutive)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,6 +135,8 @@ ARCHS: dict[str, Callable[[NetCfg, Dataset], Arch]] = {
     "resnet": lambda net, data: resnet_arch(
         data.image_shape, net.hidden, net.blocks, data.n_classes
     ),
+    # SIREN (Sitzmann et al. 2020): coordinates -> sine layers -> the signal's value
+    "siren": lambda net, data: mlp_arch(data.image_shape[0], net.hidden, data.n_classes, "sine"),
 }
 
 
@@ -161,10 +166,11 @@ def planned(
     data: DataCfg,
     key: NetCfg | None = None,
     shift: dict | None = None,
+    views: int = 0,
 ) -> tuple[list[Job], dict[int, str]]:
     """Every network of one architecture's plan, and the fingerprint each is trained under
     (from `key`'s settings where given: the study trains more networks of the zoo's recipe)."""
-    jobs = plan(folder, net, seed)
+    jobs = plan(folder, net, seed, views)
     fps = {j.index: network_fingerprint(arch, key or net, data, j.seed, shift) for j in jobs}
     return jobs, fps
 
@@ -176,16 +182,17 @@ def train_zoo(
     seed: int,
     data: tuple[Dataset, DataCfg],
     shift: dict | None = None,
+    views: int = 0,
 ) -> tuple[list[dict], int]:
     """Train on the CPU, in one group, the networks of a recipe not yet trained with these
     settings (it resumes), and write the zoo's manifest: every record, and how many trained.
 
     `data`: the (possibly shifted) data set and the config it was loaded with; `shift`: what
-    shifted it (part of each network's resume key).
+    shifted it (part of each network's resume key); `views`: INR zoos, fits per signal.
     """
     dataset, data_cfg = data
     arch = make_arch(net, dataset)
-    jobs, fps = planned(folder, net, seed, arch, data_cfg, shift=shift)
+    jobs, fps = planned(folder, net, seed, arch, data_cfg, shift=shift, views=views)
     todo = [j for j in jobs if not is_done(j, fps[j.index])]
     if todo:
         train_chunk(arch, todo, dataset, net, fps, torch.device("cpu"))
@@ -194,11 +201,15 @@ def train_zoo(
     return records, len(todo)
 
 
-def plan(out_dir: Path, net: NetCfg, seed: int) -> list[Job]:
-    """Every network of one architecture: seeds, zoo split and checkpoint path."""
+def plan(out_dir: Path, net: NetCfg, seed: int, views: int = 0) -> list[Job]:
+    """Every network of one architecture: seeds, zoo split and checkpoint path (with `views`,
+    an INR zoo: network j fits signal j // views)."""
     counts = {"train": net.n_train, "val": net.n_val, "test": net.n_test}
     splits = [s for s in SPLITS for _ in range(counts[s])]
-    return [Job(j, seed + j, s, out_dir / f"net-{j:04d}.pt") for j, s in enumerate(splits)]
+    return [
+        Job(j, seed + j, s, out_dir / f"net-{j:04d}.pt", j // views if views else None)
+        for j, s in enumerate(splits)
+    ]
 
 
 def is_done(job: Job, fp: str) -> bool:
@@ -264,9 +275,10 @@ def train_batched(
     params = [ws.named[k].detach().clone().to(device).requires_grad_() for k in trained]
     base = ws.to(device)
     opt = make_optimizer(params, net, fused=True)
-    x, y = as_input(arch, data.x).to(device), data.y.to(device)
+    here = data.to(device)
+    x = as_input(arch, here.x)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    n, bs = len(y), net.batch_size
+    n, bs = here.size, net.batch_size
     steps = math.ceil(n / bs)
     bar = tqdm(
         total=net.epochs * steps,
@@ -280,8 +292,8 @@ def train_batched(
         for s in range(steps):
             idx = order[:, s * bs : (s + 1) * bs]  # (B, b)
             current = base.with_tensors(dict(zip(trained, params)))
-            logits = arch.forward_batched(current, x[idx], train=True)  # (B, b, C)
-            loss = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten(), reduction="sum")
+            out = arch.forward_batched(current, x[idx], train=True)  # (B, b, C)
+            loss = task_loss(out, _batch_targets(here, idx), here.task)
             opt.zero_grad(set_to_none=True)
             (loss / idx.shape[1]).backward()  # sum over networks of each one's mean loss
             opt.step()
@@ -291,17 +303,25 @@ def train_batched(
     return reset_statistics(arch, out, data.x)
 
 
+def _batch_targets(data: Split, idx: Tensor) -> Tensor:
+    """Each network's targets of its own batch idx (B, b): (B, b) labels or (B, b, out)."""
+    if data.per_network:
+        return torch.take_along_dim(data.y, idx.unsqueeze(-1), dim=1)
+    return data.y[idx]
+
+
 def train_one(arch: Arch, ws: WeightSpace, data: Split, net: NetCfg, seed: int) -> WeightSpace:
     """Reference path: one `nn.Module` trained with a plain loop."""
     model = arch.build()
     model.load_state_dict(arch.state_dict(ws))
     opt = make_optimizer(list(model.parameters()), net)
-    x, y = as_input(arch, data.x), data.y
+    x = as_input(arch, data.x)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(net.epochs):
-        order = torch.randperm(len(y), generator=gen)
+        order = torch.randperm(data.size, generator=gen)
         for batch in order.split(net.batch_size):
-            loss = F.cross_entropy(model(x[batch]), y[batch])
+            _, y = data.examples(batch)
+            loss = task_loss(model(x[batch]).unsqueeze(0), y, data.task, reduction="mean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -323,10 +343,12 @@ def train_chunk(
     check_training_memory(arch, net, len(jobs), jobs[0].path.parent)
     ws = stack([init_network(arch, s) for s in seeds])
     start = time.perf_counter()
-    trained = train_batched(arch, ws, data.train, net, seeds, device, progress)
+    index = [j.index for j in jobs]  # each network's own targets, where they differ
+    trained = train_batched(arch, ws, data.train.of_networks(index), net, seeds, device, progress)
     seconds = time.perf_counter() - start
+    trained = arch.canonical(trained)  # stored free of the activation's own symmetries
     check_trained(trained, jobs, net)
-    loss, acc = evaluate_networks(arch, trained, data.test)
+    loss, acc = evaluate_networks(arch, trained, data.test.of_networks(index))
     records = []
     for b, job in enumerate(jobs):
         meta = {
@@ -337,7 +359,7 @@ def train_chunk(
             "test_acc": float(acc[b]),
             "fingerprint": fp_of[job.index],
             "train_seconds": seconds / len(jobs),
-        }
+        } | ({"signal": job.signal} if job.signal is not None else {})
         save_checkpoint(job.path, arch, trained[b], meta)
         records.append(meta | {"path": job.path.name})
     return records

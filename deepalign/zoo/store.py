@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from deepalign.core.arch import Arch, arch_from_dict, check_fits, check_same_arch
 from deepalign.core.data import Dataset
 from deepalign.core.weightspace import WeightSpace, check_same_shapes, stack
@@ -25,6 +28,29 @@ class Zoo:
 
     def indices(self, split: str) -> list[int]:
         return [i for i, r in enumerate(self.records) if r["split"] == split]
+
+    def signals(self, indices: list[int]) -> Tensor | None:
+        """The signal each network fits (INR zoos), (n,); None where all fit one data set."""
+        if "signal" not in self.records[0]:
+            return None
+        return torch.tensor([self.records[i]["signal"] for i in indices])
+
+    def pairs(self, split: str, k: int) -> list[tuple[int, int]]:
+        """At most k pairs of one split's networks that fit the same target: ring pairs of the
+        split (a classifier zoo), or two views of one signal (an INR zoo, one pair per signal
+        before any signal's second)."""
+        indices = self.indices(split)
+        signals = self.signals(indices)
+        if signals is None:
+            return ring_pairs(indices, k)
+        views: dict[int, list[int]] = {}
+        for i, s in zip(indices, signals.tolist()):
+            views.setdefault(s, []).append(i)
+        rounds = [signal_pairs(v) for v in views.values()]
+        found = [ps[r] for r in range(max(map(len, rounds))) for ps in rounds if r < len(ps)]
+        if not found:
+            raise DeepAlignError(f"the {split} split has no signal fitted twice to pair")
+        return found[:k]
 
 
 SPLITS = ("train", "val", "test")
@@ -92,6 +118,14 @@ def load_zoo(folder: Path, data: Dataset | None = None) -> Zoo:
         check_same_arch(arch, ckpt.arch, (f"{manifest}", f"{path}"))
         check_same_shapes(ckpts[0].ws, ckpt.ws, (f"{folder / records[0]['path']}", f"{path}"))
     return Zoo(arch, records, stack([c.ws for c in ckpts]))
+
+
+def signal_pairs(views: list[int]) -> list[tuple[int, int]]:
+    """The ring pairs of one signal's views ((a, b) alone for two)."""
+    if len(views) < 2:
+        return []
+    count = len(views) if len(views) > 2 else 1
+    return [(views[i], views[(i + 1) % len(views)]) for i in range(count)]
 
 
 def ring_pairs(indices: list[int], k: int) -> list[tuple[int, int]]:

@@ -77,7 +77,9 @@ def augment(ws: WeightSpace, arch: Arch, cfg: AugmentCfg, gen: torch.Generator) 
     def perturb(t: Tensor) -> Tensor:
         t = _prune(t, cfg.prune)
         keep = (torch.rand(t.shape, generator=gen) >= cfg.dropout).to(t)
-        std = t.flatten(1).std(1).view(-1, *[1] * (t.ndim - 1))
+        flat = t.flatten(1)  # (B, entries); a single entry has no spread and gets no noise
+        spread = flat.std(1) if flat.shape[1] > 1 else flat.new_zeros(flat.shape[0])
+        std = spread.view(-1, *[1] * (t.ndim - 1))
         return t * keep + cfg.noise * std * torch.randn(t.shape, generator=gen).to(t)
 
     return ws.map(perturb)

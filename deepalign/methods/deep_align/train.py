@@ -38,7 +38,7 @@ from deepalign.config import (
 )
 from deepalign.core.arch import Arch, as_input
 from deepalign.core.assignment import sinkhorn_groups
-from deepalign.core.data import Dataset
+from deepalign.core.data import Dataset, Split
 from deepalign.core.lmc import barriers, interpolate, recovery
 from deepalign.core.permspec import (
     Perm,
@@ -46,12 +46,14 @@ from deepalign.core.permspec import (
     apply_soft_permutation,
     invert,
 )
+from deepalign.core.task import task_loss
 from deepalign.core.weightspace import WeightSpace, lerp
+from deepalign.errors import DeepAlignError
 from deepalign.io import fingerprint, load_current, save_current
 from deepalign.methods.deep_align.augment import AugmentCfg, check_rescalable, planted_copies
 from deepalign.methods.deep_align.checkpoint import predict
 from deepalign.methods.deep_align.model import DeepAlign, Layout, ModelCfg
-from deepalign.zoo.store import Zoo, ring_pairs
+from deepalign.zoo.store import Zoo
 
 
 @dataclass(frozen=True)
@@ -118,20 +120,43 @@ def _l2(model: DeepAlign, a: WeightSpace, aligned: WeightSpace) -> Tensor:
     return torch.stack(diffs).mean()
 
 
+def partners_of(anchors: Tensor, n: int, views: int, gen: torch.Generator) -> Tensor:
+    """Each anchor's partner, never itself: any of the n train networks (views 0: they all fit
+    one data set), or another view of the anchor's signal (an INR zoo's consecutive views)."""
+    k = len(anchors)
+    if not views:
+        return (anchors + torch.randint(1, n, (k,), generator=gen)) % n
+    first = anchors - anchors % views
+    return first + (anchors % views + torch.randint(1, views, (k,), generator=gen)) % views
+
+
+def views_of(signals: Tensor | None) -> int:
+    """Views per signal of an INR zoo's train split (0 for a classifier zoo), checked to be
+    consecutive runs of one length, at least 2."""
+    if signals is None:
+        return 0
+    views = len(signals) // len(signals.unique())
+    if views < 2 or not torch.equal(signals, signals[::views].repeat_interleave(views)):
+        raise DeepAlignError("the zoo's train split needs >= 2 consecutive views per signal")
+    return views
+
+
 def training_step(
     model: DeepAlign,
     arch: Arch,
     train: WeightSpace,
-    x: Tensor,
-    y: Tensor,
+    data: tuple[Split, int],
     cfg: AlignerCfg,
     gen: torch.Generator,
 ) -> dict[str, Tensor]:
-    """The three losses on one batch of pairs."""
+    """The three losses on one batch of pairs (`data`: the train networks' data, and their
+    views per signal, 0 for a classifier zoo)."""
+    split, views = data
+    device = split.x.device
     n, k = train.batch_size, cfg.pairs_per_step
     anchors = torch.randint(n, (k,), generator=gen)
-    partners = (anchors + torch.randint(1, n, (k,), generator=gen)) % n  # never the anchor
-    a, b = train[anchors.to(x.device)], train[partners.to(x.device)]
+    partners = partners_of(anchors, n, views, gen)
+    a, b = train[anchors.to(device)], train[partners.to(device)]
     spec = arch.spec
     copy, target = planted_copies(a, arch, cfg.augment, gen)
     feats = model.features(
@@ -142,10 +167,11 @@ def training_step(
     soft = sinkhorn_groups(model.logits(list(fa), list(fb)), cfg.sinkhorn_iterations, cfg.tau)
     aligned = apply_soft_permutation(b, soft, spec)
     low, high = cfg.loss.lmc_lambda
-    lam = (low + (high - low) * torch.rand(k, generator=gen)).to(x.device)
-    idx = torch.randint(len(y), (cfg.images_per_step,), generator=gen).to(x.device)
-    logits = arch.forward_batched(lerp(a, aligned, lam), as_input(arch, x[idx]))  # (k, I, C)
-    lmc = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(k))
+    lam = (low + (high - low) * torch.rand(k, generator=gen)).to(device)
+    idx = torch.randint(split.size, (cfg.images_per_step,), generator=gen).to(device)
+    x, y = split.of_networks(anchors.to(device)).examples(idx)
+    out = arch.forward_batched(lerp(a, aligned, lam), as_input(arch, x))  # (k, I, C)
+    lmc = task_loss(out, y, split.task, reduction="mean")
     l2 = _l2(model, a, aligned)
     total = cfg.loss.supervised * supervised + cfg.loss.l2 * l2 + cfg.loss.lmc * lmc
     return {"loss": total, "supervised": supervised, "l2": l2, "lmc": lmc}
@@ -157,15 +183,15 @@ def validate(
 ) -> dict[str, float]:
     """Barrier of hard alignments on val pairs (val images), and planted recovery on val nets."""
     model.eval()
-    pairs = ring_pairs(zoo.indices("val"), cfg.val_pairs)
+    pairs = zoo.pairs("val", cfg.val_pairs)
     ref = zoo.nets[torch.tensor([i for i, _ in pairs])].to(device)
     other = zoo.nets[torch.tensor([j for _, j in pairs])].to(device)
     perms = predict(model, ref, other)
     aligned = apply_permutation(other, {g: p.to(device) for g, p in perms.items()}, zoo.arch.spec)
-    split = type(data.val)(data.val.x.to(device), data.val.y.to(device))
+    splits = [data.val.of_networks(i).to(device) for i, _ in pairs]
     found = [
         barriers(interpolate(zoo.arch, ref[k], aligned[k], split, cfg.val_points))["loss_barrier"]
-        for k in range(len(pairs))
+        for k, split in enumerate(splits)
     ]
     rec = augmented_recovery(model, zoo.arch, ref, cfg.augment, seed=0)
     model.train()
@@ -186,7 +212,7 @@ _PKG = Path(__file__).resolve().parents[2]
 # The code that decides a trained aligner: a change restarts an interrupted training run.
 TRAINING_CODE = (
     *sorted((_PKG / "methods" / "deep_align").glob("*.py")),
-    *(_PKG / "core" / f for f in ("arch.py", "assignment.py", "lmc.py", "permspec.py")),
+    *(_PKG / "core" / f for f in ("arch.py", "assignment.py", "lmc.py", "permspec.py", "task.py")),
 )
 
 
@@ -232,8 +258,10 @@ def train(
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema else None
     run = _resume(state, fp, model, opt, gen, ema)
     judged = ema.module if ema else model  # the weights validated and kept
-    train_nets = zoo.nets[torch.tensor(zoo.indices("train"))].to(device)
-    x, y = data.train.x.to(device), data.train.y.to(device)
+    train_idx = zoo.indices("train")
+    train_nets = zoo.nets[torch.tensor(train_idx)].to(device)
+    views = views_of(zoo.signals(train_idx))
+    train_data = (data.train.of_networks(train_idx).to(device), views)
     steps = max(1, train_nets.batch_size // cfg.pairs_per_step)
     bar = tqdm(
         range(run["epoch"], cfg.epochs),
@@ -249,7 +277,7 @@ def train(
         start, sums = time.perf_counter(), {}
         for i in range(steps):
             set_lr(opt, cfg, (epoch * steps + i) / (cfg.epochs * steps))
-            losses = training_step(model, zoo.arch, train_nets, x, y, cfg, gen)
+            losses = training_step(model, zoo.arch, train_nets, train_data, cfg, gen)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
