@@ -250,3 +250,26 @@ def test_inr_pairs_stack_their_own_signals_and_align_together_as_alone():
     alone = [align_all("sinkhorn", [p], methods)[0] for p in problems]
     for t, a in zip(together, alone):
         assert all(torch.equal(t.perm[g], a.perm[g]) for g in a.perm)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p: p["aligner"]["augment"].update(rescale=0.1), "aligner.augment.rescale: 0.1"),
+        (
+            lambda p: p["zoos"]["sine"]["net"].update(kind="mlp", activation="relu"),
+            "net.kind: 'mlp'",
+        ),
+        (lambda p: p["zoos"]["sine"]["net"].update(n_test=3), "net.n_test: 3 .* multiple of views"),
+        (lambda p: p["zoos"]["digits"]["signals"].update(views=1), "views: 1 .* >= 2"),
+    ],
+)
+def test_bad_inr_settings_are_one_line_naming_the_key(change, message):
+    from deepalign.config import build, read_params
+    from deepalign.evaluation.inr import InrCfg
+
+    params = read_params()["inr"]
+    change(params)
+    with pytest.raises(DeepAlignError, match=message) as found:
+        build(InrCfg, params, "params.yaml: inr")
+    assert "\n" not in str(found.value)
