@@ -33,9 +33,6 @@ class DataCfg:
             raise invalid("val_fraction", self.val_fraction, allowed)
 
 
-TASKS = ("classify", "regress")
-
-
 @dataclass(frozen=True)
 class Split:
     """Examples and targets. A classifier zoo shares one split; in an INR zoo each network

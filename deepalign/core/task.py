@@ -24,7 +24,7 @@ def example_losses(out: Tensor, y: Tensor, task: str) -> Tensor:
 def task_loss(out: Tensor, y: Tensor, task: str, reduction: str = "sum") -> Tensor:
     """The loss over every network and example: summed, or averaged (`reduction` mean)."""
     if task == "regress":
-        squared = ((out - y) ** 2).mean(-1)  # (K, n)
+        squared = example_losses(out, y, task)  # (K, n)
         return squared.sum() if reduction == "sum" else squared.mean()
     labels = y.expand(out.shape[0], -1).reshape(-1)  # (K * n,)
     return F.cross_entropy(out.flatten(0, 1), labels, reduction=reduction)

@@ -73,7 +73,7 @@ def ste_batch(
                 [f[part] + (h[part] - f[part]).detach() for f, h in zip(free, hard.tensors())]
             )
             out = arch.forward_batched(lerp(pairs.ref[part], projected, lam), x)  # (k, n, C)
-            y = pairs.of_pairs(part).data.examples(idx)[1]
+            y = data.of_networks(part).examples(idx)[1]
             (task_loss(out, y, data.task) / cfg.batch_size).backward()  # each pair's mean loss
         opt.step()
     return [Answer(hard=perm) for perm in _project(problems, free, wm, perms)]
