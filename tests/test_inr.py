@@ -262,6 +262,10 @@ def test_inr_pairs_stack_their_own_signals_and_align_together_as_alone():
         ),
         (lambda p: p["zoos"]["sine"]["net"].update(n_test=3), "net.n_test: 3 .* multiple of views"),
         (lambda p: p["zoos"]["digits"]["signals"].update(views=1), "views: 1 .* >= 2"),
+        (
+            lambda p: p["zoos"]["digits"]["net"].update(n_train=4000),
+            r"net.n_train: 4000 .* 1797 digit images",
+        ),
     ],
 )
 def test_bad_inr_settings_are_one_line_naming_the_key(change, message):
@@ -273,3 +277,16 @@ def test_bad_inr_settings_are_one_line_naming_the_key(change, message):
     with pytest.raises(DeepAlignError, match=message) as found:
         build(InrCfg, params, "params.yaml: inr")
     assert "\n" not in str(found.value)
+
+
+def test_a_digit_zoo_may_use_every_digit_image_but_no_more():
+    from deepalign.config import build, read_params
+    from deepalign.evaluation.inr import InrCfg
+
+    params = read_params()["inr"]
+    net = params["zoos"]["digits"]["net"]
+    net.update(n_train=2 * 1797 - net["n_val"] - net["n_test"])  # every image, two views each
+    assert build(InrCfg, params, "inr").zoos["digits"].networks == 2 * 1797
+    net.update(n_train=net["n_train"] + 2)  # one signal more
+    with pytest.raises(DeepAlignError, match="net.n_train"):
+        build(InrCfg, params, "inr")

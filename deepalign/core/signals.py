@@ -46,6 +46,11 @@ class SignalsCfg:
             raise invalid("views", self.views, ">= 2 (a pair is two fits of one signal)")
 
 
+def signal_limit(kind: str) -> int | None:
+    """How many distinct signals `kind` has: the digit images' count; sines have no limit."""
+    return len(digits_arrays()[0]) if kind == "digits" else None
+
+
 def sine_signals(cfg: SignalsCfg, count: int) -> tuple[Tensor, Tensor]:
     """Coordinates (N, 1) in [-1, 1] and `count` sine waves sin(a x) at x = pi * coordinate:
     (count, N, 1)."""

@@ -17,7 +17,7 @@ from typing import Annotated
 
 from deepalign.config import MAX_POINTS, Count, GridPoints, Positive, Seed, between, invalid
 from deepalign.core.data import Dataset
-from deepalign.core.signals import SignalsCfg, inr_dataset
+from deepalign.core.signals import SignalsCfg, inr_dataset, signal_limit
 from deepalign.errors import DeepAlignError
 from deepalign.evaluation import convergence as cv
 from deepalign.evaluation import experiment
@@ -44,6 +44,10 @@ class InrZooCfg:
             count = getattr(self.net, key)
             if count % self.signals.views:
                 raise invalid(f"net.{key}", count, f"a multiple of views ({self.signals.views})")
+        limit = signal_limit(self.signals.kind)
+        if limit is not None and self.networks > limit * self.signals.views:
+            allowed = f"n_train + n_val + n_test <= {self.signals.views} views x {limit}"
+            raise invalid("net.n_train", self.net.n_train, f"{allowed} digit images")
 
     @property
     def networks(self) -> int:
