@@ -1,6 +1,7 @@
 """Stage `merge` (study pipeline): pairs of networks trained on complementary class skews of
-digits, aligned by every method, averaged with `deepalign`'s merge code and judged on the
-whole test split against both endpoints."""
+digits (the default zoo's architecture, then ResNets with BatchNorm), aligned by every
+method, averaged with `deepalign`'s merge code and judged on the whole test split against
+both endpoints."""
 
 from __future__ import annotations
 
@@ -25,8 +26,14 @@ from flows.stages import Paths, Plot, Stage
 
 STAGE = Stage(
     "merge",
-    configs={"data_cfg": "data", "zoo_cfg": "zoo", "cfg": "merge", "align": "align"},
-    params=("data", "zoo.archs", "merge", *ALIGN_KEYS),
+    configs={
+        "data_cfg": "data",
+        "zoo_cfg": "zoo",
+        "resnet_net": "resnets.zoo",
+        "cfg": "merge",
+        "align": "align",
+    },
+    params=("data", "zoo.archs", "resnets.zoo", "merge", *ALIGN_KEYS),
     partial=("zoo_cfg", "align"),  # the recipes of `zoo`; the method settings of `align`
     reads=("aligner",),
     persist={"out": "merge"},
@@ -35,7 +42,7 @@ STAGE = Stage(
     plot={"interpolation": Plot("lambda", "test_acc", "lambda", "test accuracy (all classes)")},
     metrics={"metrics": "metrics/merge.json"},
     nested=("metrics",),
-    notes={"out": "(a zoo per side: `a/`, `b/`)"},
+    notes={"out": "(per architecture, a zoo per side: `mlp/a/`, `mlp/b/`, `resnet/a/`, ...)"},
     pipeline="study/dvc.yaml",
 )
 
@@ -55,32 +62,48 @@ def side_zoo(
 
 
 @task(cache_policy=NO_CACHE)
-def merge_sides(run: StageRun, zoos: dict, data: Dataset, cfg, align: AlignCfg) -> dict:
+def merge_sides(
+    run: StageRun, zoos: dict, data: Dataset, sides: disjoint.Sides, cfg, align: AlignCfg
+) -> dict:
     """Every method on the pairs (A_k, B_k): nested MLflow runs, mean lines as CSV and PNG."""
     zoo, pairs = disjoint.paired(zoos["a"], zoos["b"])
-    summary, lines = disjoint.merge_pairs(zoo, pairs, data, cfg, align)
+    summary, lines = disjoint.merge_pairs(zoo, pairs, data, sides, cfg.points, align)
     for method, metrics in summary.items():
-        log_method_run(run, STAGE.name, cfg.arch, method, metrics)
-    write_csv(run.io.interpolation / "interpolation_disjoint.csv", interpolation_rows(lines))
-    plot_curves(run.io.figures / "interpolation_disjoint.png", lines, f"{cfg.arch}, A to B")
+        log_method_run(run, STAGE.name, sides.arch, method, metrics)
+    name = f"interpolation_{sides.arch}"
+    write_csv(run.io.interpolation / f"{name}.csv", interpolation_rows(lines))
+    plot_curves(run.io.figures / f"{name}.png", lines, f"{sides.arch}, A to B")
     return summary
 
 
 @flow(name="merge", validate_parameters=False)
 def merge(
-    io: Paths, data_cfg: DataCfg, zoo_cfg: build.ZooCfg, cfg: disjoint.MergeCfg, align: AlignCfg
+    io: Paths,
+    data_cfg: DataCfg,
+    zoo_cfg: build.ZooCfg,
+    resnet_net: build.NetCfg,
+    cfg: disjoint.MergeCfg,
+    align: AlignCfg,
 ) -> dict:
-    """Train both sides, align and merge every pair by every method; logged to MLflow."""
+    """Train both sides of each architecture, align and merge every pair by every method;
+    logged to MLflow."""
     data = load_dataset(data_cfg)
-    net = disjoint.side_recipe(build.recipe_of(zoo_cfg, cfg.arch, "merge.arch"), cfg)
+    default = build.recipe_of(zoo_cfg, cfg.arch, "merge.arch")
     shifts = disjoint.side_shifts(cfg, data.n_classes)
-    with stage_run(STAGE, io, data_cfg=data_cfg, cfg=cfg) as run:
-        zoos, sides = {}, {}
-        for side, shift in shifts.items():
-            seed = disjoint.side_seed(cfg, side)
-            zoos[side], sides[side] = side_zoo(io.out / side, data, data_cfg, net, seed, shift)
-        methods = merge_sides(run, zoos, data, cfg, align)
-        run.metrics["metrics"] = {"sides": sides, "methods": methods}
+    with stage_run(STAGE, io, data_cfg=data_cfg, resnet_net=resnet_net, cfg=cfg) as run:
+        for sides in disjoint.plan_sides(cfg, default, resnet_net):
+            zoos, summaries = {}, {}
+            for side, shift in shifts.items():
+                folder = io.out / sides.arch / side
+                seed = sides.seed_of(side)
+                zoos[side], summaries[side] = side_zoo(
+                    folder, data, data_cfg, sides.net, seed, shift
+                )
+            methods = merge_sides(run, zoos, data, sides, cfg, align)
+            run.metrics.setdefault("metrics", {})[sides.arch] = {
+                "sides": summaries,
+                "methods": methods,
+            }
     return run.metrics
 
 

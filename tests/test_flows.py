@@ -284,16 +284,22 @@ def test_ood_and_merge_flows_score_shifted_zoos_and_join_the_report(workdir):
     assert {"rotated", "sgd"} <= set(nested["tags.arch"].dropna())
 
     merged = merge.merge(merge.STAGE.paths(workdir), **configs(merge.merge))["metrics"]
-    sides = merged["sides"]
-    assert sides["a"]["n_networks"] == sides["b"]["n_networks"] == 2
-    assert sides["a"]["train_images"] < 0.6 * len(load_dataset_of(workdir).train.y)
-    for values in merged["methods"].values():
-        assert 0 <= values["merged_acc"] <= 1 and 0 <= values["best_lambda"] <= 1
-        assert values["best_line_acc"] >= max(values["a_acc"], values["b_acc"]) - 1e-6
+    assert set(merged) == {"mlp", "resnet"}
+    for arch, found in merged.items():
+        sides = found["sides"]
+        assert sides["a"]["n_networks"] == sides["b"]["n_networks"] == 2
+        assert sides["a"]["train_images"] < 0.6 * len(load_dataset_of(workdir).train.y)
+        assert load_zoo(workdir / "merge" / arch / "a").arch.has_batchnorm == (arch == "resnet")
+        for values in found["methods"].values():
+            assert 0 <= values["merged_acc"] <= 1 and 0 <= values["best_lambda"] <= 1
+            ends = max(values["a_acc"], values["b_acc"])  # the line's ends, without BatchNorm
+            assert arch == "resnet" or values["best_line_acc"] >= ends - 1e-6
+        assert (workdir / "plots" / "merge" / f"interpolation_{arch}.csv").is_file()
 
     report.report(report.STAGE.paths(workdir))
     page = report.STAGE.paths(workdir).out.read_text()
     assert "Out of distribution" in page and "Merging networks trained on disjoint" in page
+    assert "ResNets with BatchNorm, statistics recomputed" in page
     assert "paper, rotated CIFAR10 CNNs" in page  # the paper's reading beside the table
 
 

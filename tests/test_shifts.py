@@ -7,7 +7,7 @@ import torch
 
 from deepalign.config import build
 from deepalign.core.data import Dataset, Split
-from deepalign.core.lmc import evaluate_networks
+from deepalign.core.lmc import evaluate_networks, reset_statistics
 from deepalign.core.permspec import apply_permutation, random_permutation
 from deepalign.core.shifts import ShiftCfg, class_subset, rotate_images, shifted
 from deepalign.core.weightspace import stack
@@ -63,12 +63,19 @@ def test_the_two_sides_are_mirrored_complements():
     assert all(abs(x + y - 1) < 1e-12 for x, y in zip(a, b))
 
 
+RESNET_MERGE = {"networks": 2, "seed": 1, "methods": ["naive"], "bn_reset_images": 8}
+
+
 @pytest.mark.parametrize(
     "section,change,key",
     [
         ("merge", {"skew": 0.5}, "merge.skew"),
         ("merge", {"skew": 1.0}, "merge.skew"),
         ("merge", {"methods": ["weight_matching"]}, "naive"),
+        ("merge", {"resnet": RESNET_MERGE | {"methods": ["weight_matching"]}}, "resnet.methods"),
+        ("merge", {"resnet": RESNET_MERGE | {"methods": ["naive", "wm"]}}, "resnet.methods"),
+        ("merge", {"resnet": RESNET_MERGE | {"bn_reset_images": 0}}, "resnet.bn_reset_images"),
+        ("merge", {"resnet": RESNET_MERGE | {"networks": -1}}, "resnet.networks"),
         ("ood", {"zoos": {}}, "zoos"),
         ("ood", {"networks": 1}, "networks"),
     ],
@@ -89,10 +96,16 @@ def test_shifted_recipe_changes_only_the_training_settings():
     assert (net.hidden, net.activation) == (base.hidden, base.activation)
 
 
-@pytest.fixture(scope="module")
-def side(digits: Dataset) -> tuple[Zoo, Dataset]:
-    """Two trained MLPs of side A (skewed data) and their planted, permuted copies as side B."""
-    net = NetCfg("mlp", [16], [], 0, "relu", 2, 0, 0, 8, 64, 3e-3, 0.0, "adam", 0.0)
+RECIPES = {
+    "mlp": NetCfg("mlp", [16], [], 0, "relu", 2, 0, 0, 8, 64, 3e-3, 0.0, "adam", 0.0),
+    "resnet": NetCfg("resnet", [4, 8], [], 1, "relu", 2, 0, 0, 3, 64, 3e-3, 0.0, "adam", 0.0),
+}
+
+
+def _planted_side(digits: Dataset, kind: str) -> tuple[tuple[Zoo, list], Dataset]:
+    """Two trained networks of side A (skewed data) and their planted, permuted copies as
+    side B."""
+    net = RECIPES[kind]
     arch = make_arch(net, digits)
     skewed = shifted(digits, ShiftCfg(0.0, [0.95] * 5 + [0.05] * 5, 0))
     start = stack([init_network(arch, s) for s in (0, 1)])
@@ -106,20 +119,70 @@ def side(digits: Dataset) -> tuple[Zoo, Dataset]:
     return disjoint.paired(a, b), digits
 
 
+@pytest.fixture(scope="module")
+def side(digits: Dataset) -> tuple[tuple[Zoo, list], Dataset]:
+    return _planted_side(digits, "mlp")
+
+
+@pytest.fixture(scope="module")
+def resnet_side(digits: Dataset) -> tuple[tuple[Zoo, list], Dataset]:
+    return _planted_side(digits, "resnet")
+
+
+def _sides(arch: str, methods: list[str], reset_images: int) -> disjoint.Sides:
+    return disjoint.Sides(arch, RECIPES[arch], 0, methods, reset_images)
+
+
 def test_merging_a_network_with_its_permuted_copy_gives_it_back_only_when_aligned(side):
     (zoo, pairs), data = side
     assert pairs == [(0, 2), (1, 3)]
-    cfg = build(disjoint.MergeCfg, tiny_params()["merge"], "merge")
-    cfg = dataclasses.replace(cfg, methods=["naive", "weight_matching"])
     align = build(AlignCfg, tiny_params()["align"], "align")
-    summary, lines = disjoint.merge_pairs(zoo, pairs, data, cfg, align)
+    sides = _sides("mlp", ["naive", "weight_matching"], 0)
+    summary, lines = disjoint.merge_pairs(zoo, pairs, data, sides, 7, align)
     _, acc = evaluate_networks(zoo.arch, zoo.nets[0:2], data.test)
     aligned = summary["weight_matching"]
     assert aligned["merged_acc"] == pytest.approx(acc.mean().item(), abs=1e-6)
     assert aligned["a_acc"] == pytest.approx(aligned["b_acc"], abs=1e-6)
     assert summary["naive"]["merged_acc"] < aligned["merged_acc"] - 0.05  # twin: unaligned
     assert summary["naive"]["merged_loss"] > aligned["merged_loss"]
-    assert len(lines["naive"]) == 2 and lines["naive"][0].acc.shape == (cfg.points,)
+    assert len(lines["naive"]) == 2 and lines["naive"][0].acc.shape == (7,)
+
+
+def test_a_merged_resnet_is_scored_with_batchnorm_statistics_recomputed(resnet_side):
+    (zoo, pairs), data = resnet_side
+    assert zoo.arch.has_batchnorm
+    align = build(AlignCfg, tiny_params()["align"], "align")
+    sides = _sides("resnet", ["naive", "weight_matching"], 256)
+    summary, _ = disjoint.merge_pairs(zoo, pairs, data, sides, 5, align)
+    # aligned, the merge is the network itself, with statistics recomputed on 256 images
+    own = reset_statistics(zoo.arch, zoo.nets[0:2], data.train.x[:256])
+    loss, acc = evaluate_networks(zoo.arch, own, data.test)
+    aligned = summary["weight_matching"]
+    assert aligned["merged_acc"] == pytest.approx(acc.mean().item(), abs=1e-6)
+    assert aligned["merged_loss"] == pytest.approx(loss.mean().item(), rel=1e-5)
+    kept_loss, kept_acc = evaluate_networks(zoo.arch, zoo.nets[0:2], data.test)
+    assert abs(kept_loss.mean().item() - aligned["merged_loss"]) > 1e-4  # twin: stats kept
+    assert aligned["a_acc"] == pytest.approx(kept_acc.mean().item(), abs=1e-6)  # as trained
+    assert aligned["a_loss"] == pytest.approx(kept_loss.mean().item(), rel=1e-5)
+    assert summary["naive"]["merged_loss"] > aligned["merged_loss"]  # twin: unaligned
+
+
+def test_the_resnet_pairs_follow_the_resnet_recipe_and_can_be_left_out():
+    params = tiny_params()
+    cfg = build(disjoint.MergeCfg, params["merge"], "merge")
+    default = build(NetCfg, params["zoo"]["archs"]["mlp"], "zoo.archs.mlp")
+    resnet = build(NetCfg, params["resnets"]["zoo"], "resnets.zoo")
+    mlp, res = disjoint.plan_sides(cfg, default, resnet)
+    assert (mlp.arch, mlp.net.kind, mlp.net.n_test, mlp.reset_images) == (
+        "mlp",
+        "mlp",
+        cfg.networks,
+        0,
+    )
+    assert (res.net.kind, res.net.hidden, res.net.n_test) == ("resnet", resnet.hidden, 2)
+    assert res.seed_of("b") == cfg.resnet.seed + 2 and res.reset_images > 0
+    none = dataclasses.replace(cfg, resnet=dataclasses.replace(cfg.resnet, networks=0))
+    assert [s.arch for s in disjoint.plan_sides(none, default, resnet)] == ["mlp"]
 
 
 def test_a_study_asking_for_an_unknown_architecture_names_its_key():

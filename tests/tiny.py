@@ -41,6 +41,7 @@ def tiny_params() -> dict:
     for shifted_zoo in params["ood"]["zoos"].values():
         shifted_zoo["epochs"] = 1
     params["merge"].update(networks=2, points=5, methods=["naive", "weight_matching"])
+    params["merge"]["resnet"].update(networks=2, bn_reset_images=64)
     for inr_zoo in params["inr"]["zoos"].values():
         inr_zoo["net"].update(n_train=4, n_val=2, n_test=4, epochs=5)
     params["inr"]["aligner"].update(epochs=2, val_every=1, val_pairs=1, pairs_per_step=2)

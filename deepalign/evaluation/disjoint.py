@@ -2,6 +2,11 @@
 the training images of the first half of the classes and few of the rest, side B on the
 mirror; each pair (A_k, B_k) is aligned by every method, averaged with `deepalign`'s merge
 code, and the merged network is judged on the whole test split against both endpoints.
+
+Two architectures: the default zoo's (`merge.arch`, every method) and the ResNet study's
+recipe (`merge.resnet`), whose merged and interpolated networks get BatchNorm statistics of
+their own, recomputed on training images (averaged running statistics describe neither
+parent).
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ from typing import Annotated
 import torch
 from tqdm import tqdm
 
-from deepalign.config import Check, GridPoints, Positive, Seed, invalid
+from deepalign.config import Check, Count, GridPoints, Positive, Seed, invalid
 from deepalign.core.data import Dataset
-from deepalign.core.lmc import Curve, evaluate_networks
+from deepalign.core.lmc import Curve, evaluate_networks, reset_statistics
 from deepalign.core.permspec import apply_permutation
 from deepalign.core.shifts import ShiftCfg
 from deepalign.core.weightspace import stack
@@ -29,6 +34,27 @@ from deepalign.zoo.store import Zoo
 SIDES = ("a", "b")
 
 
+def check_merge_methods(key: str, methods: list[str]) -> None:
+    """Known methods, naive (the unaligned average) among them."""
+    check_methods(key, methods)
+    if "naive" not in methods:
+        raise invalid(key, methods, "a list with naive (the unaligned average)")
+
+
+@dataclass(frozen=True)
+class ResNetMergeCfg:
+    """`merge.resnet`: the same skews with the ResNet study's recipe (`resnets.zoo`)."""
+
+    networks: Count  # per side; 0: no ResNet pairs
+    seed: Seed  # A_k trains from seed + k, B_k from seed + networks + k
+    methods: list[str]
+    bn_reset_images: Positive  # training images for each merged or interpolated ResNet's
+    # BatchNorm statistics
+
+    def __post_init__(self) -> None:
+        check_merge_methods("resnet.methods", self.methods)
+
+
 @dataclass(frozen=True)
 class MergeCfg:
     """Section `merge` of params.yaml."""
@@ -40,11 +66,36 @@ class MergeCfg:
     # its own classes' training images a side keeps (and 1 - skew of the other classes')
     methods: list[str]
     points: GridPoints  # lambda grid of each pair's line (merged: lambda = 0.5)
+    resnet: ResNetMergeCfg
 
     def __post_init__(self) -> None:
-        check_methods("methods", self.methods)
-        if "naive" not in self.methods:
-            raise invalid("methods", self.methods, "a list with naive (the unaligned average)")
+        check_merge_methods("methods", self.methods)
+
+
+@dataclass(frozen=True)
+class Sides:
+    """One architecture's pairs: the recipe both sides follow (all test networks), where
+    their seeds start, the methods, and the BatchNorm reset images (0: none)."""
+
+    arch: str
+    net: NetCfg
+    seed: int
+    methods: list[str]
+    reset_images: int
+
+    def seed_of(self, side: str) -> int:
+        """A_k trains from seed + k, B_k from seed + networks + k."""
+        return self.seed + SIDES.index(side) * self.net.n_test
+
+
+def plan_sides(cfg: MergeCfg, default: NetCfg, resnet: NetCfg) -> list[Sides]:
+    """The default zoo architecture's pairs, then the ResNets' (unless `resnet.networks` 0)."""
+    plans = [Sides(cfg.arch, side_recipe(default, cfg.networks), cfg.seed, cfg.methods, 0)]
+    r = cfg.resnet
+    if r.networks:
+        net = side_recipe(resnet, r.networks)
+        plans.append(Sides("resnet", net, r.seed, r.methods, r.bn_reset_images))
+    return plans
 
 
 def side_shifts(cfg: MergeCfg, n_classes: int) -> dict[str, ShiftCfg]:
@@ -58,13 +109,9 @@ def side_shifts(cfg: MergeCfg, n_classes: int) -> dict[str, ShiftCfg]:
     return {s: ShiftCfg(0.0, fractions[s], cfg.seed + i) for i, s in enumerate(SIDES)}
 
 
-def side_recipe(base: NetCfg, cfg: MergeCfg) -> NetCfg:
-    """The default recipe, every network a test one."""
-    return dataclasses.replace(base, n_train=0, n_val=0, n_test=cfg.networks)
-
-
-def side_seed(cfg: MergeCfg, side: str) -> int:
-    return cfg.seed + SIDES.index(side) * cfg.networks
+def side_recipe(base: NetCfg, networks: int) -> NetCfg:
+    """The recipe, every network a test one."""
+    return dataclasses.replace(base, n_train=0, n_val=0, n_test=networks)
 
 
 def paired(a: Zoo, b: Zoo) -> tuple[Zoo, list[tuple[int, int]]]:
@@ -75,21 +122,31 @@ def paired(a: Zoo, b: Zoo) -> tuple[Zoo, list[tuple[int, int]]]:
 
 
 def merge_pairs(
-    zoo: Zoo, pairs: list[tuple[int, int]], data: Dataset, cfg: MergeCfg, align: AlignCfg
+    zoo: Zoo,
+    pairs: list[tuple[int, int]],
+    data: Dataset,
+    sides: Sides,
+    points: int,
+    align: AlignCfg,
 ) -> tuple[dict[str, dict], dict[str, list[Curve]]]:
     """Every method on every pair: merge metrics (means over pairs) and the lines behind."""
     summary, lines = {}, {}
-    for method in tqdm(cfg.methods, desc="merge", unit="method", mininterval=5.0):
+    label = f"merge {sides.arch}"
+    for method in tqdm(sides.methods, desc=label, unit="method", mininterval=5.0):
         perms, seconds, objective = align_pairs(method, zoo, pairs, data.train, align)
         run = MethodRun(method, pairs, perms, seconds, objective, torch.zeros(0))
-        lines[method] = pair_curves(run, zoo, data, cfg.points)
-        summary[method] = _merged_metrics(zoo, run, data, lines[method])
+        lines[method] = pair_curves(run, zoo, data, points, sides.reset_images)
+        summary[method] = _merged_metrics(zoo, run, data, lines[method], sides.reset_images)
     return summary, lines
 
 
-def _merged_metrics(zoo: Zoo, run: MethodRun, data: Dataset, lines: list[Curve]) -> dict:
-    """The merged networks (equal-weight averages by `merging.merged`) on the whole test
-    split, the endpoints' accuracy, and the best point of each line: means over pairs."""
+def _merged_metrics(
+    zoo: Zoo, run: MethodRun, data: Dataset, lines: list[Curve], reset_images: int
+) -> dict:
+    """The merged networks (equal-weight averages by `merging.merged`; with `reset_images`,
+    BatchNorm statistics recomputed on that many training images) and the endpoints as trained
+    (their own statistics) on the whole test split, and the best point of each line (whose
+    networks, ends included, have recomputed statistics): means over pairs."""
     spec = zoo.arch.spec
     nets = [
         merged(
@@ -97,9 +154,13 @@ def _merged_metrics(zoo: Zoo, run: MethodRun, data: Dataset, lines: list[Curve])
         )
         for k, (i, j) in enumerate(run.pairs)
     ]
-    loss, acc = evaluate_networks(zoo.arch, stack(nets), data.test)  # (K,), (K,)
-    ends = torch.stack([torch.stack([c.acc[0], c.acc[-1]]) for c in lines])  # (K, 2)
-    end_loss = torch.stack([torch.stack([c.loss[0], c.loss[-1]]) for c in lines])  # (K, 2)
+    reset = data.train.x[:reset_images] if reset_images else None
+    merged_nets = reset_statistics(zoo.arch, stack(nets), reset)
+    loss, acc = evaluate_networks(zoo.arch, merged_nets, data.test)  # (K,), (K,)
+    order = torch.tensor([index for pair in run.pairs for index in pair])  # A_0, B_0, A_1, ...
+    end_loss, ends = (
+        v.view(-1, 2) for v in evaluate_networks(zoo.arch, zoo.nets[order], data.test)
+    )
     best = torch.stack([c.acc.max() for c in lines])  # (K,)
     best_at = torch.stack([c.lambdas[c.acc.argmax()] for c in lines])  # (K,)
     return {
