@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from deepalign.config import Check, Count, GridPoints, Positive, Seed, invalid
@@ -131,22 +132,35 @@ def merge_pairs(
 ) -> tuple[dict[str, dict], dict[str, list[Curve]]]:
     """Every method on every pair: merge metrics (means over pairs) and the lines behind."""
     summary, lines = {}, {}
+    ends = _endpoints(zoo, pairs, data)  # the same for every method
     label = f"merge {sides.arch}"
     for method in tqdm(sides.methods, desc=label, unit="method", mininterval=5.0):
         perms, seconds, objective = align_pairs(method, zoo, pairs, data.train, align)
         run = MethodRun(method, pairs, perms, seconds, objective, torch.zeros(0))
         lines[method] = pair_curves(run, zoo, data, points, sides.reset_images)
-        summary[method] = _merged_metrics(zoo, run, data, lines[method], sides.reset_images)
+        summary[method] = _merged_metrics(zoo, run, data, lines[method], ends, sides.reset_images)
     return summary, lines
 
 
+def _endpoints(zoo: Zoo, pairs: list[tuple[int, int]], data: Dataset) -> tuple[Tensor, Tensor]:
+    """Test loss and accuracy of both endpoints as trained (their own statistics): (K, 2) each."""
+    order = torch.tensor([index for pair in pairs for index in pair])  # A_0, B_0, A_1, ...
+    loss, acc = evaluate_networks(zoo.arch, zoo.nets[order], data.test)  # (2K,), (2K,)
+    return loss.view(-1, 2), acc.view(-1, 2)
+
+
 def _merged_metrics(
-    zoo: Zoo, run: MethodRun, data: Dataset, lines: list[Curve], reset_images: int
+    zoo: Zoo,
+    run: MethodRun,
+    data: Dataset,
+    lines: list[Curve],
+    ends: tuple[Tensor, Tensor],
+    reset_images: int,
 ) -> dict:
     """The merged networks (equal-weight averages by `merging.merged`; with `reset_images`,
-    BatchNorm statistics recomputed on that many training images) and the endpoints as trained
-    (their own statistics) on the whole test split, and the best point of each line (whose
-    networks, ends included, have recomputed statistics): means over pairs."""
+    BatchNorm statistics recomputed on that many training images) on the whole test split
+    against the endpoints as trained (`ends`: loss, accuracy), and the best point of each line
+    (whose networks, ends included, have recomputed statistics): means over pairs."""
     spec = zoo.arch.spec
     nets = [
         merged(
@@ -157,20 +171,17 @@ def _merged_metrics(
     reset = data.train.x[:reset_images] if reset_images else None
     merged_nets = reset_statistics(zoo.arch, stack(nets), reset)
     loss, acc = evaluate_networks(zoo.arch, merged_nets, data.test)  # (K,), (K,)
-    order = torch.tensor([index for pair in run.pairs for index in pair])  # A_0, B_0, A_1, ...
-    end_loss, ends = (
-        v.view(-1, 2) for v in evaluate_networks(zoo.arch, zoo.nets[order], data.test)
-    )
+    end_loss, end_acc = ends  # (K, 2), (K, 2)
     best = torch.stack([c.acc.max() for c in lines])  # (K,)
     best_at = torch.stack([c.lambdas[c.acc.argmax()] for c in lines])  # (K,)
     return {
         "merged_acc": acc.mean().item(),
         "merged_loss": loss.mean().item(),
-        "a_acc": ends[:, 0].mean().item(),
-        "b_acc": ends[:, 1].mean().item(),
+        "a_acc": end_acc[:, 0].mean().item(),
+        "b_acc": end_acc[:, 1].mean().item(),
         "a_loss": end_loss[:, 0].mean().item(),
         "b_loss": end_loss[:, 1].mean().item(),
-        "merged_minus_best_end": (acc - ends.max(1).values).mean().item(),
+        "merged_minus_best_end": (acc - end_acc.max(1).values).mean().item(),
         "best_line_acc": best.mean().item(),
         "best_lambda": best_at.mean().item(),
         "seconds_per_pair": run.seconds.mean().item(),
