@@ -1,9 +1,11 @@
 """deepalign: align, merge and compare neural networks through their permutation symmetries.
 
 `deepalign.align`, `deepalign.merge` and `deepalign.interpolate` take `nn.Module`s
-(`deepalign.api`); they load on first use, so `import deepalign` stays light.
+(`deepalign.api`); they load on first use, so `import deepalign` stays light (and a pipeline
+stage's dependencies, its static imports, do not include the API).
 """
 
+import importlib
 from typing import Any
 
 __all__ = ["align", "interpolate", "merge"]
@@ -11,7 +13,5 @@ __all__ = ["align", "interpolate", "merge"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from deepalign import api
-
-        return getattr(api, name)
+        return getattr(importlib.import_module("deepalign.api"), name)
     raise AttributeError(f"module 'deepalign' has no attribute '{name}'")

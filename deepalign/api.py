@@ -1,27 +1,28 @@
-"""The Python API on `nn.Module`s: align, merge and interpolate the networks you hold.
+"""The Python API on the networks you hold: align, merge and interpolate.
 
     import deepalign
     aligned = deepalign.align(ref, other, method="weight_matching")   # other's function
     merged = deepalign.merge(ref, other, data="digits")               # the average, aligned
     report = deepalign.interpolate(ref, aligned, data="digits")       # barriers on the line
 
-Any module torch.fx can trace works (residual and normalisation layers included); a plain
-`nn.Sequential` of Linear/Conv2d layers runs on the chain's faster path. Settings come from
-the project's params.yaml where there is one, else from the defaults shipped with the package
-(`params=` names another file).
+A network is an `nn.Module` (any module torch.fx can trace: residual and normalisation layers
+included; a plain `nn.Sequential` of Linear/Conv2d layers runs on the chain's faster path) or
+the state_dict of a plain `nn.Sequential`; results come back in the form they were given.
+Settings are the defaults shipped with the package; `params=` names a file whose keys are
+merged over them (no other file is read).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from deepalign.core.arch import Arch, ModuleArch, check_fits
-from deepalign.core.chain import arch_of
-from deepalign.core.data import Dataset, load_dataset
+from deepalign.core.arch import Arch, check_fits, check_same_arch
+from deepalign.core.data import Dataset, load_dataset, reset_images_of
 from deepalign.core.lmc import barriers
 from deepalign.core.lmc import interpolate as interpolate_line
 from deepalign.core.permspec import apply_permutation
@@ -30,73 +31,82 @@ from deepalign.errors import DeepAlignError
 from deepalign.merging import merge_networks
 from deepalign.methods import Problem
 from deepalign.methods import align as align_pair
-from deepalign.settings import bn_reset_images, data_cfg, methods_cfg, params_file
-from deepalign.usermodel import input_shape_for
+from deepalign.settings import bn_reset_images, data_cfg, load_settings, methods_cfg
+from deepalign.usermodel import network_arch
 
 Data = str | Dataset | None
+Net = nn.Module | Mapping[str, Tensor]
 
 
 def _dataset(data: Data, params: Path | None) -> Dataset | None:
     if data is None or isinstance(data, Dataset):
         return data
-    return load_dataset(data_cfg(params_file(params), data))
+    return load_dataset(data_cfg(load_settings(params), data))
 
 
-def network_arch(
-    module: nn.Module, input_shape: tuple[int, ...] | None = None, data: Dataset | None = None
-) -> Arch:
-    """The architecture of `module`: a chain where it is a plain Sequential, else traced as
-    it is. The input shape: given, else the data set's (flattened for a Linear first layer),
-    else guessed from the first layer."""
-    shape = input_shape_for(module, input_shape, data)
-    try:
-        return arch_of(module, shape)
-    except DeepAlignError:
-        return ModuleArch(copy.deepcopy(module).float().eval(), shape, type(module).__name__)
+def _state(network: Net) -> Mapping[str, Tensor]:
+    return network.state_dict() if isinstance(network, nn.Module) else network
 
 
-def _weights(arch: Arch, module: nn.Module) -> WeightSpace:
-    state = {k: v.detach() for k, v in module.state_dict().items() if v.is_floating_point()}
+def _weights(arch: Arch, network: Net) -> WeightSpace:
+    state = {k: v.detach() for k, v in _state(network).items() if v.is_floating_point()}
     return arch.weightspace(state).map(lambda t: t.float())
 
 
-def _module_with(module: nn.Module, arch: Arch, ws: WeightSpace) -> nn.Module:
-    """A copy of `module` holding `ws` (its dtypes, its integer buffers)."""
-    out = copy.deepcopy(module)
-    own = out.state_dict()
-    state = arch.state_dict(ws, {k: v for k, v in own.items() if not v.is_floating_point()})
-    out.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+def _result(network: Net, arch: Arch, ws: WeightSpace) -> Net:
+    """`ws` in the form and dtypes `network` came in: a copy of the module, or a state_dict
+    (its integer buffers kept)."""
+    own = _state(network)
+    extras = {k: v for k, v in own.items() if not v.is_floating_point()}
+    state = {k: v.to(own[k].dtype) for k, v in arch.state_dict(ws, extras).items()}
+    if not isinstance(network, nn.Module):
+        return state
+    out = copy.deepcopy(network)
+    out.load_state_dict(state)
     return out
 
 
-def _pair(ref: nn.Module, other: nn.Module, shape, data: Dataset | None):
-    arch = network_arch(ref, shape, data)
-    a, b = _weights(arch, ref), _weights(arch, other)
-    check_same_shapes(a, b, ("ref", "other"))
+def _archs(networks: tuple[Net, ...], shape, data: Dataset | None) -> Arch:
+    """The networks' one architecture: each traced, and refused where any differs from the
+    first (another graph, another activation, other shapes)."""
+    names = ["ref", *(f"network {i}" for i in range(1, len(networks)))]
+    if len(networks) == 2:
+        names[1] = "other"
+    archs = [network_arch(n, shape, data) for n in networks]
+    for arch, name in zip(archs[1:], names[1:]):
+        check_same_arch(archs[0], arch, (names[0], name))
     if data is not None:
-        check_fits(arch, data.image_shape, data.n_classes, data.name)
-    return arch, a, b
+        check_fits(archs[0], data.image_shape, data.n_classes, data.name)
+    return archs[0]
+
+
+def _nets(networks: tuple[Net, ...], shape, data: Dataset | None):
+    arch = _archs(networks, shape, data)
+    weights = [_weights(arch, n) for n in networks]
+    for k, ws in enumerate(weights[1:], start=1):
+        check_same_shapes(weights[0], ws, ("ref", f"network {k}"))
+    return arch, weights
 
 
 def align(
-    ref: nn.Module,
-    other: nn.Module,
+    ref: Net,
+    other: Net,
     method: str = "weight_matching",
     data: Data = None,
     input_shape: tuple[int, ...] | None = None,
     params: Path | None = None,
-) -> nn.Module:
+) -> Net:
     """A copy of `other` whose hidden units are permuted to match `ref`'s; it computes
     `other`'s function. Data-driven methods need `data` (a data set name or a `Dataset`)."""
     dataset = _dataset(data, params)
-    arch, a, b = _pair(ref, other, input_shape, dataset)
+    arch, (a, b) = _nets((ref, other), input_shape, dataset)
     problem = Problem.of(a, b, arch, dataset.train if dataset else None)
-    result = align_pair(method, problem, methods_cfg(params_file(params)))
-    return _module_with(other, arch, apply_permutation(b, result.perm, arch.spec))
+    result = align_pair(method, problem, methods_cfg(load_settings(params)))
+    return _result(other, arch, apply_permutation(b, result.perm, arch.spec))
 
 
 def merge(
-    *models: nn.Module,
+    *models: Net,
     method: str = "weight_matching",
     weights: list[float] | None = None,
     data: Data = None,
@@ -104,25 +114,25 @@ def merge(
     reset_bn: bool = True,
     input_shape: tuple[int, ...] | None = None,
     params: Path | None = None,
-) -> nn.Module:
+) -> Net:
     """The weighted average of the models after aligning them (two: by `method`; more: by
     MergeMany); BatchNorm statistics recomputed on `data`'s training images, REPAIR on
     request."""
     if len(models) < 2:
         raise DeepAlignError(f"merge needs at least 2 models, got {len(models)}")
     dataset = _dataset(data, params)
-    arch = network_arch(models[0], input_shape, dataset)
-    nets = [_weights(arch, m) for m in models]
+    arch, nets = _nets(models, input_shape, dataset)
     train = dataset.train if dataset else None
-    cfg = methods_cfg(params_file(params))
-    images = bn_reset_images(params_file(params)) if reset_bn else 0
+    settings = load_settings(params)
+    images = bn_reset_images(settings) if reset_bn else 0
+    cfg = methods_cfg(settings)
     result = merge_networks(arch, nets, method, cfg, weights, train, repair, images)
-    return _module_with(models[0], arch, result)
+    return _result(models[0], arch, result)
 
 
 def interpolate(
-    ref: nn.Module,
-    other: nn.Module,
+    ref: Net,
+    other: Net,
     data: Data = "digits",
     points: int = 25,
     reset_bn: bool = True,
@@ -134,12 +144,13 @@ def interpolate(
     unless `reset_bn` is false)."""
     dataset = _dataset(data, params)
     if dataset is None:
-        raise DeepAlignError("interpolate needs a data set")
-    arch, a, b = _pair(ref, other, input_shape, dataset)
-    count = bn_reset_images(params_file(params)) if reset_bn else 0
-    reset = dataset.train.x[:count] if count else None
+        raise DeepAlignError("interpolate needs a data set: data='digits' or a Dataset")
+    arch, (a, b) = _nets((ref, other), input_shape, dataset)
+    count = bn_reset_images(load_settings(params)) if reset_bn else 0
     with torch.no_grad():
-        curve = interpolate_line(arch, a, b, dataset.test, points, reset)
+        curve = interpolate_line(
+            arch, a, b, dataset.test, points, reset_images_of(dataset.train, count)
+        )
     line = {
         "lambda": curve.lambdas.tolist(),
         "loss": curve.loss.tolist(),

@@ -2,7 +2,7 @@
 
 Networks are deepalign checkpoints or bare state_dicts: of a plain nn.Sequential (its
 architecture read from the shapes), or of any module `--model pkg.module:callable` builds.
-Settings: `--params FILE`, else ./params.yaml, else the package's defaults.
+Settings: the package's defaults, with the keys of `--params FILE` merged over them.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ if TYPE_CHECKING:  # the heavy imports wait for a command that needs them (fast 
     from deepalign.io import Checkpoint
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
-console = Console(markup=False, highlight=False)  # a path's "[...]" is text, never markup
+console = Console(markup=False, highlight=False, soft_wrap=True)  # "[...]" is text; no wrap
 _state = {"debug": False}
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")  # deepalign.core.data.DATASETS
-METHODS = "naive, weight_matching, activation_matching, ste, sinkhorn, deep_align"
 
 
 @app.callback()
@@ -126,18 +125,22 @@ INPUT_SHAPE = typer.Option(
 PARAMS = typer.Option(
     None,
     "--params",
-    help="Settings file (default: ./params.yaml, else the package's defaults).",
+    help="Settings file whose keys are merged over the package's defaults (no other file is "
+    "read; ./params.yaml only when named here).",
 )
 REF = typer.Argument(help="Reference network: a checkpoint or a bare state_dict.", metavar="REF")
 OTHER = typer.Argument(help="The other network, of the same architecture as REF.", metavar="OTHER")
-METHOD_HELP = f"One of {METHODS}, or 'a+b' (b refines a's answer)."
+METHOD_HELP = (  # the names are deepalign.methods.ALIGNERS' (not imported here: fast --help)
+    "A registered aligner (e.g. weight_matching, deep_align; an unknown name lists them all), "
+    "or 'a+b' (b refines a's answer)."
+)
 ALIGNER = typer.Option(None, help="DEEP-ALIGN checkpoint (file or folder) for deep_align.")
 DATA_HELP = f"Data set ({', '.join(DATASETS)})"
 BN_RESET = typer.Option(
     True,
     "--bn-reset/--no-bn-reset",
     help="Recompute BatchNorm statistics of every merged or interpolated network on "
-    "`curves.bn_reset_images` training images (1,024 by default; BatchNorm networks only).",
+    "`batchnorm.reset_images` training images (1,024 by default; BatchNorm networks only).",
 )
 
 
@@ -158,29 +161,26 @@ def _model(path: Path | None, shape: str | None, data: Dataset | None) -> Arch |
     if path is None:
         return None
     from deepalign.io import load_checkpoint
-    from deepalign.usermodel import build_module, input_shape_for, is_reference
+    from deepalign.usermodel import is_reference, network_arch
 
     text = str(path)
     if is_reference(text) and not path.is_file():
-        from deepalign.core.arch import ModuleArch
-
-        module = build_module(text)
-        return ModuleArch(module.float().eval(), input_shape_for(module, _shape(shape), data), text)
+        return network_arch(text, _shape(shape), data)
     return load_checkpoint(path).arch
 
 
 def _model_reads(model: Path | None) -> dict[str, Path | None]:
-    from deepalign.usermodel import is_reference, reference_file
+    from deepalign.usermodel import is_reference, reference_source
 
     if model is None or not is_reference(str(model)) or model.is_file():
         return {"--model": model}
-    return {"--model": reference_file(str(model))}
+    return {"--model": reference_source(str(model))}
 
 
-def _settings(params: Path | None) -> Path:
-    from deepalign.settings import params_file
+def _settings(params: Path | None):
+    from deepalign.settings import load_settings
 
-    return params_file(params)
+    return load_settings(params)
 
 
 def _data_cfg(name: str, params: Path | None):
@@ -259,7 +259,7 @@ def _reads(
     from deepalign.settings import methods_cfg
 
     settings = _settings(params)
-    reads: dict[str, Path | None] = {**paths, **_model_reads(model), "--params": settings}
+    reads: dict[str, Path | None] = {**paths, **_model_reads(model), "--params": settings.where}
     reads["--aligner"] = aligner
     if method is not None and aligner is None and "deep_align" in _method(method).steps:
         for i, path in enumerate(checkpoint_files(methods_cfg(settings).deep_align)):
@@ -302,8 +302,9 @@ def _reset_count(params: Path | None, on: bool) -> int:
 
 
 def _reset_images(dataset: Dataset | None, on: bool, params: Path | None):
-    count = _reset_count(params, on)
-    return dataset.train.x[:count] if dataset is not None and count else None
+    from deepalign.core.data import reset_images_of
+
+    return reset_images_of(dataset.train if dataset else None, _reset_count(params, on))
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -408,13 +409,18 @@ def align_cmd(
     )
 
 
-def _weights(text: str | None) -> list[float] | None:
+def _weights(text: str | None, count: int) -> list[float] | None:
+    """--weights: one finite, non-negative number per network, not all zero."""
     if text is None:
         return None
+    from deepalign.merging import check_weights
+
     try:
-        return [float(v) for v in text.split(",")]
+        return check_weights([float(v) for v in text.split(",")], count)
     except ValueError:
         raise UsageError(f"--weights: '{text}' is not numbers like 0.5,0.5") from None
+    except DeepAlignError as e:
+        raise UsageError(f"--weights: {e}") from None
 
 
 @app.command()
@@ -446,7 +452,7 @@ def merge(
     if len(networks) < 2:
         raise UsageError(f"merge needs at least two networks, got {len(networks)}")
     _method(method)
-    shares = _weights(weights)
+    shares = _weights(weights, len(networks))
     named = {("REF" if i == 0 else f"NETWORK {i}"): p for i, p in enumerate(networks)}
     check_io(_reads(named, method, data, params, aligner, model), {"--out": out}, force)
     check_output(out)
@@ -528,19 +534,17 @@ def curve(
     input_shape: str | None = INPUT_SHAPE,
 ) -> None:
     """Fit a Bezier curve from REF to aligned OTHER and compare it with the straight line."""
-    import torch
 
-    from deepalign.config import load_section
     from deepalign.core.permspec import apply_permutation
     from deepalign.core.weightspace import stack
     from deepalign.evaluation import curves as mc
     from deepalign.guard import check_io
-    from deepalign.io import check_output, write_atomic
+    from deepalign.io import check_output, save_torch
 
     reads = _reads({"REF": ref, "OTHER": other}, method, data, params, aligner, model)
     check_io(reads, {"--out": out}, force)
     check_output(out)
-    cfg = load_section("curves", mc.CurvesCfg, _settings(params))
+    cfg = _settings(params).section("curves", mc.CurvesCfg)
     a, b, arch, problem, result, dataset = _align(
         (ref, other), method, data, params, aligner, model, input_shape
     )
@@ -555,7 +559,7 @@ def curve(
         "control": arch.state_dict(fitted.theta[0]),
         "metrics": metrics,
     }
-    write_atomic(out, lambda tmp: torch.save(blob, tmp))
+    save_torch(out, blob)
     table = Table("", "curve", "straight line", title=f"{method}-aligned, {data} test")
     for key in ("mean_acc", "min_acc", "max_loss", "curve_barrier"):
         table.add_row(key, f"{metrics[key]:.4f}", f"{metrics['linear_' + key]:.4f}")

@@ -3,6 +3,8 @@
 Values are checked by meaning where they load: a field typed `Annotated[int, at_least(1)]`
 (or one of the aliases below) names its key, the value and what is allowed when it fails;
 checks across fields live in the dataclass's `__post_init__` and raise `invalid(...)`.
+A base class registered with `tagged_union` loads as the subclass its mapping's tag names
+(a zoo recipe's `kind`); mapping keys are checked like values (`dict[Name, ...]`).
 
 A params file cannot make the loader hang or explode: it is read as UTF-8 of at most
 MAX_BYTES, its YAML events are counted and its nesting bounded before anything is built
@@ -16,9 +18,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import re
+import stat
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -79,6 +84,48 @@ MAX_POINTS = 10_001  # a grid beyond this costs minutes per pair and tells nothi
 GridPoints = Annotated[  # lambda grid with both ends and 0.5
     int, Check(lambda v: 3 <= v <= MAX_POINTS and v % 2 == 1, f"odd, in [3, {MAX_POINTS}]")
 ]
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+# A name that becomes a folder or file (a zoo, an architecture): one plain path component
+Name = Annotated[
+    str,
+    Check(
+        lambda v: _NAME.fullmatch(v) is not None,
+        "a plain name: up to 100 letters, digits, '_', '.' or '-', not starting with '.' or '-'",
+    ),
+]
+
+
+@dataclass(frozen=True, eq=False)
+class Tagged:
+    """A tagged union: the mapping's `key` names, in `kinds` (a live registry), the dataclass
+    that its other keys load into."""
+
+    key: str
+    kinds: Mapping[str, type]
+
+    def load(self, value: Any, where: str) -> Any:
+        """The dataclass of the kind `value` names, built from its other keys."""
+        if not isinstance(value, dict):
+            raise DeepAlignError(f"{where}: expected a mapping, got {shown(value)}")
+        known = ", ".join(self.kinds)
+        if self.key not in value:
+            raise DeepAlignError(f"{where}: missing key '{self.key}' (one of: {known})")
+        kind = value[self.key]
+        if not isinstance(kind, str) or kind not in self.kinds:
+            raise DeepAlignError(
+                f"{where}.{self.key}: {shown(kind)} is not allowed (must be one of: {known})"
+            )
+        rest = {k: v for k, v in value.items() if k != self.key}
+        return build(self.kinds[kind], rest, where)
+
+
+UNIONS: dict[type, Tagged] = {}  # base class -> how its params mapping picks a subclass
+
+
+def tagged_union(base: type, key: str, kinds: Mapping[str, type]) -> None:
+    """Wherever a params type names `base`, load the dataclass of `kinds` that the mapping's
+    `key` names (`zoo.archs.mlp.kind: mlp`); an unknown or missing kind names the key."""
+    UNIONS[base] = Tagged(key, kinds)
 
 
 def invalid(key: str, value: Any, allowed: str) -> DeepAlignError:
@@ -86,7 +133,7 @@ def invalid(key: str, value: Any, allowed: str) -> DeepAlignError:
     return DeepAlignError(f"{key}: {shown(value)} is not allowed (must be {allowed})")
 
 
-def _suggest(key: str, known: list[str]) -> str:
+def suggest(key: str, known: list[str]) -> str:
     known = [str(k) for k in known[:50]]
     close = difflib.get_close_matches(key, known, n=1)
     return f" (did you mean '{close[0]}'?)" if close else f" (known: {shown(known)})"
@@ -117,7 +164,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise DeepAlignError(f"{where}: expected a mapping, got {shown(value)}")
-        return {k: _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
+        return {
+            _convert(k, args[0], f"{where} key"): _convert(v, args[1], f"{where}.{k}")
+            for k, v in value.items()
+        }
     if tp is float:
         return _finite(value, where)
     if tp is Any or (isinstance(tp, type) and isinstance(value, tp)):
@@ -146,14 +196,16 @@ def build(cls: type[T], data: Any, where: str, allow_extra: bool = False) -> T:
     `allow_extra` lets a reader take the part of a section it needs (the CLI reads only the
     method settings of `align`); stages never set it.
     """
+    if cls in UNIONS:  # a base class: its mapping names the subclass
+        return UNIONS[cls].load(data, where)
     if not isinstance(data, dict):
         raise DeepAlignError(f"{where}: expected a mapping, got {shown(data)}")
     hints = typing.get_type_hints(cls, include_extras=True)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if f.init]  # init=False: not a key
     for key in data:
         if key not in names and not allow_extra:
             key = shown(key) if not isinstance(key, str) else key
-            raise DeepAlignError(f"{where}.{key}: unknown key{_suggest(str(key), names)}")
+            raise DeepAlignError(f"{where}.{key}: unknown key{suggest(str(key), names)}")
     missing = [n for n in names if n not in data]
     if missing:
         raise DeepAlignError(f"{where}: missing key '{missing[0]}'")
@@ -193,10 +245,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _read_text(path: Path) -> str:
     """The params file as text: a regular file of UTF-8, at most MAX_BYTES."""
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DeepAlignError(f"{path}: no such params file") from None
+    except OSError as e:
+        raise DeepAlignError(f"{path}: cannot read the params file ({e.strerror})") from e
+    if stat.S_ISDIR(mode):
         raise DeepAlignError(f"{path}: is a folder, not a params file")
-    if not path.exists():
-        raise DeepAlignError(f"{path}: no such params file")
+    if not stat.S_ISREG(mode):  # a FIFO would block the read forever
+        raise DeepAlignError(f"{path}: not a regular file (device, FIFO or socket)")
     try:
         with open(path, "rb") as f:
             blob = f.read(MAX_BYTES + 1)
@@ -275,7 +333,7 @@ def pick(params: dict[str, Any], section: str, where: Path | str = "params.yaml"
         if not isinstance(data, dict) or key not in data:
             known = list(data) if isinstance(data, dict) else []
             at = ".".join(section.split(".")[:depth] + [key])
-            raise DeepAlignError(f"{where}: missing section '{at}'{_suggest(key, known)}")
+            raise DeepAlignError(f"{where}: missing section '{at}'{suggest(key, known)}")
         data = data[key]
     return data
 

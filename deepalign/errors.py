@@ -15,8 +15,10 @@ class UsageError(DeepAlignError):
     exit 2, as click does for its own usage errors."""
 
 
-# C0 controls, DEL, C1 controls and the Unicode line separators str.splitlines() breaks on
-_BREAKS = (*range(32), *range(127, 160), 0x2028, 0x2029)
+# C0 controls, DEL, C1 controls, the Unicode line separators str.splitlines() breaks on, and
+# the invisible marks that reorder or hide text (bidirectional overrides, zero-width marks)
+_BIDI = (0x061C, 0x200B, 0x200C, 0x200D, 0x200E, 0x200F, *range(0x202A, 0x202F), 0xFEFF)
+_BREAKS = (*range(32), *range(127, 160), 0x2028, 0x2029, *_BIDI, *range(0x2066, 0x206A))
 _CONTROL = {c: f"\\x{c:02x}" if c < 256 else f"\\u{c:04x}" for c in _BREAKS} | {
     ord("\n"): "\\n",
     ord("\r"): "\\r",
@@ -26,8 +28,9 @@ MAX_LINE = 2000  # characters of one error line
 
 
 def one_line(text: str) -> str:
-    """`text` as one printable line: control characters (newlines in a path) escaped, and
-    at most MAX_LINE characters."""
+    """`text` as one printable line: control characters (newlines in a path) and marks that
+    reorder text (a right-to-left override in a file name) escaped, at most MAX_LINE
+    characters."""
     line = str(text).translate(_CONTROL)
     return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
 

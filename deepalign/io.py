@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import deepalign.core.resnet  # noqa: F401  (registers its record kind: every checkpoint loads)
 from deepalign.core.arch import Arch, arch_from_dict
 from deepalign.core.chain import infer_arch
 from deepalign.core.permspec import Perm, PermSpec, apply_permutation
@@ -112,6 +113,8 @@ def atomic_path(path: Path):
     error (no space, a read-only folder, a name too long) is one DeepAlignError naming `path`.
     """
     path = Path(path)
+    if path.is_symlink():  # write where the link points; replacing the link would break it
+        path = Path(os.path.realpath(path))
     check_output(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +167,15 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
             write(tmp)
         except RuntimeError as e:  # torch.save's zip writer: "file write failed"
             raise DeepAlignError(f"{path}: cannot write ({shown(str(e))})") from e
+
+
+def save_torch(path: Path, blob: Any) -> None:
+    """`torch.save(blob)` written atomically: serialised in memory first, so that a failed
+    write is the OS's own reason (no space left, file too large), not torch's "unexpected pos"."""
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    data = buffer.getbuffer()
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def digest(record: Any, length: int = 16) -> str:
@@ -219,7 +231,7 @@ def save_current(path: Path, blob: dict, fp: str) -> None:
     if path.suffix == ".json":
         write_json(path, blob)
     else:
-        write_atomic(path, lambda tmp: torch.save(blob, tmp))
+        save_torch(path, blob)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -255,7 +267,7 @@ def save_checkpoint(
     """Write an unbatched network atomically (about the size of its parameters)."""
     state = {k: _own_storage(v) for k, v in arch.state_dict(ws, extras).items()}
     blob = {"format": FORMAT, "arch": arch.to_dict(), "state_dict": state, "meta": meta or {}}
-    write_atomic(path, lambda tmp: torch.save(blob, tmp))
+    save_torch(path, blob)
 
 
 def compact_checkpoint(path: Path) -> bool:
@@ -270,7 +282,7 @@ def compact_checkpoint(path: Path) -> bool:
     )
     if bloated:
         blob["state_dict"] = {k: _own_storage(v) for k, v in state.items()}
-        write_atomic(path, lambda tmp: torch.save(blob, tmp))
+        save_torch(path, blob)
     return bloated
 
 
@@ -308,7 +320,8 @@ def verify_archive(path: Path) -> None:
                     raise DeepAlignError(
                         f"{path}: corrupt checkpoint (member '{info.filename}' fails its CRC-32)"
                     )
-    except (zipfile.BadZipFile, EOFError, ValueError, zlib.error) as e:
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, zlib.error) as e:
+        # NotImplementedError: a damaged directory asking for "zip file version 9.0"
         raise DeepAlignError(f"{path}: corrupt or truncated checkpoint ({shown(str(e))})") from e
     except OSError as e:
         raise os_error(path, e, "read") from e
@@ -380,9 +393,15 @@ def _split_state(
     """The weights (every floating tensor the architecture has, each checked) and the integer
     buffers it keeps (num_batches_tracked) apart."""
     weights, extras = {}, {}
-    integer = set(arch.integer_keys())
+    integer = arch.integer_shapes()
     for key, t in state.items():
         if key in integer and t.layout == torch.strided and not t.is_floating_point():
+            if tuple(t.shape) != integer[key] or t.is_complex() or t.dtype == torch.bool:
+                dtype = str(t.dtype).removeprefix("torch.")
+                raise DeepAlignError(
+                    f"{path}: '{key}' is {dtype} of shape {tuple(t.shape)}; "
+                    f"an integer of shape {integer[key]} expected"
+                )
             extras[key] = t
             continue
         problem = _check_tensor(key, t)
@@ -449,4 +468,4 @@ def save_network(path: Path, source: Checkpoint, ws: WeightSpace, meta: dict | N
         save_checkpoint(path, source.arch, ws, source.meta | (meta or {}), source.extras)
         return
     state = source.arch.state_dict(ws, source.extras)
-    write_atomic(path, lambda tmp: torch.save({k: _own_storage(v) for k, v in state.items()}, tmp))
+    save_torch(path, {k: _own_storage(v) for k, v in state.items()})

@@ -11,13 +11,14 @@ weight and bias).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from deepalign.core.arch import Arch, as_input
-from deepalign.core.data import Split
+from deepalign.core.arch import Arch, as_input, layer_outputs, producers
+from deepalign.core.data import Split, reset_images_of
 from deepalign.core.lmc import reset_statistics
 from deepalign.core.permspec import Perm, apply_permutation, identity
 from deepalign.core.weightspace import WeightSpace, average, stack
@@ -27,15 +28,20 @@ from deepalign.methods.weight_matching import WeightMatchingCfg, weight_matching
 
 
 def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
-    """One non-negative weight per network, not all zero (equal weights by default)."""
+    """One finite, non-negative weight per network, not all zero (equal weights by default),
+    normalised to sum to 1."""
     if weights is None:
         return [1.0 / count] * count
-    if len(weights) != count or any(w < 0 for w in weights) or sum(weights) <= 0:
+    values = list(weights)
+    if len(values) != count or not all(math.isfinite(w) and w >= 0 for w in values):
         raise DeepAlignError(
-            f"weights {list(weights)}: one non-negative weight per network ({count}), not all zero"
+            f"weights {values}: one finite, non-negative weight per network ({count})"
         )
-    total = sum(weights)
-    return [w / total for w in weights]
+    largest = max(values)
+    if largest <= 0:
+        raise DeepAlignError(f"weights {values}: not all zero")
+    scaled = [w / largest for w in values]  # 1e308 twice would overflow their sum
+    return [w / sum(scaled) for w in scaled]
 
 
 def merge_many(
@@ -80,10 +86,9 @@ def merged(
     return mean
 
 
-def _moments(arch: Arch, ws: WeightSpace, x: Tensor, group: str) -> tuple[Tensor, Tensor]:
-    """Per unit of `group`, the mean and standard deviation of its first pre-activation tap."""
-    acts = arch.preactivations(ws, x)[group]  # (N, n, ...)
-    units = acts.movedim(1, -1).flatten(0, -2)  # (samples, n)
+def _moments(outputs: Tensor) -> tuple[Tensor, Tensor]:
+    """Each unit's mean and standard deviation over examples (and positions): (N, n, ...)."""
+    units = outputs.movedim(1, -1).flatten(0, -2)  # (samples, n)
     return units.mean(0), units.std(0)
 
 
@@ -94,24 +99,24 @@ def repaired(
     mean: WeightSpace,
     images: Tensor,
 ) -> WeightSpace:
-    """REPAIR: layer by layer, each hidden unit's pre-activation statistics made the weighted
-    average of the parents', by rescaling its incoming weight and bias."""
-    if not hasattr(arch, "preactivations"):
-        raise DeepAlignError(f"REPAIR is implemented for chains, not {arch.describe()}")
+    """REPAIR: layer by layer in forward order, each hidden unit's output statistics made the
+    weighted average of the parents', by rescaling its layer's weight and shifting its bias
+    (a layer without a bias is rescaled only)."""
     x = as_input(arch, images)
+    layers = producers(arch)
+    nodes = tuple(p.node for p in layers)
+    parent_moments = [[_moments(t) for t in layer_outputs(arch, p, x, nodes)] for p in parents]
     out = mean
-    for group in arch.spec.groups:
-        parent = [_moments(arch, p, x, group) for p in parents]
-        goal_mean = sum(w * m for w, (m, _) in zip(weights, parent))
-        goal_std = sum(w * s for w, (_, s) in zip(weights, parent))
-        now_mean, now_std = _moments(arch, out, x, group)
+    for k, layer in enumerate(layers):
+        goal_mean = sum(w * m[k][0] for w, m in zip(weights, parent_moments))
+        goal_std = sum(w * m[k][1] for w, m in zip(weights, parent_moments))
+        now_mean, now_std = _moments(layer_outputs(arch, out, x, (layer.node,))[0])
         scale = goal_std / now_std.clamp_min(1e-8)  # (n,)
-        weight_key, bias_key = arch.producer(group)
-        w, b = out.named[weight_key], out.named[bias_key]
-        shape = (-1, *[1] * (w.ndim - 1))
-        out = out.with_tensors(
-            {weight_key: w * scale.view(shape), bias_key: (b - now_mean) * scale + goal_mean}
-        )
+        w = out.named[layer.weight]
+        changed = {layer.weight: w * scale.view(-1, *[1] * (w.ndim - 1))}
+        if layer.bias is not None:
+            changed[layer.bias] = (out.named[layer.bias] - now_mean) * scale + goal_mean
+        out = out.with_tensors(changed)
     return out
 
 
@@ -142,7 +147,7 @@ def merge_networks(
     else:
         perms = merge_many(arch, nets, cfg.weight_matching)
         aligned = [apply_permutation(n, p, arch.spec) for n, p in zip(nets, perms)]
-    images = train.x[:reset_images] if train is not None and reset_images else None
+    images = reset_images_of(train, reset_images)
     if arch.has_batchnorm and images is None and (repair or reset_images):
         raise DeepAlignError(
             "merging networks with BatchNorm resets their statistics on training images: "

@@ -1,49 +1,115 @@
-"""Which settings a command uses: `--params` if given, else the project's params.yaml where
-there is one, else the defaults shipped with the package. Paths inside a params file
-(aligner checkpoints, the data folder) are read relative to that file's folder."""
+"""Which settings a command uses: the defaults shipped with the package, with the keys of a
+params file merged over them when one is given (`--params FILE`, `params=`). No file is read
+unless it is named, so a folder's own `params.yaml` (every DVC project has one) never changes
+what a command does. Unknown sections and keys of the given file are refused, each naming the
+file and the key; paths inside it (aligner checkpoints, the data folder) are read relative to
+that file's folder."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
-from deepalign.config import load_section
+from deepalign.config import Count, build, pick, read_params, suggest
 from deepalign.core.data import DataCfg
-from deepalign.methods import MethodsCfg
-from deepalign.methods.learned import DeepAlignCfg
+from deepalign.errors import DeepAlignError
 
+T = TypeVar("T")
 DEFAULTS = Path(__file__).with_name("defaults.yaml")
-PROJECT = Path("params.yaml")
+# Sections of the project's params.yaml that only the pipeline's stages read: a params file
+# given to a command may hold them (tests/test_api.py checks this list against params.yaml).
+PIPELINE_SECTIONS = (
+    "data", "zoo", "bench", "aligner", "align", "evaluate", "converge", "study", "curves",
+    "scale", "resnets", "ood", "merge", "inr", "runner", "schedule",
+)  # fmt: skip
+# Keys of `align` that are the align stage's own, beside the method sections.
+ALIGN_STAGE_KEYS = ("archs", "methods", "pairs", "planted_pairs", "planted_noise", "seed")
 
 
-def params_file(given: Path | None) -> Path:
-    """The params file a command reads (see the module docstring)."""
-    if given is not None:
-        return given
-    return PROJECT if PROJECT.is_file() else DEFAULTS
+@dataclass(frozen=True)
+class BatchNormCfg:
+    """Section `batchnorm`: how merge and interpolate treat BatchNorm statistics."""
+
+    reset_images: Count  # training images that recompute them (0: keep the averaged ones)
 
 
-def _beside(path: Path, entry: str) -> str:
-    """A path from a params file, taken relative to that file's folder."""
-    return entry if Path(entry).is_absolute() else str(path.parent / entry)
+def _merged(base: Any, over: Any) -> Any:
+    """`over`'s values over `base`'s, mapping by mapping; anything else replaces."""
+    if not (isinstance(base, Mapping) and isinstance(over, Mapping)):
+        return over
+    return {**base, **{k: _merged(base[k], v) if k in base else v for k, v in over.items()}}
 
 
-def methods_cfg(path: Path) -> MethodsCfg:
-    """Every method's settings (section `align`), aligner paths relative to the file."""
-    cfg = load_section("align", MethodsCfg, path, allow_extra=True)
-    found = [_beside(path, p) for p in cfg.deep_align.checkpoints]
+@dataclass(frozen=True)
+class Settings:
+    """The packaged defaults, and the given file's keys over them."""
+
+    values: dict[str, Any]
+    given: Path | None  # the params file named by the user, if any
+    given_keys: dict[str, Any]  # that file's own mapping (for paths relative to it)
+
+    @property
+    def where(self) -> Path:
+        """The file errors name: the given one, else the packaged defaults."""
+        return self.given or DEFAULTS
+
+    def section(self, name: str, cls: type[T], allow_extra: bool = False) -> T:
+        """Section (or 'section.sub') `name` as `cls`; errors name the file and the key."""
+        return build(cls, pick(self.values, name, self.where), f"{self.where}: {name}", allow_extra)
+
+    def path(self, section: str, value: str) -> str:
+        """A path from `section`: relative to the given file's folder where that file set the
+        section, else to the package's."""
+        if Path(value).is_absolute():
+            return value
+        own = self.given is not None and section.split(".")[0] in self.given_keys
+        return str((self.given.parent if own else DEFAULTS.parent) / value)  # type: ignore[union-attr]
+
+
+def _check_sections(given: Path, data: dict[str, Any], defaults: dict[str, Any]) -> None:
+    known = [*defaults, *(s for s in PIPELINE_SECTIONS if s not in defaults)]
+    for key in data:
+        if key not in known:
+            raise DeepAlignError(f"{given}: {key}: unknown section{suggest(str(key), known)}")
+
+
+def load_settings(given: Path | str | None = None) -> Settings:
+    """The packaged defaults, with `given`'s keys merged over them when a file is named."""
+    defaults = read_params(DEFAULTS)
+    if given is None:
+        return Settings(defaults, None, {})
+    given = Path(given)
+    data = read_params(given)
+    _check_sections(given, data, defaults)
+    return Settings(_merged(defaults, data), given, data)
+
+
+def methods_cfg(settings: Settings):
+    """Every method's settings (section `align`), aligner paths relative to their file."""
+    from deepalign.methods import MethodsCfg
+    from deepalign.methods.learned import DeepAlignCfg
+
+    fields = [f.name for f in dataclasses.fields(MethodsCfg)]
+    section = pick(settings.values, "align", settings.where)
+    for key in section if isinstance(section, Mapping) else ():
+        if key not in fields and key not in ALIGN_STAGE_KEYS:
+            hint = suggest(str(key), [*fields, *ALIGN_STAGE_KEYS])
+            raise DeepAlignError(f"{settings.where}: align.{key}: unknown key{hint}")
+    cfg = settings.section("align", MethodsCfg, allow_extra=True)
+    found = [settings.path("align", p) for p in cfg.deep_align.checkpoints]
     return dataclasses.replace(cfg, deep_align=DeepAlignCfg(found))
 
 
-def bn_reset_images(path: Path) -> int:
+def bn_reset_images(settings: Settings) -> int:
     """How many training images recompute a merged or interpolated network's BatchNorm
-    statistics (`curves.bn_reset_images`; 0: keep the averaged running statistics)."""
-    from deepalign.evaluation.curves import CurvesCfg
-
-    return load_section("curves", CurvesCfg, path).bn_reset_images
+    statistics (`batchnorm.reset_images`; 0: keep the averaged running statistics)."""
+    return settings.section("batchnorm", BatchNormCfg).reset_images
 
 
-def data_cfg(path: Path, name: str) -> DataCfg:
+def data_cfg(settings: Settings, name: str) -> DataCfg:
     """Data set `name` with the file's split settings, its data folder relative to the file."""
-    cfg = load_section("data", DataCfg, path)
-    return dataclasses.replace(cfg, name=name, root=_beside(path, cfg.root))
+    cfg = settings.section("data", DataCfg)
+    return dataclasses.replace(cfg, name=name, root=settings.path("data", cfg.root))

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ from deepalign.config import Count, Positive, build, load_section, one_of, pick,
 from deepalign.console import run_app
 from deepalign.core.data import DataCfg, data_paths
 from deepalign.errors import DeepAlignError, UsageError, one_line
-from deepalign.evaluation.report import headline, shown
+from deepalign.evaluation.summary import headline, shown
 from deepalign.guard import check_io
 from deepalign.io import clean_stale_temps, write_json
 from deepalign.threads import ALLOCATOR_ENV, configure_process, threads_for
@@ -176,10 +176,15 @@ def publish_headline(stage: Stage, found: dict[str, dict]) -> None:
         create_table_artifact(rows, key=f"{key}-headline", description=f"{stage.name}: headline")
 
 
-def track(futures: dict[Any, PrefectFuture], stage: str, unit: str) -> dict[Any, Any]:
+def track(
+    futures: dict[Any, PrefectFuture],
+    stage: str,
+    unit: str,
+    finished: Callable[[Any, Any], None] | None = None,
+) -> dict[Any, Any]:
     """Wait for a stage's tasks: one progress bar drawn by the flow's process (so that worker
-    processes never draw over each other) and a Prefect log line per finished task; their
-    results by key."""
+    processes never draw over each other) and a Prefect log line per finished task, then
+    `finished(key, result)` where given (for each that succeeded); their results by key."""
     log, key_of = logger(), {f.task_run_id: k for k, f in futures.items()}
     with tqdm(total=len(futures), desc=stage, unit=unit, mininterval=1.0) as bar:
         for future in as_completed(list(futures.values())):
@@ -188,7 +193,19 @@ def track(futures: dict[Any, PrefectFuture], stage: str, unit: str) -> dict[Any,
             bar.set_postfix_str(name, refresh=False)
             bar.update()
             log.info("%s: %s done (%d/%d)", stage, name, bar.n, bar.total)
+            if finished:
+                try:
+                    done = future.result()
+                except Exception:  # raised below, once every task has ended
+                    continue
+                finished(key, done)
     return {k: f.result() for k, f in futures.items()}
+
+
+def untimed(rows: list[dict]) -> list[dict]:
+    """Rows for a CSV a stage writes beside its metrics: every column but the timings (those
+    stay in the metrics files), so that the same results write the same bytes."""
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
 
 
 def _log_artifact(path: Path) -> None:
@@ -362,11 +379,10 @@ def stage_folders(stage: Stage, io: Paths) -> dict[str, Path]:
 
 
 def stage_reads(stage: Stage, io: Paths, params: Path) -> dict[str, Path]:
-    """Every path a stage reads, by the option (or declaration) that names it; its `folders`
-    apart (`stage_folders`)."""
+    """Every path a stage reads, by the option (or declaration) that names it: the files it
+    reads inside its folders among them (`Stage.inputs`), the folders apart (`stage_folders`)."""
     reads = {f"--{k}": io.at[k] for k, role in stage.roles().items() if role == "deps"}
-    declared = {f"the stage's input {p}": Path(p) for p in stage.reads}
-    return {"--params": params, **reads, **declared}
+    return {"--params": params, **reads, **stage.inputs(io)}
 
 
 def data_reads(configs: Any) -> dict[str, Path]:
@@ -379,6 +395,13 @@ def stage_writes(stage: Stage, io: Paths) -> dict[str, Path]:
     """Every path a stage writes, by its option."""
     written = {role for role in ROLES if role not in ("folders", "deps")}
     return {f"--{k}": io.at[k] for k, role in stage.roles().items() if role in written}
+
+
+def check_stage_io(stage: Stage, io: Paths, params: Path, configs: Iterable[Any] = ()) -> None:
+    """Refuse, in one line, a stage run that would write a path it reads (the params file, an
+    input, a file inside a folder it reads, the data of its `configs`) or write one path twice."""
+    reads = stage_reads(stage, io, params) | data_reads(configs)
+    check_io(reads, stage_writes(stage, io), stage=True, folders=stage_folders(stage, io))
 
 
 def stage_of(flow: Flow) -> Stage:
@@ -411,12 +434,9 @@ def cli(flow: Flow) -> None:
     def main(params: Path, debug: bool, **paths: Path) -> None:
         with one_line_errors(debug):
             io = stage.paths(**paths)
-            reads, writes = stage_reads(stage, io, params), stage_writes(stage, io)
-            folders = stage_folders(stage, io)
-            check_io(reads, writes, stage=True, folders=folders)
+            check_stage_io(stage, io, params)
             configs = flow_configs(flow, read_params(params), params)
-            reads |= data_reads(configs.values())
-            check_io(reads, writes, stage=True, folders=folders)
+            check_stage_io(stage, io, params, configs.values())
             runner_cfg = load_section("runner", RunnerCfg, params)
             runner_cfg, threads = stage_runner(stage, runner_cfg)
             configure_process(threads_for(1, runner_cfg.threads), runner_cfg.pair_threads)

@@ -8,11 +8,11 @@ from prefect.cache_policies import NO_CACHE
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.core.data import DataCfg, Dataset, load_dataset
 from deepalign.evaluation import convergence as cv
-from deepalign.evaluation.report import plot_convergence
+from deepalign.evaluation.figures import plot_convergence
 from deepalign.io import write_csv
 from deepalign.methods import MethodsCfg
 from deepalign.zoo.store import load_zoo
-from flows.common import StageRun, cli, log_method_run, stage_run, track
+from flows.common import StageRun, cli, log_method_run, stage_run, track, untimed
 from flows.stages import Paths, Plot, Stage
 
 STAGE = Stage(
@@ -51,7 +51,7 @@ def converge_arch(
             log_method_run(run, STAGE.name, arch, start, found | {"target_loss_barrier": target})
     summary["deep_align"]["per_group"] = cv.summarize_layers(layers)
     figure = run.io.figures / f"refine_convergence_{arch}.png"
-    write_csv(run.io.plots / f"refine_convergence_{arch}.csv", rows)
+    write_csv(run.io.plots / f"refine_convergence_{arch}.csv", untimed(rows))
     plot_convergence(figure, rows, target, f"digits {arch}")
     return summary
 

@@ -10,8 +10,8 @@ from tqdm import tqdm
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.core.data import DataCfg, Dataset, load_dataset
 from deepalign.evaluation import curves as mc
+from deepalign.evaluation.figures import plot_curve_accuracy
 from deepalign.evaluation.pairs import saved_run
-from deepalign.evaluation.report import plot_curve_accuracy
 from deepalign.io import write_csv
 from deepalign.zoo.store import load_zoo
 from flows.common import StageRun, cli, log_method_run, stage_run

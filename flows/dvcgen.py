@@ -67,14 +67,20 @@ def dvc_stage(stage: Stage) -> dict:
     code = [str(p) for p in sorted(import_closure(f"flows.{stage.name}"))]
     out: dict = {} if wdir == ROOT else {"wdir": ".."}
     out |= {"cmd": command(stage), "deps": code + _reads(stage), "params": list(stage.params)}
-    detail = [p for k, p in stage.metrics.items() if k not in stage.headline]
+    detail = [k for k in stage.metrics if k not in stage.headline]
     out["outs"] = [
         *({p: {"persist": True}} for p in stage.persist.values()),
-        *({p: {"cache": False}} for p in [*stage.uncached.values(), *detail]),
+        *({p: {"cache": False}} for p in stage.uncached.values()),
+        *({stage.metrics[k]: _metrics_props(stage, k)} for k in detail),
     ]
-    out["metrics"] = [{stage.metrics[k]: {"cache": False}} for k in stage.headline]
+    out["metrics"] = [{stage.metrics[k]: _metrics_props(stage, k)} for k in stage.headline]
     out["plots"] = [{p: _plot_props(stage, k)} for k, p in stage.plots.items()]
     return {k: v for k, v in out.items() if v}
+
+
+def _metrics_props(stage: Stage, option: str) -> dict:
+    """A metrics file, kept in git; one the stage resumes from is kept across runs too."""
+    return {"cache": False} | ({"persist": True} if option in stage.kept else {})
 
 
 def _plot_props(stage: Stage, option: str) -> dict:

@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
+import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.core.data import DataCfg, Dataset, load_dataset
+from deepalign.errors import DeepAlignError
 from deepalign.evaluation import experiment
 from deepalign.evaluation.experiment import AlignCfg, EvaluateCfg
-from deepalign.evaluation.pairs import saved_run
-from deepalign.evaluation.report import interpolation_rows, plot_curves
-from deepalign.io import write_csv
+from deepalign.evaluation.figures import interpolation_rows, plot_curves
+from deepalign.evaluation.pairs import MethodRun, saved_run
+from deepalign.io import read_result, write_csv
 from deepalign.zoo.store import load_zoo
-from flows.common import StageRun, cli, log_method_run, stage_run
+from flows.common import StageRun, cli, log_method_run, stage_run, untimed
 from flows.stages import Paths, Plot, Stage
 
 STAGE = Stage(
     "evaluate",
     configs={"data_cfg": "data", "align_cfg": "align", "cfg": "evaluate"},
     params=("runner", "data", "align.archs", "align.methods", "evaluate"),
-    deps={"zoo": "zoo", "aligned": "aligned"},
+    deps={"zoo": "zoo", "aligned": "aligned", "timings": "metrics/align.json"},
     plots={"plots": "plots/evaluate"},
     uncached={"figures": "figures/evaluate", "table": "plots/pairs.csv"},
     metrics={"metrics": "metrics/evaluate.json", "compare": "metrics/compare.json"},
@@ -30,9 +35,20 @@ STAGE = Stage(
     notes={
         "plots": "(`interpolation_<arch>.csv`)",
         "figures": "(`interpolation_<arch>.png`)",
-        "table": "(one row per pair)",
+        "table": "(one row per pair; its seconds are in `metrics/align.json`)",
     },
 )
+
+
+def timed(result: MethodRun, arch: str, timings: dict, path: Path) -> MethodRun:
+    """The saved run with the seconds per pair the align stage recorded for it in `path`."""
+    seconds = timings.get(arch, {}).get(result.method, {}).get("seconds_per_pair")
+    if not isinstance(seconds, list) or len(seconds) != len(result.pairs):
+        raise DeepAlignError(
+            f"{path}: no seconds for the {len(result.pairs)} pairs of {arch}/{result.method}; "
+            "run the align stage"
+        )
+    return dataclasses.replace(result, seconds=torch.tensor(seconds, dtype=torch.float64))
 
 
 @task(cache_policy=NO_CACHE)
@@ -41,9 +57,10 @@ def evaluate_arch(
 ) -> tuple[dict, list[dict]]:
     """Curves and metrics of every method on one architecture's pairs."""
     zoo = load_zoo(run.io.zoo / arch, data)
+    timings = read_result(run.io.timings) or {}
     summary, rows, curves = {}, [], {}
     for method in tqdm(methods, desc=f"evaluate {arch}", unit="method", mininterval=1.0):
-        result = saved_run(run.io.aligned, arch, method)
+        result = timed(saved_run(run.io.aligned, arch, method), arch, timings, run.io.timings)
         curves[method] = experiment.pair_curves(result, zoo, data, cfg.points, cfg.bn_reset_images)
         summary[method], pair_rows = experiment.method_metrics(result, curves[method])
         names = [{"arch": arch, "method": method, "pair": f"{i}-{j}"} for i, j in result.pairs]
@@ -67,7 +84,7 @@ def evaluate(io: Paths, data_cfg: DataCfg, align_cfg: AlignCfg, cfg: EvaluateCfg
         for arch, future in futures.items():  # fan-out: one task per architecture
             summary[arch], arch_rows = future.result()
             rows += arch_rows
-        write_csv(io.table, rows)
+        write_csv(io.table, untimed(rows))
         run.metrics = {"metrics": summary, "compare": experiment.paired_comparisons(rows, cfg)}
     return run.metrics
 

@@ -15,15 +15,15 @@ import flows  # noqa: F401  (offline defaults first)
 from deepalign.core.data import Dataset
 from deepalign.evaluation import inr as study
 from deepalign.evaluation.experiment import AlignCfg
-from deepalign.evaluation.report import interpolation_rows, plot_convergence, plot_curves
+from deepalign.evaluation.figures import plot_convergence
 from deepalign.io import write_csv
 from deepalign.methods.deep_align import train as trainer
 from deepalign.methods.deep_align.checkpoint import save_aligner
 from deepalign.zoo import build
 from deepalign.zoo.store import Zoo, load_zoo, zoo_digest
-from flows.common import StageRun, cli, log_method_run, stage_run
-from flows.ood import ALIGN_KEYS
+from flows.common import StageRun, cli, stage_run, untimed
 from flows.stages import Paths, Plot, Stage
+from flows.studies import ALIGN_KEYS, publish_scores, trained_zoo
 
 STAGE = Stage(
     "inr",
@@ -48,12 +48,12 @@ STAGE = Stage(
 def fit_zoo(folder: Path, name: str, cfg: study.InrCfg) -> tuple[Zoo, Dataset, dict]:
     """Fit the INRs not yet fitted with these settings (resumes); the zoo, its data, summary."""
     zoo_cfg = cfg.zoos[name]
-    data = study.zoo_data(zoo_cfg)
-    records, trained = build.train_zoo(
-        folder, name, zoo_cfg.net, cfg.seed, (data, zoo_cfg.signals), views=zoo_cfg.signals.views
+    signals = (study.zoo_data(zoo_cfg), zoo_cfg.signals)
+    data, summary = trained_zoo(
+        folder, name, zoo_cfg.net, cfg.seed, signals, views=signals[1].views
     )
     mlflow.log_artifact(str(folder / "manifest.json"), artifact_path=f"inr/{name}")
-    return load_zoo(folder, data), data, build.summarize(records, trained)
+    return load_zoo(folder, data), data, summary
 
 
 @task(cache_policy=NO_CACHE)
@@ -63,26 +63,23 @@ def train_aligner(folder: Path, zoo: Zoo, data: Dataset, cfg: trainer.AlignerCfg
     fp = trainer.aligner_fingerprint(cfg, zoo.arch, zoo_digest(folder), data)
     state = folder / "aligner.state.pt"
     model, result = trainer.train(zoo, data, cfg, device, state, fp, desc=f"aligner {folder.name}")
-    save_aligner(folder / "aligner.pt", model, zoo.arch, {"fingerprint": fp} | result)
+    meta = {"fingerprint": fp} | trainer.checkpoint_meta(result)
+    save_aligner(folder / "aligner.pt", model, zoo.arch, meta)
     return {k: float(v) for k, v in result.items() if k != "epoch"}
 
 
 @task(cache_policy=NO_CACHE)
 def score(run: StageRun, name: str, zoo: Zoo, data: Dataset, cfg, methods: AlignCfg) -> dict:
     """Every method on the test pairs: nested MLflow runs, the mean lines as CSV and PNG."""
-    summary, lines = study.score_methods(zoo, data, cfg, methods, name)
-    for method, metrics in summary.items():
-        log_method_run(run, STAGE.name, name, method, metrics)
-    write_csv(run.io.interpolation / f"interpolation_{name}.csv", interpolation_rows(lines))
-    plot_curves(run.io.figures / f"interpolation_{name}.png", lines, f"SIREN, {name} signals")
-    return summary
+    scored = study.score_methods(zoo, data, cfg, methods, name)
+    return publish_scores(run, STAGE.name, name, scored, f"SIREN, {name} signals")
 
 
 @task(cache_policy=NO_CACHE)
 def converge(run: StageRun, name: str, zoo: Zoo, data: Dataset, cfg, methods: AlignCfg) -> dict:
     """Sinkhorn's barrier against its steps from three starts, as CSV and PNG."""
     rows, summary = study.convergence(zoo, data, cfg, methods, name)
-    write_csv(run.io.converge / f"converge_{name}.csv", rows)
+    write_csv(run.io.converge / f"converge_{name}.csv", untimed(rows))
     target = summary["target_loss_barrier"]["value"]
     plot_convergence(run.io.figures / f"converge_{name}.png", rows, target, f"SIREN, {name}")
     return summary

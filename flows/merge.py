@@ -5,24 +5,17 @@ both endpoints."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from pathlib import Path
-
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.core.data import DataCfg, Dataset, load_dataset
-from deepalign.core.shifts import ShiftCfg, shifted
 from deepalign.evaluation import disjoint
 from deepalign.evaluation.experiment import AlignCfg
-from deepalign.evaluation.report import interpolation_rows, plot_curves
-from deepalign.io import write_csv
 from deepalign.zoo import build
-from deepalign.zoo.store import Zoo, load_zoo
-from flows.common import StageRun, cli, log_method_run, stage_run
-from flows.ood import ALIGN_KEYS
+from flows.common import StageRun, cli, stage_run
 from flows.stages import Paths, Plot, Stage
+from flows.studies import ALIGN_KEYS, publish_scores, shifted_zoo
 
 STAGE = Stage(
     "merge",
@@ -48,32 +41,13 @@ STAGE = Stage(
 
 
 @task(cache_policy=NO_CACHE)
-def side_zoo(
-    folder: Path, data: Dataset, data_cfg: DataCfg, net: build.NetCfg, seed: int, shift: ShiftCfg
-) -> tuple[Zoo, dict]:
-    """Train one side's networks not yet trained (resumes) on its class skew."""
-    skewed = shifted(data, shift)
-    records, trained = build.train_zoo(
-        folder, folder.name, net, seed, (skewed, data_cfg), asdict(shift)
-    )
-    return load_zoo(folder, data), build.summarize(records, trained) | {
-        "train_images": len(skewed.train.y)
-    }
-
-
-@task(cache_policy=NO_CACHE)
 def merge_sides(
     run: StageRun, zoos: dict, data: Dataset, sides: disjoint.Sides, cfg, align: AlignCfg
 ) -> dict:
     """Every method on the pairs (A_k, B_k): nested MLflow runs, mean lines as CSV and PNG."""
     zoo, pairs = disjoint.paired(zoos["a"], zoos["b"])
-    summary, lines = disjoint.merge_pairs(zoo, pairs, data, sides, cfg.points, align)
-    for method, metrics in summary.items():
-        log_method_run(run, STAGE.name, sides.arch, method, metrics)
-    name = f"interpolation_{sides.arch}"
-    write_csv(run.io.interpolation / f"{name}.csv", interpolation_rows(lines))
-    plot_curves(run.io.figures / f"{name}.png", lines, f"{sides.arch}, A to B")
-    return summary
+    scored = disjoint.merge_pairs(zoo, pairs, data, sides, cfg.points, align)
+    return publish_scores(run, STAGE.name, sides.arch, scored, f"{sides.arch}, A to B")
 
 
 @flow(name="merge", validate_parameters=False)
@@ -93,12 +67,12 @@ def merge(
     with stage_run(STAGE, io, data_cfg=data_cfg, resnet_net=resnet_net, cfg=cfg) as run:
         for sides in disjoint.plan_sides(cfg, default, resnet_net):
             zoos, summaries = {}, {}
-            for side, shift in shifts.items():
-                folder = io.out / sides.arch / side
-                seed = sides.seed_of(side)
-                zoos[side], summaries[side] = side_zoo(
-                    folder, data, data_cfg, sides.net, seed, shift
+            for side, shift in shifts.items():  # each side trains on its class skew
+                folder, seed = io.out / sides.arch / side, sides.seed_of(side)
+                zoos[side], skewed, summary = shifted_zoo(
+                    folder, side, sides.net, seed, (data, data_cfg), shift
                 )
+                summaries[side] = summary | {"train_images": len(skewed.train.y)}
             methods = merge_sides(run, zoos, data, sides, cfg, align)
             run.metrics.setdefault("metrics", {})[sides.arch] = {
                 "sides": summaries,

@@ -9,9 +9,10 @@ from prefect import flow
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.errors import DeepAlignError
-from deepalign.evaluation.report import headline, render_html
+from deepalign.evaluation.report import render_html
+from deepalign.evaluation.summary import headline
 from deepalign.io import write_atomic
-from flows.common import cli, git_commit, stage_run
+from flows.common import cli, stage_run
 from flows.stages import Paths, Stage
 
 STAGES = ("zoo", "train_aligner", "evaluate", "compare", "converge", "curves")
@@ -45,6 +46,7 @@ STAGE = Stage(
         *(f"metrics/{s}.json" for s in STAGES),
         *(f"figures/{s}" for s in ("evaluate", "curves", "converge")),
     ),
+    optional=tuple(f"metrics/{s}.json" for s in STUDIES),
     notes={"out": "(self-contained)", "headline": "(the only DVC metrics file)"},
 )
 
@@ -52,8 +54,8 @@ STAGE = Stage(
 @flow(name="report", validate_parameters=False)
 def report(io: Paths) -> dict:
     """Render the report and the headline metrics; attach both to an MLflow run."""
-    title, found = f"deepalign report ({git_commit()[:8]})", read_metrics(io.metrics)
-    page = render_html(found, io.figures, title)
+    found = read_metrics(io.metrics)
+    page = render_html(found, io.figures)
     write_atomic(io.out, lambda tmp: tmp.write_text(page))
     with stage_run(STAGE, io) as run:
         run.metrics["headline"] = headline(found)

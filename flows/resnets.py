@@ -16,12 +16,12 @@ from deepalign.core.data import DataCfg, Dataset, load_dataset
 from deepalign.evaluation import curves as mc
 from deepalign.evaluation import resnets as rs
 from deepalign.evaluation.experiment import AlignCfg
-from deepalign.evaluation.report import interpolation_rows, plot_curve_accuracy, plot_curves
+from deepalign.evaluation.figures import plot_curve_accuracy
 from deepalign.io import write_csv
-from deepalign.zoo import build
 from deepalign.zoo.store import load_zoo
-from flows.common import StageRun, cli, log_method_run, stage_run
+from flows.common import StageRun, cli, stage_run
 from flows.stages import Paths, Plot, Stage
+from flows.studies import publish_scores, trained_zoo
 
 STAGE = Stage(
     "resnets",
@@ -54,9 +54,9 @@ STAGE = Stage(
 @task(cache_policy=NO_CACHE)
 def train_zoo(folder: Path, data: Dataset, data_cfg: DataCfg, cfg: rs.ResNetStudyCfg) -> dict:
     """Train the networks not yet trained with these settings (resumes), then the manifest."""
-    records, trained = build.train_zoo(folder, "resnet", cfg.zoo, cfg.seed, (data, data_cfg))
+    _, summary = trained_zoo(folder, "resnet", cfg.zoo, cfg.seed, (data, data_cfg))
     mlflow.log_artifact(str(folder / "manifest.json"), artifact_path="resnets")
-    return build.summarize(records, trained)
+    return summary
 
 
 @task(cache_policy=NO_CACHE)
@@ -64,10 +64,7 @@ def lines(run: StageRun, runs: dict, zoo, data: Dataset, cfg: rs.ResNetStudyCfg)
     """Straight lines with BatchNorm statistics reset (the scored ones) and kept."""
     reset, curves = rs.line_metrics(runs, zoo, data, cfg, reset=True)
     kept, _ = rs.line_metrics(runs, zoo, data, cfg, reset=False)
-    for method, metrics in reset.items():
-        log_method_run(run, STAGE.name, "resnet", method, metrics)
-    write_csv(run.io.interpolation / "interpolation_resnet.csv", interpolation_rows(curves))
-    plot_curves(run.io.figures / "interpolation_resnet.png", curves, "digits resnet (BN reset)")
+    publish_scores(run, STAGE.name, "resnet", (reset, curves), "digits resnet (BN reset)")
     return {"bn_reset": reset, "bn_kept": kept, "loss_barrier_over_naive": rs.barrier_ratios(reset)}
 
 

@@ -73,7 +73,10 @@ class Stage:
     # nested run per architecture (tagged stage/arch) with the numbers under their own names
     nested: tuple[str, ...] = ()  # metrics options the flow logs itself in nested runs (per
     # architecture and method, tagged); the stage's own run keeps the file as an artifact
+    kept: tuple[str, ...] = ()  # metrics options DVC keeps across runs (persist): a resuming
+    # stage keeps the timings of the work it reuses there (outputs hold no timings)
     reads: tuple[str, ...] = ()  # further deps: files other stages write
+    optional: tuple[str, ...] = ()  # files read where present, not deps (another pipeline's)
     partial: tuple[str, ...] = ()  # flow arguments built from only part of their section
     notes: dict[str, str] = field(default_factory=dict)  # option -> what is inside (README)
     fan_out: bool = False  # its tasks are many similar units (networks, methods): they go to
@@ -95,6 +98,19 @@ class Stage:
             raise UsageError(f"stage {self.name}: no path option {sorted(unknown)}")
         base = {k: root / p if root else p for k, p in self.defaults().items()}
         return Paths(base | {k: Path(v) for k, v in given.items()})
+
+    def inputs(self, io: Paths) -> dict[str, Path]:
+        """The files it reads besides its path options (`reads`, `optional`), by their names
+        in words: one inside a `folders` option's default is read inside the folder given."""
+        found = {}
+        for name in (*self.reads, *self.optional):
+            path = Path(name)
+            for option, folder in self.folders.items():
+                if path.is_relative_to(folder):
+                    path = io.at[option] / path.relative_to(folder)
+                    break
+            found[f"the stage's input {name}"] = path
+        return found
 
     def written(self, io: Paths) -> list[Path]:
         """The paths of `io` this stage writes."""

@@ -6,7 +6,7 @@ from prefect import flow
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.core.data import DataCfg, load_dataset
-from deepalign.evaluation.report import plot_scaling
+from deepalign.evaluation.figures import plot_scaling
 from deepalign.evaluation.study import (
     StudyCfg,
     build_train_networks,

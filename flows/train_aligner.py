@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.core.data import DataCfg, Dataset, load_dataset
-from deepalign.evaluation.report import shown
+from deepalign.evaluation.summary import shown
 from deepalign.methods.deep_align import train as trainer
 from deepalign.methods.deep_align.checkpoint import save_aligner
 from deepalign.zoo.build import resolve_device
@@ -45,7 +45,7 @@ def train_one_arch(arch: str, line: int, io: Paths, data: Dataset, cfg: trainer.
     test = zoo.nets[torch.tensor(zoo.indices("test"))].to(device)
     recovered = trainer.augmented_recovery(model, zoo.arch, test, cfg.augment, seed=1)
     result["test_planted_recovery_augmented"] = recovered
-    meta = {"fingerprint": fp, "device": str(device)} | result
+    meta = {"fingerprint": fp, "device": str(device)} | trainer.checkpoint_meta(result)
     save_aligner(out / f"{arch}.pt", model, zoo.arch, meta)
     numbers = {k: float(v) for k, v in result.items() if k != "epoch"}
     numbers |= {"device_cuda": float(device.type == "cuda")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import mlflow
@@ -41,13 +42,16 @@ def pending(folder: Path, net: NetCfg, data: Dataset, data_cfg: DataCfg, seed: i
 @task(cache_policy=NO_CACHE)
 def train_group(
     folder: Path, net: NetCfg, data: Dataset, data_cfg: DataCfg, cfg: ZooCfg, indices: list[int]
-) -> list[dict]:
-    """Train one group of networks (one unit of work for the task runner)."""
+) -> float:
+    """Train one group of networks (one unit of work for the task runner); the seconds it took
+    (for the metrics only: checkpoints hold no timings)."""
     arch = build.make_arch(net, data)
     jobs, fps = build.planned(folder, net, cfg.seed, arch, data_cfg)
     group = [jobs[i] for i in indices]
     device = build.resolve_device(cfg.device)  # the flow draws the bar: workers run side by side
-    return build.train_chunk(arch, group, data, net, fps, device, progress=False)
+    start = time.perf_counter()
+    build.train_chunk(arch, group, data, net, fps, device, progress=False)
+    return time.perf_counter() - start
 
 
 @task(cache_policy=NO_CACHE)
@@ -73,8 +77,9 @@ def zoo(io: Paths, data_cfg: DataCfg, cfg: ZooCfg) -> dict:
                 (name, f"{c[0]}-{c[-1]}"): train_group.submit(folder, net, data, data_cfg, cfg, c)
                 for c in chunks
             }
-            track(futures, f"{STAGE.name} {name}", "group")
-            summary[name] = build.summarize(finish(folder, net, data, cfg.seed), len(todo))
+            seconds = sum(track(futures, f"{STAGE.name} {name}", "group").values())
+            records = finish(folder, net, data, cfg.seed)
+            summary[name] = build.summarize(records, len(todo), seconds)
     return run.metrics
 
 

@@ -28,7 +28,8 @@ from deepalign.methods.learned import DeepAlignCfg
 from deepalign.methods.sinkhorn import SinkhornCfg, _initial_logits
 from deepalign.methods.ste import SteCfg
 from deepalign.methods.weight_matching import WeightMatchingCfg, objective, weight_matching_trace
-from deepalign.zoo.build import NetCfg, init_network, make_arch, train_batched
+from deepalign.zoo.build import init_network, make_arch, train_batched
+from tests.configs import net_cfg
 
 CFG = MethodsCfg(
     weight_matching=WeightMatchingCfg(max_iter=100, restarts=0, seed=0),
@@ -52,23 +53,9 @@ CFG = MethodsCfg(
 def trained(digits):
     """Two small trained MLPs and two CNNs on digits (a few epochs)."""
     out = {}
-    for kind, hidden, strides in (("mlp", [16, 12], []), ("cnn", [4, 6], [1, 2])):
-        net = NetCfg(
-            kind,
-            hidden,
-            strides,
-            0,
-            "relu",
-            2,
-            0,
-            0,
-            epochs=4,
-            batch_size=64,
-            lr=3e-3,
-            weight_decay=0.0,
-            optimizer="adam",
-            momentum=0.0,
-        )
+    shapes = {"mlp": {"hidden": [16, 12]}, "cnn": {"hidden": [4, 6], "strides": [1, 2]}}
+    for kind, shape in shapes.items():
+        net = net_cfg(kind, **shape, epochs=4)
         arch = make_arch(net, digits)
         ws = train_batched(
             arch,
@@ -115,6 +102,17 @@ def test_weight_matching_objective_never_decreases(trained):
     best = objective(a, apply_permutation(b, perm, arch.spec))
     assert best == pytest.approx(max(t[-1] for t in traces))
     assert best > objective(a, b)  # better than no alignment
+
+
+def test_weight_matching_restarts_only_when_no_start_is_given(trained):
+    arch, a, b = trained["mlp"]
+    problem, start = Problem.of(a, b, arch), random_permutation(arch.spec, torch.Generator())
+    one, many = (WeightMatchingCfg(max_iter=100, restarts=r, seed=1) for r in (0, 4))
+    _, refined = weight_matching_trace(problem, many, start)
+    assert len(refined) == 1  # a refinement keeps its start
+    _, fresh = weight_matching_trace(problem, many)
+    assert len(fresh) == 5  # twin: from scratch, 4 random starts beside the identity
+    assert len(weight_matching_trace(problem, one)[1]) == 1
 
 
 def test_weight_matching_is_exact_for_one_hidden_layer():
@@ -275,20 +273,30 @@ def test_recovery_counts_units():
 
 
 @pytest.mark.parametrize("method", ["sinkhorn", "weight_matching+sinkhorn", "ste"])
-def test_pairs_aligned_together_get_the_answers_they_get_alone(trained, digits, method):
+def test_pairs_aligned_together_get_the_answers_they_get_alone(
+    trained, digits, method, monkeypatch
+):
     arch, a, b = trained["mlp"]
     data = small_split(digits)
     planted = apply_permutation(
         b, random_permutation(arch.spec, torch.Generator().manual_seed(2)), arch.spec
     )
     problems = [Problem.of(x, y, arch, data) for x, y in ((a, b), (b, a), (a, planted))]
+    last = method.split("+")[-1]  # the batched step (how fast it runs: the bench stage's)
+    batch, sizes = align_module.ALIGNERS[last].batch, []
+
+    def counted(problems, cfg, inits):
+        sizes.append(len(problems))
+        return batch(problems, cfg, inits)
+
+    monkeypatch.setitem(
+        align_module.ALIGNERS, last, replace(align_module.ALIGNERS[last], batch=counted)
+    )
     together = align_module.align_all(method, problems, CFG)
+    assert sizes == [3]  # one run for every pair at once
     alone = [align(method, p, CFG) for p in problems]
     for t, s in zip(together, alone):
         assert all(torch.equal(t.perm[g], s.perm[g]) for g in s.perm)
-    if "+" not in method:  # one batched run, its time shared evenly
-        spent = [r.seconds for r in together]
-        assert max(spent) - min(spent) < 1e-3 < min(spent)
     # twin: answers follow their problems, not their positions in the batch
     backwards = align_module.align_all(method, problems[::-1], CFG)
     assert all(

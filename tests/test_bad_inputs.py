@@ -441,6 +441,7 @@ def pair(tmp_path):
 @pytest.mark.parametrize(
     "points", [pytest.param("10000001", id="ten-million-and-one"), pytest.param("1e20", id="1e20")]
 )
+@pytest.mark.slow  # starts a process
 def test_bad_points_is_a_usage_error(pair, points):
     start = time.monotonic()
     proc = run_main("interpolate", *pair, "--points", points, "--params", PARAMS)
@@ -453,6 +454,7 @@ def test_bad_points_is_a_usage_error(pair, points):
     "seed",
     [pytest.param("1e20", id="1e20"), pytest.param("100000000000000000000", id="twenty-digits")],
 )
+@pytest.mark.slow  # starts a process
 def test_bad_seed_is_refused_in_one_line(tmp_path, pair, seed):
     proc = run_main("permute", pair[0], "--seed", seed, "-o", str(tmp_path / "out.pt"))
     assert "--seed" in stderr_line(proc)
@@ -590,6 +592,7 @@ def no_schedule(params: dict) -> None:
         pytest.param(no_schedule, "schedule", id="schedule-section-missing"),
     ],
 )
+@pytest.mark.slow  # starts a process
 def test_schedule_entry_point_gives_one_line(tmp_path, edit, expected):
     params = repo_params()
     edit(params)

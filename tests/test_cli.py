@@ -186,6 +186,7 @@ HEAVY = ("torch", "prefect", "mlflow", "dvc", "matplotlib", "scipy")
 @pytest.mark.parametrize(
     "command", ["", "info", "permute", "align", "merge", "interpolate", "curve", "sweep"]
 )
+@pytest.mark.slow  # starts a process
 def test_help_lists_every_option_without_loading_the_heavy_libraries(command):
     """`deepalign [COMMAND] --help` prints its options from the parsed signature alone: none
     of torch, Prefect or MLflow is imported (what made `--help` take seconds)."""

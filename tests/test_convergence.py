@@ -25,8 +25,9 @@ from deepalign.methods.learned import DeepAlignCfg, deep_align_batch
 from deepalign.methods.sinkhorn import SinkhornCfg, sinkhorn_rebasin, sinkhorn_trajectory
 from deepalign.methods.ste import SteCfg
 from deepalign.methods.weight_matching import WeightMatchingCfg
-from deepalign.zoo.build import NetCfg, init_network, train_batched
+from deepalign.zoo.build import init_network, train_batched
 from deepalign.zoo.store import Zoo
+from tests.configs import net_cfg
 
 ARCH = mlp_arch(64, [12, 10], 10, "relu")
 SINKHORN = SinkhornCfg("l2", 12, 0.1, 1.0, 20, 1.0, 64, 0)
@@ -77,7 +78,7 @@ def test_summary_counts_steps_and_seconds_to_the_identity_starts_final_barrier()
 
 @pytest.fixture
 def tiny(tmp_path, digits):
-    net = NetCfg("mlp", [12, 10], [], 0, "relu", 0, 0, 6, 3, 32, 3e-3, 0.0, "adam", 0.0)
+    net = net_cfg("mlp", hidden=[12, 10], n_train=0, n_test=6, epochs=3, batch_size=32)
     start = stack([init_network(ARCH, s) for s in range(6)])
     nets = train_batched(ARCH, start, digits.train, net, list(range(6)), torch.device("cpu"), False)
     records = [{"split": "test"}] * 6

@@ -101,6 +101,7 @@ def test_the_code_that_decides_an_alignment_exists():
     assert len(ALIGNMENT_CODE) >= 10 and all(p.is_file() for p in ALIGNMENT_CODE)
 
 
+@pytest.mark.slow  # starts a process
 def test_dvc_accepts_the_generated_pipelines():
     """DVC builds one graph from both files: no output overlaps another stage or dvc.yaml."""
     done = subprocess.run(
@@ -108,3 +109,41 @@ def test_dvc_accepts_the_generated_pipelines():
     )
     assert done.returncode == 0, done.stderr
     assert "study" in done.stdout and "evaluate" in done.stdout
+
+
+def _deps(name: str) -> set[str]:
+    """The code deps of one stage (`dvc.yaml:zoo`, `study/dvc.yaml:merge`)."""
+    return next({str(d) for d in s[1].get("deps", [])} for s in _stages() if s[0] == name)
+
+
+def test_a_stage_depends_on_the_code_it_runs_not_on_the_report_or_the_api():
+    html, figures, api = (
+        f"deepalign/{f}.py" for f in ("evaluation/report", "evaluation/figures", "api")
+    )
+    zoo, evaluate, report = (_deps(f"dvc.yaml:{s}") for s in ("zoo", "evaluate", "report"))
+    assert not {html, figures, api} & zoo and "deepalign/zoo/build.py" in zoo
+    assert figures in evaluate and html not in evaluate  # its figures, not the report's page
+    assert html in report and figures not in report  # twin: the report stage runs the page
+
+
+def test_the_lazy_api_is_no_dep_but_an_import_of_it_would_be(tmp_path, monkeypatch):
+    import flows.imports as imports
+
+    package = tmp_path / "deepalign"
+    package.mkdir()
+    (package / "api.py").write_text("")
+    lazy = (ROOT / "deepalign" / "__init__.py").read_text()
+    (package / "__init__.py").write_text(lazy)
+    monkeypatch.setattr(imports, "ROOT", tmp_path)
+    assert imports.import_closure("deepalign") == {Path("deepalign/__init__.py")}
+    (package / "__init__.py").write_text(f"{lazy}\n\ndef api():\n    from deepalign import api\n")
+    assert Path("deepalign/api.py") in imports.import_closure("deepalign")  # twin
+
+
+RUNS_ANOTHER = {("bench", "zoo")}  # bench times the zoo stage's own task
+
+
+def test_a_stage_flow_is_a_dep_of_its_own_stage_only():
+    deps = {name.split(":")[1]: {str(d) for d in st.get("deps", [])} for name, st, _ in _stages()}
+    found = {(s, o) for s in deps for o in deps if o != s and f"flows/{o}.py" in deps[s]}
+    assert found == RUNS_ANOTHER

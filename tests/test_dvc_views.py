@@ -31,6 +31,7 @@ def _specs(*args: str) -> dict[str, dict]:
     return {k: v[0]["content"] for k, v in found.items() if v[0]["type"] == "vega"}
 
 
+@pytest.mark.slow  # starts a process
 def test_each_method_is_its_own_line():
     specs = _specs()
     csvs = [p for f in FOLDERS for p in sorted((ROOT / f).glob("*.csv"))]
@@ -46,6 +47,7 @@ def test_each_method_is_its_own_line():
         assert spec["encoding"]["strokeDash"]["field"] == "rev", path  # dvc plots diff: a dash
 
 
+@pytest.mark.slow  # starts a process
 def test_the_default_template_would_mix_the_methods():
     """Twin: DVC's own linear template colours by revision only, so the methods share a line."""
     target = "plots/evaluate/interpolation_mlp.csv"
@@ -53,6 +55,7 @@ def test_the_default_template_would_mix_the_methods():
     assert "method" not in json.dumps(spec["encoding"])
 
 
+@pytest.mark.slow  # starts a process
 def test_metrics_show_fits_a_terminal():
     """`dvc metrics show` prints the headline only: every line under 200 characters."""
     done = subprocess.run(
@@ -90,6 +93,7 @@ def _rendered(page: Path, workdir: Path) -> tuple[int, list[str]]:
     return done.stdout.count('class="marks"'), requested
 
 
+@pytest.mark.slow  # starts a process
 def test_plots_show_draws_every_plot_with_the_network_off(tmp_path):
     out = tmp_path / "plots"
     done = subprocess.run(
@@ -117,6 +121,7 @@ def test_plots_show_draws_every_plot_with_the_network_off(tmp_path):
     assert drawn == 0 and any("cdn.jsdelivr.net" in url for url in requested)
 
 
+@pytest.mark.slow  # starts a process
 def test_each_plot_has_titled_axes_and_the_aligned_methods_are_readable():
     """Axis titles from the stage declarations; loss curves on a log axis so that the aligned
     methods are not squashed under naive's barrier."""
@@ -148,12 +153,23 @@ def test_the_report_names_the_method_with_the_lowest_barrier():
         "deep_align+sinkhorn": {"loss_barrier_mean": 0.07, "seconds_per_pair_mean": 0.24},
     }
     line = winner(methods)
-    assert "<b>deep_align+sinkhorn</b> (0.070, 0.24 s per pair)" in line
+    assert "<b>deep_align+sinkhorn</b> (0.070)" in line and "0.24" not in line  # no timings
     assert "weight_matching 0.200" in line and "naive 1.300" in line
     methods["weight_matching"]["loss_barrier_mean"] = 0.01  # twin: a new best is named
     assert "<b>weight_matching</b>" in winner(methods)
 
 
+def test_the_report_leaves_timings_out_and_keeps_the_rest():
+    from deepalign.evaluation.report import render_html
+
+    metrics = {"zoo": {"mlp": {"test_acc_mean": 0.9612, "train_seconds": 12.3456}}}
+    page = render_html(metrics, ROOT / "no-figures")
+    assert "0.961" in page and "12.3" not in page  # twin: the accuracy is shown
+    again = {"zoo": {"mlp": {"test_acc_mean": 0.9612, "train_seconds": 99.0}}}
+    assert render_html(again, ROOT / "no-figures") == page  # another run's time: same bytes
+
+
+@pytest.mark.slow  # starts a process
 def test_exp_show_as_the_readme_gives_it_fits_160_columns():
     (line,) = [s for s in (ROOT / "README.md").read_text().splitlines() if "dvc exp show" in s]
     command = shlex.split(line.split("`")[1] if "`" in line else line)

@@ -26,7 +26,7 @@ from tests.helpers import ROOT, runner
 
 PARAMS = read_params(ROOT / "params.yaml")
 FUZZ = settings(
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "120")),  # more for a long hunt
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "50")),  # more for a long hunt
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -27,7 +27,8 @@ from deepalign.core.data import DataCfg
 from deepalign.errors import DeepAlignError
 from deepalign.evaluation.experiment import AlignCfg
 from deepalign.io import clean_stale_temps, load_checkpoint, save_checkpoint, write_json
-from deepalign.zoo.build import NetCfg, ZooCfg, init_network, write_manifest
+from deepalign.zoo.build import ZooCfg, init_network, write_manifest
+from tests.configs import net_cfg
 from tests.helpers import (
     ROOT,
     error_line,
@@ -277,14 +278,15 @@ def test_align_stage_redoes_its_work_when_a_network_changes_in_place(tmp_path, d
     io = Paths({"zoo": tmp_path / "zoo", "out": tmp_path / "aligned"})
     data_cfg = DataCfg("digits", "data", False, 0, 0.1, 0.2)
     cfg = align_cfg()
-    align_method.fn("weight_matching", "mlp", io, digits, data_cfg, cfg)
+    kept = align_method.fn("weight_matching", "mlp", io, digits, data_cfg, cfg, {})
     saved = tmp_path / "aligned" / "mlp" / "weight_matching.pt"
     first = torch.load(saved, weights_only=True)
     manifest = (zoo / "manifest.json").read_bytes()
     save_checkpoint(zoo / "net-0001.pt", ARCH, init_network(ARCH, 99), {"index": 1})
     assert (zoo / "manifest.json").read_bytes() == manifest  # the manifest did not change
-    align_method.fn("weight_matching", "mlp", io, digits, data_cfg, cfg)
+    again = align_method.fn("weight_matching", "mlp", io, digits, data_cfg, cfg, kept)
     second = torch.load(saved, weights_only=True)
+    assert again["fingerprint"] != kept["fingerprint"]
     assert second["fingerprint"] != first["fingerprint"]
 
 
@@ -309,7 +311,7 @@ def test_a_broken_zoo_is_one_error_naming_it(tmp_path, digits, what):
     io = Paths({"zoo": tmp_path / "zoo", "out": tmp_path / "aligned"})
     data_cfg = DataCfg("digits", "data", False, 0, 0.1, 0.2)
     with pytest.raises(DeepAlignError) as info:
-        align_method.fn("naive", "mlp", io, digits, data_cfg, align_cfg())
+        align_method.fn("naive", "mlp", io, digits, data_cfg, align_cfg(), {})
     assert "manifest.json" in str(info.value) or "net-0002.pt" in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -451,6 +453,7 @@ def test_output_under_an_unwritable_place_is_one_line(tmp_path):
     assert "out.pt" in line
 
 
+@pytest.mark.slow  # starts a process
 def test_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     src = mlp_file(tmp_path / "net.pt")
     proc = run_limited("permute", str(src), "-o", str(tmp_path / "out.pt"), cwd=tmp_path, fsize=512)
@@ -483,6 +486,7 @@ def test_dev_zero_is_not_a_checkpoint():
     assert "/dev/zero" in line and "regular file" in line
 
 
+@pytest.mark.slow  # starts a process
 def test_wide_layer_beyond_memory_is_one_line_naming_its_group(tmp_path):
     for seed, name in enumerate(("a.pt", "b.pt")):
         torch.manual_seed(seed)
@@ -626,7 +630,7 @@ def test_yaml_merge_keys_work(tmp_path):
 def test_a_diverged_zoo_names_the_learning_rate_and_writes_nothing(tmp_path, digits):
     from deepalign.zoo.build import planned, train_chunk
 
-    net = NetCfg("mlp", [8], [], 0, "relu", 2, 0, 0, 1, 64, 1e30, 0.0, "adam", 0.0)
+    net = net_cfg("mlp", hidden=[8], lr=1e30)
     data_cfg = DataCfg("digits", "data", False, 0, 0.1, 0.2)
     arch = mlp_arch(64, [8], 10, "relu")
     folder = tmp_path / "mlp"
@@ -662,6 +666,7 @@ def test_even_points_exit_2(tmp_path):
     assert "--points" in error_line(runner.invoke(app, args), exit_code=2)
 
 
+@pytest.mark.slow  # starts a process
 def test_console_script_exits_2_on_an_unknown_option(tmp_path):
     proc = run_main("info", str(mlp_file(tmp_path / "n.pt")), "--colour")
     assert proc.returncode == 2 and "--colour" in stderr_line(proc)
@@ -677,6 +682,7 @@ def test_sweep_values_may_be_lists():
     }
 
 
+@pytest.mark.slow  # starts a process
 def test_sweep_checks_every_value_before_the_first_run(tmp_path):
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy(ROOT / name, tmp_path / name)
@@ -687,11 +693,13 @@ def test_sweep_checks_every_value_before_the_first_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.slow  # starts a process
 def test_sweep_outside_a_project_is_one_line(tmp_path):
     proc = run_main("sweep", "align.pairs=10", cwd=tmp_path)
     assert proc.returncode == 2 and "not a deepalign project" in stderr_line(proc)
 
 
+@pytest.mark.slow  # starts a process
 def test_torch_warnings_do_not_break_the_one_line_rule(tmp_path):
     path = tmp_path / "csr.pt"  # loading a CSR tensor makes torch warn "support is in beta"
     torch.save({"0.weight": torch.eye(4).to_sparse_csr(), "0.bias": torch.zeros(4)}, path)

@@ -19,8 +19,9 @@ from deepalign.errors import DeepAlignError
 from deepalign.methods import Problem, align_all
 from deepalign.methods.deep_align.augment import check_rescalable, rescale_units
 from deepalign.methods.deep_align.train import partners_of, views_of
-from deepalign.zoo.build import NetCfg, init_network, train_batched, train_one, train_zoo
+from deepalign.zoo.build import init_network, train_batched, train_one, train_zoo
 from deepalign.zoo.store import load_zoo
+from tests.configs import net_cfg
 
 SIREN = mlp_arch(2, [16, 12], 1, "sine")
 RELU = mlp_arch(2, [16, 12], 1, "relu")
@@ -31,8 +32,8 @@ def sines(views=2, seed=0, points=32):
 
 
 def siren_net(**changes):
-    net = NetCfg("siren", [16, 12], [], 0, "sine", 4, 2, 4, 30, 32, 1e-3, 0.0, "adam", 0.0)
-    return dataclasses.replace(net, **changes)
+    recipe = {"n_train": 4, "n_val": 2, "n_test": 4, "epochs": 30, "batch_size": 32, "lr": 1e-3}
+    return net_cfg("siren", hidden=[16, 12], **(recipe | changes))
 
 
 def scaled_output(arch, x):

@@ -21,16 +21,17 @@ from deepalign.evaluation.experiment import AlignCfg, method_metrics, pair_curve
 from deepalign.io import load_checkpoint, save_checkpoint
 from deepalign.merging import merge_networks
 from deepalign.methods import Problem, align
-from deepalign.settings import DEFAULTS, methods_cfg
-from deepalign.zoo.build import NetCfg, init_network, make_arch, train_batched
+from deepalign.settings import DEFAULTS, load_settings, methods_cfg
+from deepalign.zoo.build import init_network, make_arch, train_batched
 from deepalign.zoo.store import Zoo
+from tests.configs import net_cfg
 from tests.helpers import ROOT, run_main, runner
 
 PARAMS = ROOT / "params.yaml"
 
 
-def trained(digits, kind: str, hidden: list[int], blocks: int = 0, epochs: int = 4, n: int = 2):
-    net = NetCfg(kind, hidden, [], blocks, "relu", n, 0, 0, epochs, 64, 3e-3, 0.0, "adam", 0.0)
+def trained(digits, kind: str, epochs: int = 4, n: int = 2, **shape):
+    net = net_cfg(kind, **shape, n_train=n, epochs=epochs)
     arch = make_arch(net, digits)
     nets = stack([init_network(arch, s) for s in range(n)])
     seeds = list(range(n))
@@ -41,12 +42,12 @@ def trained(digits, kind: str, hidden: list[int], blocks: int = 0, epochs: int =
 
 @pytest.fixture(scope="module")
 def mlps(digits):
-    return trained(digits, "mlp", [32, 24], n=3)
+    return trained(digits, "mlp", n=3, hidden=[32, 24])
 
 
 @pytest.fixture(scope="module")
 def resnets(digits):
-    return trained(digits, "resnet", [8, 16, 32], blocks=1)
+    return trained(digits, "resnet", hidden=[8, 16, 32], blocks=1)
 
 
 def accuracy(arch, ws, split) -> float:
@@ -75,7 +76,7 @@ def test_three_permuted_copies_merge_back_into_their_network(digits, mlps):
     copies = [
         apply_permutation(nets[0], random_permutation(arch.spec, gen), arch.spec) for _ in range(3)
     ]
-    cfg = methods_cfg(DEFAULTS)
+    cfg = methods_cfg(load_settings())
     merged = merge_networks(arch, copies, "weight_matching", cfg)
     x = digits.test.x.flatten(1)
     same = arch.forward_batched(stack([merged, nets[0]]), x)  # (2, N, 10)
@@ -108,7 +109,9 @@ def test_merge_of_three_files_runs_merge_many_and_refuses_other_methods(tmp_path
 def test_planted_permutations_of_a_resnet_are_recovered_by_weight_matching(resnets):
     arch, nets = resnets
     copy_, truth = planted_pair(nets[0], arch.spec, 0.0, torch.Generator().manual_seed(3))
-    found = align("weight_matching", Problem.of(nets[0], copy_, arch), methods_cfg(DEFAULTS)).perm
+    found = align(
+        "weight_matching", Problem.of(nets[0], copy_, arch), methods_cfg(load_settings())
+    ).perm
     assert recovery(found, truth) == 1.0
     back = apply_permutation(copy_, found, arch.spec)
     assert all(torch.equal(back.named[k], nets[0].named[k]) for k in nets[0].named)  # buffers too
@@ -116,7 +119,7 @@ def test_planted_permutations_of_a_resnet_are_recovered_by_weight_matching(resne
 
 def test_resnet_merge_with_batchnorm_reset_beats_the_averaged_statistics(digits, resnets):
     arch, nets = resnets
-    cfg = methods_cfg(DEFAULTS)
+    cfg = methods_cfg(load_settings())
     pair = [nets[0], nets[1]]
     reset = accuracy(
         arch, merge_networks(arch, pair, "weight_matching", cfg, train=digits.train), digits.test
@@ -129,7 +132,7 @@ def test_resnet_merge_with_batchnorm_reset_beats_the_averaged_statistics(digits,
 
 def test_repair_moves_a_merged_chain_towards_its_parents(digits, mlps):
     arch, nets = mlps
-    cfg = methods_cfg(DEFAULTS)
+    cfg = methods_cfg(load_settings())
     pair = [nets[0], nets[1]]
     plain = merge_networks(arch, pair, "weight_matching", cfg, train=digits.train)
     repaired = merge_networks(arch, pair, "weight_matching", cfg, train=digits.train, repair=True)
@@ -189,6 +192,7 @@ def test_api_merge_and_interpolate_on_modules(digits):
     assert report["loss_barrier"] == 0.0 and len(report["acc"]) == 5
 
 
+@pytest.mark.slow  # ~20 s: aligns and merges torchvision resnet18s
 def test_the_readme_python_example_runs_from_an_empty_folder(tmp_path):
     text = (ROOT / "README.md").read_text()
     code = text.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
@@ -217,6 +221,7 @@ def test_defaults_shipped_with_the_package_equal_the_projects_params():
 # --- the command line from a folder that is no project ------------------------------------------
 
 
+@pytest.mark.slow  # starts a process
 def test_align_merge_interpolate_work_outside_a_project_without_params(tmp_path):
     torch.manual_seed(0)
     for name in ("a.pt", "b.pt"):

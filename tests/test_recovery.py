@@ -7,12 +7,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from deepalign.core.data import DataCfg, Split
 from deepalign.io import compact_checkpoint, load_checkpoint
 from deepalign.zoo.build import NetCfg, is_done, make_arch, network_fingerprint, plan, train_chunk
+from tests.configs import net_cfg
 from tests.tiny import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +24,7 @@ ZOO_STAGE += ["--metrics", "zoo.json"]
 
 
 def wide_net() -> NetCfg:
-    return NetCfg("mlp", [64, 64], [], 0, "relu", 4, 0, 0, 1, 64, 3e-3, 0.0, "adam", 0.0)
+    return net_cfg("mlp", hidden=[64, 64], n_train=4)
 
 
 def test_zoo_checkpoints_hold_only_their_own_network(tmp_path, digits):
@@ -96,6 +98,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow  # starts a stage, its Prefect server and worker processes
 def test_killed_stage_cleans_temps_on_rerun_and_takes_its_prefect_server(tmp_path):
     params = tiny_params()
     params["zoo"]["archs"]["mlp"].update(n_train=40, epochs=30)
@@ -134,6 +137,7 @@ def test_killed_stage_cleans_temps_on_rerun_and_takes_its_prefect_server(tmp_pat
     assert not any(_alive(pid) for pid in servers), "the killed stage's server is still running"
 
 
+@pytest.mark.slow  # starts a stage's process
 def test_stage_with_a_bad_param_says_one_line(tmp_path):
     params = tiny_params()
     params["zoo"]["chunk_size"] = 0

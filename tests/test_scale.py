@@ -3,12 +3,13 @@ aligned by weight matching the way the 10,000-network run does it."""
 
 import os
 
+import pytest
 import torch
 
 from deepalign.config import load_section
 from deepalign.evaluation import scale as sc
 from deepalign.evaluation.experiment import AlignCfg
-from deepalign.zoo.build import NetCfg
+from tests.configs import net_cfg
 from tests.conftest import DIGITS
 from tests.tiny import ROOT, tiny_params
 
@@ -24,6 +25,7 @@ def test_ring_pairs_each_network_twice_and_never_with_itself():
     assert counts.tolist() == [2] * 5 and bool((first != second).all())
 
 
+@pytest.mark.slow  # starts a process
 def test_a_fresh_process_reports_its_own_peak_memory_and_threads():
     out = sc.in_fresh_process(own_pid, n_threads=1)
     assert out["pid"] != os.getpid() and out["threads"] == 1
@@ -32,7 +34,7 @@ def test_a_fresh_process_reports_its_own_peak_memory_and_threads():
 
 def test_tiny_zoo_is_built_saved_stacked_and_aligned(tmp_path):
     params = tiny_params()
-    net = NetCfg(**params["zoo"]["archs"]["mlp"])
+    net = net_cfg(**params["zoo"]["archs"]["mlp"])
     cfg = sc.ScaleCfg(arch="mlp", sizes=[3], chunk_size=2, pair_chunk=2, seed=7)
     zoo = sc.build_zoo(net, DIGITS, 3, cfg, tmp_path)
     assert zoo["networks"] == 3 and 0 < zoo["test_acc_mean"] <= 1

@@ -16,6 +16,7 @@ from deepalign.evaluation import disjoint, ood
 from deepalign.evaluation.experiment import AlignCfg
 from deepalign.zoo.build import NetCfg, init_network, make_arch, train_batched
 from deepalign.zoo.store import Zoo
+from tests.configs import net_cfg
 from tests.tiny import tiny_params
 
 
@@ -97,8 +98,8 @@ def test_shifted_recipe_changes_only_the_training_settings():
 
 
 RECIPES = {
-    "mlp": NetCfg("mlp", [16], [], 0, "relu", 2, 0, 0, 8, 64, 3e-3, 0.0, "adam", 0.0),
-    "resnet": NetCfg("resnet", [4, 8], [], 1, "relu", 2, 0, 0, 3, 64, 3e-3, 0.0, "adam", 0.0),
+    "mlp": net_cfg("mlp", hidden=[16], epochs=8),
+    "resnet": net_cfg("resnet", hidden=[4, 8], blocks=1, epochs=3),
 }
 
 

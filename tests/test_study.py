@@ -5,11 +5,12 @@ import torch
 from deepalign.core.data import DataCfg
 from deepalign.core.weightspace import stack
 from deepalign.evaluation.study import build_train_networks, study_zoo
-from deepalign.zoo.build import NetCfg, ZooCfg, init_network, make_arch, train_batched
+from deepalign.zoo.build import ZooCfg, init_network, make_arch, train_batched
 from deepalign.zoo.store import Zoo
+from tests.configs import net_cfg
 
 DIGITS = DataCfg("digits", "data", False, 0, 0.1, 0.2)
-NET = NetCfg("mlp", [8, 8], [], 0, "relu", 3, 1, 1, 2, 64, 3e-3, 0.0, "adam", 0.0)
+NET = net_cfg("mlp", hidden=[8, 8], n_train=3, n_val=1, n_test=1, epochs=2)
 
 
 def test_study_networks_are_the_zoo_recipe_for_more_seeds(tmp_path, digits):

@@ -36,6 +36,7 @@ def test_malformed_overrides_are_named(overrides, message):
         parse_grid(overrides)
 
 
+@pytest.mark.slow  # starts a process
 def test_misspelt_key_stops_the_console_command_before_any_run(tmp_path):
     for name in ("params.yaml", "dvc.yaml"):
         (tmp_path / name).write_text((ROOT / name).read_text())

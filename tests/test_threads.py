@@ -70,6 +70,7 @@ def test_threads_block_restores_the_process_setting():
     assert torch.get_num_threads() == before  # restored on errors too
 
 
+@pytest.mark.slow  # starts a process
 def test_the_competing_process_runs_inside_the_block_only():
     me = psutil.Process()
     with competing_process():
@@ -78,6 +79,7 @@ def test_the_competing_process_runs_inside_the_block_only():
     assert not [c for c in me.children() if c.is_running() and c.pid == spinners[0].pid]
 
 
+@pytest.mark.slow  # starts a process
 def test_busy_benchmark_reports_idle_busy_and_their_ratio():
     arch = mlp_arch(64, [16, 16], 10, "relu")
     a, b = init_network(arch, 0), init_network(arch, 1)
@@ -135,6 +137,7 @@ def _allocations(mode: str) -> tuple[int, int, int, int]:
     return mapped, faults, probe, kept
 
 
+@pytest.mark.slow  # starts a process
 def test_kept_freed_memory_is_reused_from_the_heap():
     mapped, _, _, kept = _allocations("keep")
     assert mapped == 0 and kept >= 16 << 20  # the freed 16 MiB stays in the heap for reuse
@@ -142,6 +145,7 @@ def test_kept_freed_memory_is_reused_from_the_heap():
     assert mapped == 20 and kept < 16 << 20  # twin: each its own mmap, returned when freed
 
 
+@pytest.mark.slow  # starts a process
 def test_kept_freed_memory_is_reused_without_page_faults():
     _, kept, probe, _ = _allocations("keep")
     _, returned, _, _ = _allocations("default")

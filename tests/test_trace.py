@@ -366,11 +366,11 @@ class Branchy(nn.Module):
 @pytest.mark.parametrize(
     ("module", "shape", "named"),
     [
-        (Attention(), (8,), "attn"),  # one sequence of N tokens
-        (Concat(), (4,), "cat"),
-        (nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU()), (4, 6, 6), "'0'"),
+        (Attention(), (8,), "module 'attn' (MultiheadAttention)"),  # one sequence of N tokens
+        (Concat(), (4,), "torch.cat in the top-level module (Concat)"),
+        (nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU()), (4, 6, 6), "module '0' (Conv2d)"),
         (Branchy(), (4,), "Branchy"),
-        (nn.Sequential(nn.Linear(4, 4), nn.Bilinear(4, 4, 2)), (4,), "'1'"),
+        (nn.Sequential(nn.Linear(4, 4), nn.Bilinear(4, 4, 2)), (4,), "module '1' (Bilinear)"),
     ],
     ids=["attention", "concatenation", "grouped-conv", "control-flow", "unknown-module"],
 )

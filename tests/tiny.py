@@ -16,7 +16,8 @@ def tiny_params() -> dict:
     for net in params["zoo"]["archs"].values():
         net.update(n_train=2, n_val=2, n_test=2, epochs=1)
         net["hidden"] = net["hidden"][:2]
-        net["strides"] = net["strides"][:2]
+        if "strides" in net:  # a cnn's, one per conv
+            net["strides"] = net["strides"][:2]
     params["zoo"]["chunk_size"] = 3
     params["bench"].update(
         n_one_by_one=1, n_batched=2, wm_widths=[8], wm_pairs=1, busy_pairs=1, runner_networks=2

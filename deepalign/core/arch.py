@@ -17,8 +17,9 @@ import copy
 import functools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +103,13 @@ class Arch(ABC):
     def integer_keys(self) -> tuple[str, ...]:
         """State_dict entries that are not weights (num_batches_tracked)."""
         return tuple(sorted(_other_state(self)))
+
+    def integer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each of `integer_keys()` (a scalar for num_batches_tracked)."""
+        if not self.integer_keys():
+            return {}
+        state = _template(self)[0].state_dict()
+        return {k: tuple(state[k].shape) for k in self.integer_keys()}
 
     def weightspace(self, state: Mapping[str, Tensor]) -> WeightSpace:
         """The architecture's tensors out of a state_dict, checked by key and shape."""
@@ -195,7 +203,7 @@ def functional_forward(arch: Arch, ws: WeightSpace, x: Tensor, train: bool = Fal
     named = dict(ws.named) if not train else ws.params()
 
     def one(tensors: dict[str, Tensor], inputs: Tensor) -> Tensor:
-        return functional_call(module, tensors, (inputs,), strict=False)
+        return functional_call(module, tensors, (inputs,), strict=False, tie_weights=False)
 
     if not ws.is_batched:
         return one(named, x)
@@ -204,25 +212,12 @@ def functional_forward(arch: Arch, ws: WeightSpace, x: Tensor, train: bool = Fal
 
 def functional_activations(arch: Arch, ws: WeightSpace, x: Tensor) -> dict[str, list[Tensor]]:
     """Every group's taps, read from the traced graph with its outputs redirected to them."""
-    graph, names = _tap_graph(arch)
-    outputs = functional_call(graph, dict(ws.named), (x,), strict=False)
+    taps = [(g, name) for g, names in arch.traced.taps.items() for name in names]
+    outputs = layer_outputs(arch, ws, x, tuple(name for _, name in taps))
     found: dict[str, list[Tensor]] = {g: [] for g in arch.spec.groups}
-    for group, tensor in zip(names, outputs):
+    for (group, _), tensor in zip(taps, outputs):
         found[group].append(tensor)
     return found
-
-
-@functools.lru_cache(maxsize=64)
-def _tap_graph(arch: Arch) -> tuple[torch.fx.GraphModule, tuple[str, ...]]:
-    """A copy of the traced graph that returns every tap (and each tap's group)."""
-    traced = arch.traced
-    gm = copy.deepcopy(traced.graph).eval()
-    nodes = {n.name: n for n in gm.graph.nodes}
-    taps = [(g, nodes[name]) for g, names in traced.taps.items() for name in names]
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    output.args = (tuple(node for _, node in taps),)
-    gm.recompile()
-    return gm, tuple(g for g, _ in taps)
 
 
 @functools.lru_cache(maxsize=64)
@@ -284,7 +279,7 @@ def _batch_stats(
 
     def one(tensors: dict[str, Tensor], inputs: Tensor) -> tuple[Tensor, ...]:
         seen.clear()
-        functional_call(module, tensors, (inputs,), strict=False)
+        functional_call(module, tensors, (inputs,), strict=False, tie_weights=False)
         return tuple(seen)
 
     hooks = [m.register_forward_pre_hook(record) for _, m in norms]
@@ -364,20 +359,106 @@ class ModuleArch(Arch):
     def describe(self) -> str:
         return f"{self.name} ({type(self.module).__name__}, {len(self.keys())} tensors)"
 
+    def first_difference(self, other: ModuleArch) -> str | None:
+        """Where two traced modules compute differently (graph or a submodule), or None."""
+        mine, theirs = structure(self), structure(other)
+        if mine[0] != theirs[0]:
+            return "their forward passes differ (another graph: a residual connection, an op)"
+        for a, b in zip(mine[1:], theirs[1:]):
+            if a != b:
+                return f"module {a} against {b}"
+        if len(mine) != len(theirs):
+            return "they have different submodules"
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def structure(arch: Arch) -> tuple[str, ...]:
+    """What decides a traced network's function besides its tensors: the graph's code, then
+    each submodule's name, type and settings ('act: Tanh()')."""
+    gm = arch.traced.graph
+    named = [(n, m) for n, m in gm.named_modules() if n]
+    return (gm.code, *(f"'{n}': {type(m).__name__}({m.extra_repr()})" for n, m in named))
+
+
+# --- the layers that make each group's units (REPAIR) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Producer:
+    """A Linear or Conv whose outputs are the units of a permutation group."""
+
+    group: str
+    node: str  # its node in the traced graph
+    weight: str  # state_dict keys
+    bias: str | None
+
+
+@functools.lru_cache(maxsize=64)
+def producers(arch: Arch) -> tuple[Producer, ...]:
+    """Every layer making a hidden group's units, in forward order (a residual group has
+    several); a layer called twice (tied) once."""
+    gm = arch.traced.graph
+    modules = dict(gm.named_modules())
+    owner = {(ax.key, ax.axis): g for g, axes in arch.spec.members.items() for ax in axes}
+    found: dict[str, Producer] = {}
+    for node in gm.graph.nodes:
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(layer, nn.Linear | nn.modules.conv._ConvNd):
+            continue
+        weight = f"{node.target}.weight"
+        group = owner.get((weight, 0))
+        if group is not None and weight not in found:
+            bias = f"{node.target}.bias" if layer.bias is not None else None
+            found[weight] = Producer(group, node.name, weight, bias)
+    return tuple(found.values())
+
+
+def layer_outputs(arch: Arch, ws: WeightSpace, x: Tensor, nodes: tuple[str, ...]) -> list[Tensor]:
+    """One network's outputs of graph nodes `nodes` on x: (N, n, ...) each."""
+    graph = _outputs_graph(arch, nodes)
+    return list(functional_call(graph, dict(ws.named), (x,), strict=False, tie_weights=False))
+
+
+@functools.lru_cache(maxsize=64)
+def _outputs_graph(arch: Arch, nodes: tuple[str, ...]) -> torch.fx.GraphModule:
+    """A copy of the traced graph that returns the outputs of `nodes`."""
+    gm = copy.deepcopy(arch.traced.graph).eval()
+    by_name = {n.name: n for n in gm.graph.nodes}
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    output.args = (tuple(by_name[name] for name in nodes),)
+    gm.recompile()
+    return gm
+
+
+# --- records: what a checkpoint stores, read back -------------------------------------------------
+
+# Record kind -> its reader. Each architecture's module registers its kind when imported
+# (`record_kind`); `deepalign.io` imports them all, so a checkpoint of any kind loads wherever
+# checkpoints are read.
+RECORDS: dict[str, Callable[[Any], Arch]] = {}
+A = TypeVar("A", bound=type)
+
+
+def record_kind(name: str) -> Callable[[A], A]:
+    """Class decorator: `arch_from_dict` reads records of kind `name` with `cls.from_dict`."""
+
+    def register(cls: A) -> A:
+        RECORDS[name] = cls.from_dict  # type: ignore[attr-defined]
+        return cls
+
+    return register
+
 
 def arch_from_dict(record: Any) -> Arch:
     """The architecture a checkpoint's record describes (kind `chain` when it names none)."""
-    from deepalign.core.chain import Chain
-    from deepalign.core.resnet import ResNet
-
-    kinds: dict[str, type] = {"chain": Chain, "resnet": ResNet}
     kind = record.get("kind", "chain") if isinstance(record, dict) else None
     if kind == "module":
         raise DeepAlignError(
             f"the network was saved from {shown(record.get('name'))}: give --model for it"
         )
-    if kind not in kinds:
+    if not isinstance(kind, str) or kind not in RECORDS:
         raise DeepAlignError(
-            f"architecture record: unknown kind {shown(kind)} (known: {', '.join(kinds)})"
+            f"architecture record: unknown kind {shown(kind)} (known: {', '.join(sorted(RECORDS))})"
         )
-    return kinds[kind].from_dict(record)
+    return RECORDS[kind](record)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepalign.core.arch import Arch, built
+from deepalign.core.arch import Arch, built, record_kind
 from deepalign.core.trace import Traced, trace
 from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError, shown
@@ -71,6 +71,7 @@ class Module:
     bias: bool = True  # a Linear or Conv2d with a bias
 
 
+@record_kind("chain")
 @dataclass(frozen=True, eq=True)
 class Chain(Arch):
     """A feed-forward net: its modules in order and the shape of one input example."""
@@ -213,13 +214,6 @@ class Chain(Arch):
         outs: list[Tensor] = []
         forward(self, ws, x, preactivations=outs)
         return dict(zip(self.spec.groups, outs))
-
-    def producer(self, group: str) -> tuple[str, str]:
-        """The weight and bias keys of the layer whose outputs `group` permutes."""
-        layer = self.param_indices[self.spec.groups.index(group)]
-        if not self.modules[layer].bias:
-            raise DeepAlignError(f"layer {layer} has no bias to repair")
-        return f"{layer}.weight", f"{layer}.bias"
 
 
 @functools.lru_cache(maxsize=64)

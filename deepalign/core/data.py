@@ -67,6 +67,12 @@ class Split:
         return Split(self.x.to(device), self.y.to(device), self.task)
 
 
+def reset_images_of(split: Split | None, count: int) -> Tensor | None:
+    """The first `count` inputs of `split`, on which BatchNorm statistics are recomputed
+    (None for none: 0 images, or no split)."""
+    return split.x[:count] if split is not None and count else None
+
+
 @dataclass(frozen=True)
 class Dataset:
     name: str

@@ -18,7 +18,7 @@ from torch import Tensor
 from deepalign.core.arch import Arch, as_input, batchnorm_statistics, passes, per_pass
 from deepalign.core.data import Split
 from deepalign.core.permspec import Perm, PermSpec, apply_permutation, invert, random_permutation
-from deepalign.core.task import example_hits, example_losses, scores
+from deepalign.core.task import LossFn, example_hits, example_losses, network_sums, scores
 from deepalign.core.weightspace import WeightSpace, lerp, stack
 from deepalign.errors import DeepAlignError
 
@@ -38,9 +38,9 @@ def lambda_grid(points: int) -> Tensor:
 
 @torch.no_grad()
 def evaluate_networks(
-    arch: Arch, nets: WeightSpace, split: Split, chunk: int = 32
+    arch: Arch, nets: WeightSpace, split: Split, chunk: int = 32, loss: LossFn | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Mean task loss and score of each of B networks on a whole split: (B,), (B,).
+    """Mean task loss (or `loss`'s) and score of each of B networks on a split: (B,), (B,).
 
     The score is accuracy for classifiers, R^2 for INRs (`deepalign.core.task`). Networks go
     `chunk` at a time, examples as many at a time as `per_pass` allows; per-network targets
@@ -52,16 +52,19 @@ def evaluate_networks(
     for start in range(0, nets.batch_size, chunk):
         group = nets[start : start + chunk]
         targets = split.of_networks(slice(start, start + chunk))
-        loss_sum = torch.zeros(group.batch_size, dtype=torch.float64)
-        hits = torch.zeros(group.batch_size, dtype=torch.float64)
+        task_sum = torch.zeros(group.batch_size, dtype=torch.float64)
+        loss_sum, hits = torch.zeros_like(task_sum), torch.zeros_like(task_sum)
         for rows in passes(split.size, images):
             out = arch.forward_batched(group, x[rows])  # (b, n, C)
             part = targets.examples(rows)[1]
-            loss_sum += example_losses(out, part, split.task).double().sum(1)
+            task_sum += example_losses(out, part, split.task).double().sum(1)
+            if loss is not None:
+                loss_sum += network_sums(loss, out, part).double()
             if split.task == "classify":
                 hits += example_hits(out, part).sum(1)
-        mean = loss_sum / split.size
-        losses.append(mean.to(torch.get_default_dtype()))
+        mean = task_sum / split.size
+        own = mean if loss is None else loss_sum / split.size
+        losses.append(own.to(torch.get_default_dtype()))
         accs.append(hits / split.size if split.task == "classify" else scores(targets, mean))
     return torch.cat(losses), torch.cat(accs)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from deepalign.core.arch import Arch
+from deepalign.core.arch import Arch, record_kind
 from deepalign.errors import DeepAlignError, shown
 
 MAX_WIDTH = 4096
@@ -63,6 +63,7 @@ class ResNetModule(nn.Module):
         return self.head(self.flatten(self.pool(self.blocks(self.stem(x)))))
 
 
+@record_kind("resnet")
 @dataclass(frozen=True)
 class ResNet(Arch):
     """The record of a `ResNetModule`: what a checkpoint stores to rebuild it."""

@@ -4,14 +4,24 @@ Classifiers: cross-entropy, and accuracy as the score. INRs (regression of a sig
 squared error over output channels, and R^2 (1 - MSE / the signal's variance) as the score,
 so "higher is better, 1 is perfect" holds for both. Targets are shared by every network,
 (n,) labels or (n, out), or one set per network, (K, n, out).
+
+A loss passed in (`LossFn`: curve fitting and evaluation) maps K networks' outputs (K, n, C)
+and targets to per-example losses (K, n), per-network means (K,), or one mean over all ().
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from deepalign.core.data import Split
+from deepalign.errors import DeepAlignError
+
+LossFn = Callable[[Tensor, Tensor], Tensor]  # (K, n, C), targets -> (K, n), (K,) or ()
 
 
 def example_losses(out: Tensor, y: Tensor, task: str) -> Tensor:
@@ -39,3 +49,42 @@ def scores(split: Split, mean_loss: Tensor) -> Tensor:
     """Regression's score from each network's mean loss (K,): R^2 against its targets."""
     variance = split.y.double().var(dim=-2, unbiased=False).mean(-1)  # (K,) or ()
     return 1 - mean_loss.double() / variance.clamp_min(1e-12)
+
+
+def mean_task_loss(task: str) -> LossFn:
+    """The task's loss (cross-entropy or MSE) as a LossFn: the mean over networks and examples."""
+    return functools.partial(task_loss, task=task, reduction="mean")
+
+
+def _shape_of(value: Tensor, out: Tensor) -> str:
+    """Which of the LossFn forms `value` is for outputs `out`: 'example', 'network' or 'mean'."""
+    k, n = out.shape[:2]
+    forms = {(k, n): "example", (k,): "network", (): "mean"}
+    if tuple(value.shape) not in forms:
+        raise DeepAlignError(
+            f"a loss gave shape {tuple(value.shape)} for outputs {tuple(out.shape)}: "
+            f"expected ({k}, {n}), ({k},) or ()"
+        )
+    return forms[tuple(value.shape)]
+
+
+def networks_total(value: Tensor, out: Tensor) -> Tensor:
+    """A LossFn's value on outputs `out` as the sum over networks of each one's mean loss."""
+    form = _shape_of(value, out)
+    if form == "mean":
+        return value * out.shape[0]
+    return value.sum() if form == "network" else value.mean(1).sum()
+
+
+def network_sums(loss: LossFn, out: Tensor, y: Tensor) -> Tensor:
+    """Each network's loss summed over its examples: out (K, n, C) -> (K,)."""
+    value = loss(out, y)
+    k, n = out.shape[:2]
+    form = _shape_of(value, out)
+    if form == "example":
+        return value.sum(1)
+    if form == "network" or k == 1:
+        return value.reshape(k) * n
+    own = y.ndim == out.ndim  # one target set per network: (K, n, out)
+    each = [loss(out[i : i + 1], y[i : i + 1] if own else y) for i in range(k)]
+    return torch.stack(each) * n

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
-from deepalign.config import MAX_POINTS, GridPoints, Positive, between, invalid
+from deepalign.config import MAX_POINTS, GridPoints, Name, Positive, between, invalid
 from deepalign.core.data import Dataset
 from deepalign.core.lmc import barriers, interpolate
 from deepalign.core.permspec import Perm, apply_permutation
@@ -35,7 +35,7 @@ STARTS = ("identity", "weight_matching", "deep_align")
 class ConvergeCfg:
     """Section `converge` of params.yaml."""
 
-    archs: list[str]
+    archs: list[Name]
     pairs: Positive  # the first K test pairs of the align stage
     steps: list[Annotated[int, between(0, MAX_POINTS)]]  # step counts scored, ascending
     points: GridPoints  # lambda grid of each barrier

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from deepalign.config import Check, Count, GridPoints, Positive, Seed, invalid
-from deepalign.core.data import Dataset
+from deepalign.config import Check, Count, GridPoints, Name, Positive, Seed, invalid
+from deepalign.core.data import Dataset, reset_images_of
 from deepalign.core.lmc import Curve, evaluate_networks, reset_statistics
 from deepalign.core.permspec import apply_permutation
 from deepalign.core.shifts import ShiftCfg
@@ -29,7 +29,7 @@ from deepalign.evaluation.experiment import AlignCfg, pair_curves
 from deepalign.evaluation.pairs import MethodRun, align_pairs
 from deepalign.merging import merged
 from deepalign.methods import check_methods
-from deepalign.zoo.build import NetCfg
+from deepalign.zoo.kinds import NetCfg
 from deepalign.zoo.store import Zoo
 
 SIDES = ("a", "b")
@@ -60,7 +60,7 @@ class ResNetMergeCfg:
 class MergeCfg:
     """Section `merge` of params.yaml."""
 
-    arch: str  # the default zoo's architecture whose recipe both sides follow
+    arch: Name  # the default zoo's architecture whose recipe both sides follow
     networks: Positive  # per side; pair k is (A_k, B_k)
     seed: Seed  # A_k trains from seed + k, B_k from seed + networks + k
     skew: Annotated[float, Check(lambda v: 0.5 < v < 1, "in (0.5, 1)")]  # the part of
@@ -168,7 +168,7 @@ def _merged_metrics(
         )
         for k, (i, j) in enumerate(run.pairs)
     ]
-    reset = data.train.x[:reset_images] if reset_images else None
+    reset = reset_images_of(data.train, reset_images)
     merged_nets = reset_statistics(zoo.arch, stack(nets), reset)
     loss, acc = evaluate_networks(zoo.arch, merged_nets, data.test)  # (K,), (K,)
     end_loss, end_acc = ends  # (K, 2), (K, 2)

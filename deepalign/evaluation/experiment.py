@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from deepalign.config import Count, GridPoints, NonNegative, Positive, Seed, invalid
-from deepalign.core.data import DataCfg, Dataset
+from deepalign.config import Count, GridPoints, Name, NonNegative, Positive, Seed, invalid
+from deepalign.core.data import DataCfg, Dataset, reset_images_of
 from deepalign.core.lmc import Curve, barriers, interpolate
 from deepalign.core.permspec import apply_permutation
 from deepalign.evaluation.pairs import MethodRun, align_pairs, planted_recoveries
@@ -32,7 +32,7 @@ BARRIER_KEYS = (
 class AlignCfg(MethodsCfg):
     """Section `align`: which methods run on which zoo pairs, plus each method's settings."""
 
-    archs: list[str]  # zoo architectures to align
+    archs: list[Name]  # zoo architectures to align
     methods: list[str]  # registry names; "a+b" refines a's answer with b
     pairs: Count  # test pairs (i, i+1) of the zoo's test split
     planted_pairs: Positive  # test networks aligned to a permuted, perturbed copy of themselves
@@ -120,7 +120,7 @@ def pair_curves(
 ) -> list[Curve]:
     """Test-split interpolation curve of every aligned pair (BatchNorm statistics recomputed
     on `reset_images` training images for every network on the line, where it has some)."""
-    reset = data.train.x[:reset_images] if reset_images else None
+    reset = reset_images_of(data.train, reset_images)
     curves = []
     for k, (i, j) in enumerate(run.pairs):
         aligned = apply_permutation(zoo.nets[j], run.perm(k), zoo.arch.spec)

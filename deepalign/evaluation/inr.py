@@ -15,7 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from deepalign.config import MAX_POINTS, Count, GridPoints, Positive, Seed, between, invalid
+from deepalign.config import (
+    MAX_POINTS,
+    Count,
+    GridPoints,
+    Name,
+    Positive,
+    Seed,
+    between,
+    invalid,
+)
 from deepalign.core.data import Dataset
 from deepalign.core.signals import SignalsCfg, inr_dataset, signal_limit
 from deepalign.errors import DeepAlignError
@@ -25,7 +34,7 @@ from deepalign.evaluation.experiment import AlignCfg
 from deepalign.methods import check_methods
 from deepalign.methods.deep_align.train import AlignerCfg
 from deepalign.methods.learned import DeepAlignCfg
-from deepalign.zoo.build import NetCfg
+from deepalign.zoo.kinds import NetCfg
 from deepalign.zoo.store import Zoo
 
 
@@ -59,7 +68,7 @@ class InrCfg:
     """Section `inr` of params.yaml."""
 
     seed: Seed  # network j of every INR zoo trains from seed + j
-    zoos: dict[str, InrZooCfg]
+    zoos: dict[Name, InrZooCfg]  # by folder name
     aligner: AlignerCfg  # DEEP-ALIGN on each zoo's train signals (augment.rescale 0: no
     # SIREN keeps its function under ReLU rescaling)
     methods: list[str]

@@ -18,6 +18,7 @@ from deepalign.config import (
     Fraction,
     GridPoints,
     Iterations,
+    Name,
     Positive,
     PositiveFloat,
     Seed,
@@ -31,7 +32,7 @@ from deepalign.core.shifts import ShiftCfg
 from deepalign.evaluation import experiment
 from deepalign.evaluation.experiment import AlignCfg
 from deepalign.methods import check_methods
-from deepalign.zoo.build import OPTIMIZERS, NetCfg
+from deepalign.zoo.kinds import OPTIMIZERS, NetCfg
 from deepalign.zoo.store import Zoo
 
 
@@ -50,13 +51,13 @@ class ShiftedZooCfg:
 class OodCfg:
     """Section `ood` of params.yaml."""
 
-    arch: str  # the default zoo's architecture: its recipe, and its DEEP-ALIGN model
+    arch: Name  # the default zoo's architecture: its recipe, and its DEEP-ALIGN model
     networks: Positive  # per shifted zoo, all test networks
     seed: Seed  # network j of every shifted zoo trains from seed + j
     methods: list[str]
     pairs: Count  # ring pairs of each shifted zoo
     points: GridPoints
-    zoos: dict[str, ShiftedZooCfg]
+    zoos: dict[Name, ShiftedZooCfg]  # by folder name
 
     def __post_init__(self) -> None:
         check_methods("methods", self.methods)

@@ -1,4 +1,6 @@
-"""Summaries over pairs, CSV curves for `dvc plots`, and figures."""
+"""The report: one self-contained HTML page (inline CSS, embedded PNGs) of every stage's
+results. Only the report stage runs it; the stages' figures are `figures.py`, the numbers each
+stage shows `summary.py`."""
 
 from __future__ import annotations
 
@@ -7,70 +9,17 @@ import html
 import io
 from pathlib import Path
 
-import matplotlib
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from deepalign.core.lmc import Curve  # noqa: E402
-from deepalign.io import write_atomic  # noqa: E402
-
-
-def interpolation_rows(curves: dict[str, list[Curve]]) -> list[dict]:
-    """Mean curve per method: rows (method, lambda, test_loss, test_acc) for `dvc plots`."""
-    rows = []
-    for method, cs in curves.items():
-        loss = torch.stack([c.loss for c in cs]).mean(0)
-        acc = torch.stack([c.acc for c in cs]).mean(0)
-        for lam, lo, ac in zip(cs[0].lambdas.tolist(), loss.tolist(), acc.tolist()):
-            rows.append(
-                {
-                    "method": method,
-                    "lambda": round(lam, 4),
-                    "test_loss": round(lo, 6),
-                    "test_acc": round(ac, 6),
-                }
-            )
-    return rows
-
-
-def plot_curves(path: Path, curves: dict[str, list[Curve]], title: str) -> None:
-    """Test loss and accuracy along the line, mean over pairs with a 1-std band per method."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method, cs in curves.items():
-        lam = cs[0].lambdas
-        for ax, key in zip(axes, ("loss", "acc")):
-            values = torch.stack([getattr(c, key) for c in cs]).double()
-            mean, std = values.mean(0), values.std(0) if len(cs) > 1 else torch.zeros_like(lam)
-            ax.plot(lam, mean, label=method)
-            ax.fill_between(lam, mean - std, mean + std, alpha=0.15)
-    axes[0].set(xlabel="lambda", ylabel="test loss", yscale="log", title=f"{title}: loss")
-    axes[1].set(xlabel="lambda", ylabel="test accuracy", title=f"{title}: accuracy")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-
-
-def plot_curve_accuracy(path: Path, results: dict, title: str) -> None:
-    """Test accuracy vs t along each method's curve (solid) and straight line (dashed)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, (method, r) in enumerate(results.items()):
-        color = f"C{k}"
-        ax.plot(r.curve.t, r.curve.acc.mean(0), color=color, label=f"{method} curve")
-        ax.plot(r.linear.t, r.linear.acc.mean(0), color=color, linestyle="--", alpha=0.7)
-    ax.set(
-        xlabel="t",
-        ylabel="test accuracy (mean over pairs)",
-        title=f"{title}: Bezier curves (solid) vs straight lines (dashed)",
-    )
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-
+from deepalign.evaluation.summary import (
+    COMPARED,
+    CONVERGED,
+    CURVED,
+    EVALUATED,
+    TRAINED,
+    ZOO_COLUMNS,
+    keys_of,
+)
 
 # headers are metric keys in words: `loss_barrier_std` -> "loss barrier (std)"
 _WORDS = dict(
@@ -111,12 +60,15 @@ def _cell(key: str, value: float) -> str:
     return f"{value:.4f}" if "seconds" in key and abs(value) < 1 else f"{value:.3f}"
 
 
-def _keys(names: str, suffix: str = "") -> list[str]:
-    return [f"{n}{suffix}" for n in names.split()]
+def timing(key: str) -> bool:
+    """Whether a metric is a wall-clock time or a rate (it changes from run to run)."""
+    return "seconds" in key or "per_second" in key
 
 
 def _table(rows: dict[str, dict[str, float]], columns: list[str], first: str = "") -> str:
-    """An HTML table: one row per key, the given metric columns (missing ones blank)."""
+    """An HTML table: one row per key, the given metric columns but timings (missing values
+    blank)."""
+    columns = [c for c in columns if not timing(c)]
     head = "".join(f"<th>{html.escape(h)}</th>" for h in [first, *map(_header, columns)])
     body = ""
     for name, values in rows.items():
@@ -132,11 +84,7 @@ def winner(methods: dict[str, dict[str, float]]) -> str:
     if not scored:
         return ""
     best = min(scored, key=scored.get)
-    seconds = methods[best].get("seconds_per_pair_mean")
-    parts = [f"Lowest loss barrier: <b>{html.escape(best)}</b> ({scored[best]:.3f}"]
-    if seconds is not None:
-        parts.append(f", {seconds:.2g} s per pair")
-    parts.append(")")
+    parts = [f"Lowest loss barrier: <b>{html.escape(best)}</b> ({scored[best]:.3f})"]
     for other in ("weight_matching", "naive"):
         if other in scored and other != best:
             parts.append(f"; {other} {scored[other]:.3f}")
@@ -159,51 +107,6 @@ def _palette_png(path: Path) -> bytes:
     return out.getvalue()
 
 
-EVALUATED = "loss_barrier acc_barrier loss_auc merged_acc seconds_per_pair planted_recovery"
-COMPARED = "mean_diff ci_low ci_high frac_pairs_a_le_b"
-CURVED = "mean_acc min_acc curve_barrier linear_mean_acc linear_curve_barrier seconds_to_fit"
-ZOO_COLUMNS = "n_networks test_acc_mean test_acc_std test_acc_min train_seconds networks_per_second"
-TRAINED = "train_seconds best_epoch best_val_loss_barrier device_cuda"
-CONVERGED = "steps_to_target seconds_to_target final_loss_barrier"
-
-SHOWN = {  # per stage, the numbers the report's tables show: what MLflow gets per run
-    "zoo": _keys(ZOO_COLUMNS),
-    "train_aligner": _keys(TRAINED),
-    "evaluate": [*_keys(EVALUATED, "_mean"), "loss_barrier_std"],
-    "curves": _keys(CURVED),
-    "converge": [*_keys(CONVERGED), "loss_barrier"],  # and the barrier against steps
-}
-
-
-def shown(stage: str, metrics: dict) -> dict:
-    """The numbers of `metrics` the report shows for `stage` (all of them for a stage it does
-    not tabulate); the metrics files keep the rest."""
-    keys = SHOWN.get(stage)
-    return metrics if keys is None else {k: metrics[k] for k in keys if k in metrics}
-
-
-HEADLINE = {  # `dvc metrics show` / `dvc exp show`: a few short columns per architecture
-    "acc": ("zoo", "test_acc_mean"),  # the zoo's mean test accuracy
-    "wm": ("evaluate", "weight_matching", "loss_barrier_mean"),  # mean test loss barriers
-    "da": ("evaluate", "deep_align", "loss_barrier_mean"),
-    "da_sinkhorn": ("evaluate", "deep_align+sinkhorn", "loss_barrier_mean"),
-}
-
-
-def headline(metrics: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """Per architecture, the zoo's test accuracy and the loss barriers of weight matching,
-    DEEP-ALIGN and DEEP-ALIGN + Sinkhorn (those the run has)."""
-    out: dict[str, dict[str, float]] = {}
-    for arch in metrics.get("evaluate", metrics.get("zoo", {})):
-        for name, (stage, *path) in HEADLINE.items():
-            node = metrics.get(stage, {}).get(arch, {})
-            for key in path:
-                node = node.get(key, {}) if isinstance(node, dict) else {}
-            if isinstance(node, float | int):
-                out.setdefault(arch, {})[name] = round(float(node), 4)
-    return out
-
-
 def _resnets(found: dict, figures: Path) -> list[str]:
     """The study pipeline's ResNet zoo: lines with BatchNorm statistics reset and kept."""
     rows = {
@@ -224,7 +127,7 @@ def _resnets(found: dict, figures: Path) -> list[str]:
         _table(rows, list(next(iter(rows.values()))), "method"),
         _image(figures / "resnets" / "interpolation_resnet.png"),
         "<h3>Bezier curves: resnet</h3>",
-        _table(found["curves"], _keys(CURVED), "method"),
+        _table(found["curves"], keys_of(CURVED), "method"),
         _image(figures / "resnets" / "curves_resnet.png"),
     ]
 
@@ -331,11 +234,11 @@ def _inr(found: dict, figures: Path) -> list[str]:
         parts += [
             f"<h3>{html.escape(name)} signals (zoo R^2 {kind['zoo']['test_acc_mean']:.4f})</h3>",
             winner(kind["methods"]),
-            _table(kind["methods"], _keys(INR_COLUMNS, "_mean"), "method"),
+            _table(kind["methods"], keys_of(INR_COLUMNS, "_mean"), "method"),
             _image(figures / "inr" / f"interpolation_{name}.png"),
             f"<p>Sinkhorn re-basin from three starts (target {target:.4f}: plain Sinkhorn's "
             "full run)</p>",
-            _table(starts, _keys(CONVERGED), "start"),
+            _table(starts, keys_of(CONVERGED), "start"),
             _image(figures / "inr" / f"converge_{name}.png"),
         ]
     return parts
@@ -346,14 +249,17 @@ def render_html(metrics: dict[str, dict], figures: Path, title: str = "deepalign
     holds each stage's folder of PNGs (evaluate/, curves/, converge/, resnets/)."""
     parts = [
         f"<h1>{html.escape(title)}</h1>",
+        "<p>Timings vary from run to run, so this page, reproduced byte for byte by a rerun, "
+        "leaves them out: seconds per pair and training seconds are in "
+        "<code>metrics/*.json</code>, <code>dvc metrics show</code> and MLflow.</p>",
         "<h2>Model zoo</h2>",
-        _table(metrics.get("zoo", {}), _keys(ZOO_COLUMNS), "architecture"),
+        _table(metrics.get("zoo", {}), keys_of(ZOO_COLUMNS), "architecture"),
     ]
     for arch, methods in metrics.get("evaluate", {}).items():
         parts += [
             f"<h2>Linear interpolation: {arch} (test pairs, mean over pairs)</h2>",
             winner(methods),
-            _table(methods, _keys(EVALUATED, "_mean") + ["loss_barrier_std"], "method"),
+            _table(methods, keys_of(EVALUATED, "_mean") + ["loss_barrier_std"], "method"),
             _image(figures / "evaluate" / f"interpolation_{arch}.png"),
         ]
         if arch in metrics.get("compare", {}):
@@ -361,12 +267,12 @@ def render_html(metrics: dict[str, dict], figures: Path, title: str = "deepalign
                 f"<h3>Paired differences of the loss barrier, A - B: {arch}</h3>",
                 "<p>Same pairs for both methods; bootstrap interval over pairs (pairs share "
                 "networks, so it is optimistic). Below zero: A connects better.</p>",
-                _table(metrics["compare"][arch], _keys(COMPARED), "A - B"),
+                _table(metrics["compare"][arch], keys_of(COMPARED), "A - B"),
             ]
     for arch, methods in metrics.get("curves", {}).items():
         parts += [
             f"<h2>Bezier curves: {arch}</h2>",
-            _table(methods, _keys(CURVED), "method"),
+            _table(methods, keys_of(CURVED), "method"),
             _image(figures / "curves" / f"curves_{arch}.png"),
         ]
     for arch, starts in metrics.get("converge", {}).items():
@@ -374,7 +280,7 @@ def render_html(metrics: dict[str, dict], figures: Path, title: str = "deepalign
         target = starts.get("target_loss_barrier", {}).get("value", float("nan"))
         parts += [
             f"<h2>Sinkhorn re-basin from three starts: {arch} (target {target:.4f})</h2>",
-            _table(rows, _keys(CONVERGED), "start"),
+            _table(rows, keys_of(CONVERGED), "start"),
             _image(figures / "converge" / f"refine_convergence_{arch}.png"),
         ]
     if "resnets" in metrics:
@@ -388,7 +294,7 @@ def render_html(metrics: dict[str, dict], figures: Path, title: str = "deepalign
     if "train_aligner" in metrics:
         parts += [
             "<h2>DEEP-ALIGN training</h2>",
-            _table(metrics["train_aligner"], _keys(TRAINED), "architecture"),
+            _table(metrics["train_aligner"], keys_of(TRAINED), "architecture"),
         ]
     style = (
         "body{font-family:sans-serif;margin:1em auto;padding:0 1em;max-width:1100px}"
@@ -402,53 +308,3 @@ def render_html(metrics: dict[str, dict], figures: Path, title: str = "deepalign
         f"<!doctype html><html><head><meta charset='utf-8'>{viewport}<title>{html.escape(title)}"
         f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
     )
-
-
-def plot_convergence(path: Path, rows: list[dict], target: float, title: str) -> None:
-    """Mean test loss barrier vs Sinkhorn steps per start, with the target as a line."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for start in dict.fromkeys(r["method"] for r in rows):
-        steps = sorted({r["steps"] for r in rows if r["method"] == start})
-        values = [
-            [r["loss_barrier"] for r in rows if r["method"] == start and r["steps"] == k]
-            for k in steps
-        ]
-        mean = [sum(v) / len(v) for v in values]
-        ax.plot(steps, mean, marker="o", label=f"from {start}")
-    ax.axhline(target, color="grey", linestyle="--", label="target: plain Sinkhorn, full run")
-    ax.set_xscale("symlog", linthresh=5)
-    ax.set_xlim(left=0)
-    ax.set_yscale("log")
-    ax.set(
-        xlabel="Sinkhorn re-basin steps",
-        ylabel="test loss barrier (mean over pairs)",
-        title=f"{title}: refinement from three starts",
-    )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-
-
-def plot_scaling(path: Path, rows: list[dict], weight_matching: float, title: str) -> None:
-    """DEEP-ALIGN's test barrier vs train networks (one line per step count), and vs steps."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key, other, ax in (
-        ("train_networks", "mark", axes[0]),
-        ("mark", "train_networks", axes[1]),
-    ):
-        for value in sorted({r[other] for r in rows}):
-            line = sorted((r[key], r["deep_align"]) for r in rows if r[other] == value)
-            name = "steps" if other == "mark" else "train networks"
-            ax.plot(*zip(*line), marker="o", label=f"{value} {name}")
-        ax.axhline(weight_matching, color="grey", linestyle="--", label="weight matching")
-        ax.set(
-            xscale="log",
-            xlabel=key.replace("mark", "training steps").replace("_", " "),
-            ylabel="test loss barrier (mean over pairs)",
-        )
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{title}: DEEP-ALIGN against zoo size and training steps")
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)

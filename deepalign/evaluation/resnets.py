@@ -23,7 +23,7 @@ from deepalign.evaluation import curves as mc
 from deepalign.evaluation.experiment import AlignCfg, method_metrics, pair_curves, run_method
 from deepalign.evaluation.pairs import MethodRun
 from deepalign.methods import check_methods
-from deepalign.zoo.build import NetCfg
+from deepalign.zoo.kinds import NetCfg
 from deepalign.zoo.store import Zoo
 
 

@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from deepalign.config import Positive, Seed
+from deepalign.config import Name, Positive, Seed
 from deepalign.core.assignment import Answer
 from deepalign.core.data import DataCfg, load_dataset
 from deepalign.core.weightspace import WeightSpace, stack
-from deepalign.io import load_checkpoint
+from deepalign.io import load_checkpoint, save_torch
 from deepalign.methods import MethodsCfg, Problem, align
 from deepalign.methods.learned import DeepAlignCfg, deep_align_batch
 from deepalign.threads import threads
@@ -32,7 +32,7 @@ from deepalign.zoo.build import Job, NetCfg, make_arch, train_chunk
 
 @dataclass(frozen=True)
 class ScaleCfg:
-    arch: str  # the zoo architecture whose recipe the big zoos follow
+    arch: Name  # the zoo architecture whose recipe the big zoos follow
     sizes: list[Positive]  # networks built, and pairs aligned, per run
     chunk_size: Positive  # networks trained at once
     pair_chunk: Positive  # pairs per DEEP-ALIGN forward pass
@@ -74,7 +74,7 @@ def build_zoo(net: NetCfg, data_cfg: DataCfg, n: int, cfg: ScaleCfg, out: Path) 
         records += train_chunk(arch, chunk, data, net, fps, torch.device("cpu"), progress=False)
     seconds = time.perf_counter() - start
     nets = stack([load_checkpoint(j.path).ws for j in jobs])  # for the alignment parts
-    torch.save(dict(nets.named), out / "stack.pt")
+    save_torch(out / "stack.pt", dict(nets.named))
     acc = torch.tensor([r["test_acc"] for r in records])
     return {
         "networks": n,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from deepalign.config import GridPoints, Iterations, Positive
+from deepalign.config import GridPoints, Iterations, Name, Positive
 from deepalign.core.data import DataCfg, Dataset
 from deepalign.core.lmc import barriers, interpolate
 from deepalign.core.permspec import apply_permutation
@@ -43,7 +43,7 @@ from deepalign.zoo.store import Zoo, ring_pairs
 class StudyCfg:
     """Section `study` of params.yaml."""
 
-    arch: str  # a zoo architecture
+    arch: Name  # a zoo architecture
     train_sizes: list[Positive]  # train networks per aligner
     steps: list[Iterations]  # training steps at which the test barrier is scored
     pairs: Positive  # test ring pairs scored

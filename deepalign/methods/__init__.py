@@ -7,10 +7,16 @@ other method its permutation (the Hungarian solution of those scores). A method 
 align many pairs at once (DEEP-ALIGN's forward pass, Sinkhorn re-basin's batched descent) also
 registers `batch(problems, cfg, inits) -> answers`; `align_all` uses it for every pair of a
 chain's step together and shares its time evenly among them.
+
+`ALIGNERS` is the one declaration of the methods: a method's settings dataclass, given in its
+entry, is its sub-section `align.<name>` of params.yaml (`MethodsCfg`, `settings_keys`), and
+the command line and the params lists accept exactly its names. A new aligner is its module
+and its line here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,20 +50,11 @@ __all__ = [
     "align",
     "align_all",
     "check_methods",
+    "settings_class",
+    "settings_keys",
     "sinkhorn",
     "solve_lap",
 ]
-
-
-@dataclass(frozen=True)
-class MethodsCfg:
-    """Settings of every method, one sub-section each in params.yaml."""
-
-    weight_matching: WeightMatchingCfg
-    activation_matching: ActivationMatchingCfg
-    ste: SteCfg
-    sinkhorn: SinkhornCfg
-    deep_align: DeepAlignCfg
 
 
 def naive(problem: Problem, cfg: Any, init: Answer | None = None) -> Answer:
@@ -82,6 +79,7 @@ class Aligner:
     """A registered method: one pair at a time, and all pairs at once where it can."""
 
     run: Callable[[Problem, Any, Answer | None], Answer]
+    settings: type | None = None  # its settings' dataclass: section `align.<name>`
     batch: Batch | None = None  # many pairs of one architecture at once, one answer each
     warm_up: bool = False  # one untimed call before timing (DEEP-ALIGN loads its checkpoint)
     iterative: bool = False  # optimises each pair over many steps: the slow methods
@@ -89,12 +87,38 @@ class Aligner:
 
 ALIGNERS: dict[str, Aligner] = {
     "naive": Aligner(naive),
-    "weight_matching": Aligner(_from_permutation(weight_matching)),
-    "activation_matching": Aligner(_from_permutation(activation_matching)),
-    "ste": Aligner(ste, batch=ste_batch, iterative=True),
-    "sinkhorn": Aligner(sinkhorn_rebasin, batch=sinkhorn_rebasin_batch, iterative=True),
-    "deep_align": Aligner(deep_align, batch=deep_align_problems, warm_up=True),
+    "weight_matching": Aligner(_from_permutation(weight_matching), WeightMatchingCfg),
+    "activation_matching": Aligner(_from_permutation(activation_matching), ActivationMatchingCfg),
+    "ste": Aligner(ste, SteCfg, batch=ste_batch, iterative=True),
+    "sinkhorn": Aligner(
+        sinkhorn_rebasin, SinkhornCfg, batch=sinkhorn_rebasin_batch, iterative=True
+    ),
+    "deep_align": Aligner(deep_align, DeepAlignCfg, batch=deep_align_problems, warm_up=True),
 }
+
+
+def _with_settings() -> dict[str, type]:
+    """Each registered aligner that has settings, and their dataclass."""
+    return {name: a.settings for name, a in ALIGNERS.items() if a.settings is not None}
+
+
+def settings_keys() -> tuple[str, ...]:
+    """The params keys of the registered aligners' settings: `align.<name>` each."""
+    return tuple(f"align.{name}" for name in _with_settings())
+
+
+def settings_class() -> type:
+    """The settings of every registered aligner as one frozen dataclass: a field (and a
+    sub-section of `align`) per aligner with settings, in registry order."""
+    return dataclasses.make_dataclass(
+        "MethodsCfg",
+        list(_with_settings().items()),
+        frozen=True,
+        namespace={"__module__": __name__, "__doc__": "Every method's settings (`align`)."},
+    )
+
+
+MethodsCfg = settings_class()
 
 
 @dataclass(frozen=True)

@@ -77,5 +77,8 @@ class Problem:
 
     def needs_data(self, method: str) -> tuple[Arch, Split]:
         if self.data is None:
-            raise DeepAlignError(f"method '{method}' needs data: pass --data (e.g. digits)")
+            raise DeepAlignError(
+                f"method '{method}' needs data: --data digits on the command line, "
+                "data='digits' (or a Dataset) in Python"
+            )
         return self.arch, self.data

@@ -1,5 +1,6 @@
 """Log-domain Sinkhorn, and Sinkhorn re-basin (Pena et al. 2023): learn soft permutations.
 
+The losses and the (functional) Adam step through Sinkhorn are `deepalign.core.rebasin`'s.
 Re-basin runs on many pairs at once: their logits are stacked, one batched forward pass
 (`forward_batched`) scores every pair's interpolated network, and Adam (elementwise) updates
 each pair as if alone. All pairs draw the same image batches and lambdas from one generator
@@ -19,11 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepalign.config import Iterations, Positive, PositiveFloat, Seed, Steps, one_of
-from deepalign.core.arch import as_input, passes, per_pass
-from deepalign.core.assignment import Answer, sinkhorn
-from deepalign.core.permspec import Perm, apply_soft_permutation
-from deepalign.core.task import task_loss
-from deepalign.core.weightspace import lerp
+from deepalign.core.arch import passes, per_pass
+from deepalign.core.assignment import Answer, sinkhorn  # noqa: F401  (re-exported)
+from deepalign.core.data import Split
+from deepalign.core.permspec import Perm
+from deepalign.core.rebasin import (
+    SoftLoss,
+    adam_state,
+    interpolation_loss,
+    l2_loss,
+    sinkhorn_step,
+)
 from deepalign.errors import DeepAlignError
 from deepalign.methods.problem import Problem, solve_lap
 
@@ -42,22 +49,6 @@ class SinkhornCfg:
     seed: Seed
 
 
-def l2_loss(pairs: Problem, soft: dict[str, Tensor]) -> Tensor:
-    """Sum over pairs of ||ref - P#other||^2 over the parameters (batched `pairs`, soft
-    {g: (K, n, n)})."""
-    aligned = apply_soft_permutation(pairs.other, soft, pairs.spec).params()
-    return sum(((t - aligned[k]) ** 2).sum() for k, t in pairs.ref.params().items())
-
-
-def lerp_loss(pairs: Problem, mats: dict[str, Tensor], lam: float, idx: Tensor) -> Tensor:
-    """Sum over pairs of the mean task loss of (1 - lam) ref + lam P#other on examples idx
-    of each pair's data (N,)."""
-    x, y = pairs.data.examples(idx)
-    aligned = apply_soft_permutation(pairs.other, mats, pairs.spec)
-    out = pairs.arch.forward_batched(lerp(pairs.ref, aligned, lam), as_input(pairs.arch, x))
-    return task_loss(out, y, pairs.data.task) / len(idx)  # out: (K, n, C)
-
-
 Batch = tuple[Tensor, float] | None  # one step's examples and lambda
 
 
@@ -72,10 +63,22 @@ def _draw(pairs: Problem, cfg: SinkhornCfg, gen: torch.Generator) -> Batch:
 
 
 def _loss(pairs: Problem, soft: dict[str, Tensor], batch: Batch) -> Tensor:
+    """The configured loss of stacked pairs (the sum of each pair's), soft {g: (K, n, n)}."""
     if batch is None:
-        return l2_loss(pairs, soft)
+        return l2_loss(pairs.spec, pairs.ref, pairs.other, soft)
     idx, lam = batch
-    return lerp_loss(pairs, soft, lam, idx)
+    examples = Split(*pairs.data.examples(idx), pairs.data.task)
+    return interpolation_loss(pairs.arch, pairs.ref, pairs.other, soft, examples, lam)
+
+
+def _soft_loss(pairs: Problem, sizes: list[int], batch: Batch) -> SoftLoss:
+    """The loss of pairs `part` from their soft matrices, one (k, groups, n, n) per size."""
+
+    def loss(soft: list[Tensor], part: slice) -> Tensor:
+        some = pairs.of_pairs(part)  # pairs are independent: each part's loss alone
+        return _loss(some, _per_group(some, dict(zip(sizes, soft))), batch)
+
+    return loss
 
 
 def _parts(pairs: Problem, cfg: SinkhornCfg) -> list[slice]:
@@ -110,7 +113,7 @@ def _initial_logits(
                 )
                 for init in inits
             ]
-        ).requires_grad_()
+        )
         for n in sorted(set(problem.spec.sizes.values()))
     }
 
@@ -128,18 +131,16 @@ def _descend(
         raise DeepAlignError(f"unknown sinkhorn loss '{cfg.loss}' (known: {', '.join(LOSSES)})")
     pairs = Problem.stack(problems)
     gen = torch.Generator().manual_seed(cfg.seed)
-    logits = _initial_logits(pairs, cfg, inits)
-    opt = torch.optim.Adam(logits.values(), lr=cfg.lr)
+    logits = _initial_logits(pairs, cfg, inits)  # {n: (K, groups, n, n)}
+    state = adam_state(list(logits.values()))
     yield 0, _per_group(pairs, logits)
     parts = _parts(pairs, cfg)
     for step in range(1, cfg.steps + 1):
-        batch = _draw(pairs, cfg, gen)
-        opt.zero_grad(set_to_none=True)
-        for part in parts:  # pairs are independent: each part's loss, its own gradients
-            soft = {n: sinkhorn(lg[part], cfg.iterations, cfg.tau) for n, lg in logits.items()}
-            some = pairs.of_pairs(part)
-            _loss(some, _per_group(some, soft), batch).backward()
-        opt.step()
+        loss = _soft_loss(pairs, list(logits), _draw(pairs, cfg, gen))
+        new, state = sinkhorn_step(
+            list(logits.values()), state, loss, cfg.lr, cfg.iterations, cfg.tau, parts
+        )
+        logits = dict(zip(logits, new))
         yield step, _per_group(pairs, logits)
 
 

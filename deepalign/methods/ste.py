@@ -1,7 +1,8 @@
 """Straight-through estimator (Git Re-Basin, Alg. 2).
 
 Learn free weights W~ whose nearest permutation of `other` (by weight matching) is the answer;
-the forward pass uses that permuted `other`, gradients flow to W~ straight through.
+the forward pass uses that permuted `other`, gradients flow to W~ straight through. The task
+loss on the line is `deepalign.core.rebasin.lerp_task_loss`, the one Sinkhorn re-basin uses.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import torch
 from torch import Tensor
 
 from deepalign.config import Iterations, Positive, PositiveFloat, Seed, Steps, one_of
-from deepalign.core.arch import as_input, passes, per_pass
+from deepalign.core.arch import passes, per_pass
 from deepalign.core.assignment import Answer
+from deepalign.core.data import Split
 from deepalign.core.permspec import Perm, apply_permutation
-from deepalign.core.task import task_loss
-from deepalign.core.weightspace import WeightSpace, lerp, stack
+from deepalign.core.rebasin import lerp_task_loss
+from deepalign.core.weightspace import WeightSpace, stack
 from deepalign.errors import DeepAlignError
 from deepalign.methods.problem import Problem
 from deepalign.methods.weight_matching import WeightMatchingCfg, weight_matching
@@ -66,15 +68,13 @@ def ste_batch(
         hard = apply_permutation(pairs.other, stacked, pairs.spec)
         idx = torch.randint(data.size, (cfg.batch_size,), generator=gen)
         lam = 0.5 if cfg.lam == "midpoint" else float(torch.rand((), generator=gen))
-        x = as_input(arch, data.x[idx])
         opt.zero_grad(set_to_none=True)
         for part in passes(len(problems), step):  # pairs are independent: a pass at a time
             projected = hard[part].replace(
                 [f[part] + (h[part] - f[part]).detach() for f, h in zip(free, hard.tensors())]
             )
-            out = arch.forward_batched(lerp(pairs.ref[part], projected, lam), x)  # (k, n, C)
-            y = data.of_networks(part).examples(idx)[1]
-            (task_loss(out, y, data.task) / cfg.batch_size).backward()  # each pair's mean loss
+            batch = Split(*data.of_networks(part).examples(idx), data.task)
+            lerp_task_loss(arch, pairs.ref[part], projected, batch, lam).backward()
         opt.step()
     return [Answer(hard=perm) for perm in _project(problems, free, wm, perms)]
 

@@ -5,16 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from deepalign.config import Iterations, Seed, Steps
-from deepalign.core.permspec import (
-    Perm,
-    PermSpec,
-    apply_permutation,
-    identity,
-    random_permutation,
-)
+from deepalign.core.matching import group_score
+from deepalign.core.permspec import Perm, apply_permutation, identity, random_permutation
 from deepalign.core.weightspace import WeightSpace
 from deepalign.methods.problem import Problem, solve_lap
 
@@ -22,30 +16,8 @@ from deepalign.methods.problem import Problem, solve_lap
 @dataclass(frozen=True)
 class WeightMatchingCfg:
     max_iter: Iterations  # sweeps over all groups at most
-    restarts: Steps  # extra random starts; the best objective wins
+    restarts: Steps  # extra random starts when no start is given; the best objective wins
     seed: Seed  # order of the groups in each sweep, and restart starts
-
-
-def _units_first(t: Tensor, axis: int, n: int) -> Tensor:
-    """Move `axis` first and flatten the rest: (n, everything else) in float64."""
-    return t.movedim(axis, 0).reshape(n, -1).double()
-
-
-def group_score(spec: PermSpec, ref: WeightSpace, other_fixed: WeightSpace, group: str) -> Tensor:
-    """score[i, j] = <ref unit i, other unit j> over every parameter `group` touches: (n, n)
-    (running statistics are permuted with their channel but not matched).
-
-    `other_fixed` has every permutation but `group`'s already applied.
-    """
-    n = spec.sizes[group]
-    score = torch.zeros(n, n, dtype=torch.float64)
-    for key, axis, _block in spec.acting(group):
-        if key in ref.buffers:
-            continue
-        a = _units_first(ref.named[key], axis, n)
-        b = _units_first(other_fixed.named[key], axis, n)
-        score += a @ b.T
-    return score
 
 
 def objective(ref: WeightSpace, aligned: WeightSpace) -> float:
@@ -81,10 +53,12 @@ def _sweeps(
 def weight_matching_trace(
     problem: Problem, cfg: WeightMatchingCfg, init: Perm | None = None
 ) -> tuple[Perm, list[list[float]]]:
-    """Best permutation over 1 + restarts starts, and each start's objective per sweep."""
+    """Best permutation over its starts, and each start's objective per sweep: `init` alone
+    when given (a refinement keeps its start), else the identity and `restarts` random ones."""
     gen = torch.Generator().manual_seed(cfg.seed)
     starts = [init or identity(problem.spec)]
-    starts += [random_permutation(problem.spec, gen) for _ in range(cfg.restarts)]
+    if init is None:
+        starts += [random_permutation(problem.spec, gen) for _ in range(cfg.restarts)]
     best, best_value, traces = starts[0], float("-inf"), []
     for start in starts:
         history: list[float] = []

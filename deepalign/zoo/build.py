@@ -11,33 +11,17 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from deepalign.config import (
-    Count,
-    Device,
-    Fraction,
-    Iterations,
-    NonNegative,
-    Positive,
-    PositiveFloat,
-    Seed,
-    invalid,
-    one_of,
-)
+from deepalign.config import Device, Name, Positive, Seed
 from deepalign.core.arch import Arch, as_input
-from deepalign.core.chain import ACTIVATIONS, cnn_arch, mlp_arch
 from deepalign.core.data import DataCfg, Dataset, Split
 from deepalign.core.lmc import evaluate_networks, reset_statistics
-from deepalign.core.resnet import resnet_arch
 from deepalign.core.task import task_loss
 from deepalign.core.weightspace import WeightSpace, stack
 from deepalign.errors import DeepAlignError
@@ -50,51 +34,16 @@ from deepalign.io import (
     write_json,
 )
 from deepalign.memory import check_fits
+from deepalign.zoo.kinds import NetCfg, make_arch
 
 SPLITS = ("train", "val", "test")
 _PKG = Path(__file__).resolve().parents[1]
 # The code that decides a trained network: a change retrains resumed zoos.
 TRAINING_CODE = (
-    _PKG / "zoo" / "build.py",
+    *(_PKG / "zoo" / f for f in ("build.py", "kinds.py")),
     *(_PKG / "core" / f for f in ("arch.py", "chain.py", "resnet.py", "weightspace.py", "data.py")),
     *(_PKG / "core" / f for f in ("shifts.py", "signals.py", "task.py")),
 )
-KINDS = ("mlp", "cnn", "resnet", "siren")
-OPTIMIZERS = ("adam", "sgd")
-
-
-@dataclass(frozen=True)
-class NetCfg:
-    """One architecture of the zoo and how its networks are trained."""
-
-    kind: Annotated[str, one_of(*KINDS)]
-    hidden: list[Positive]  # MLP hidden widths, CNN conv channels, ResNet stage widths
-    strides: list[Positive]  # CNN conv strides ([] for the others)
-    blocks: Count  # ResNet basic blocks per stage (0 for the others)
-    activation: Annotated[str, one_of(*ACTIVATIONS)]
-    n_train: Count  # networks in each zoo split
-    n_val: Count
-    n_test: Count
-    epochs: Iterations
-    batch_size: Positive
-    lr: PositiveFloat
-    weight_decay: NonNegative
-    optimizer: Annotated[str, one_of(*OPTIMIZERS)]
-    momentum: Fraction  # SGD's (0 for adam)
-
-    def __post_init__(self) -> None:
-        if self.optimizer == "adam" and self.momentum != 0:
-            raise invalid("momentum", self.momentum, "0 with adam (momentum is SGD's)")
-        if self.n_train + self.n_val + self.n_test == 0:
-            raise invalid("n_train", self.n_train, ">= 1 when n_val and n_test are 0")
-        if self.kind == "cnn" and len(self.strides) != len(self.hidden):
-            raise invalid("strides", self.strides, f"one stride per conv ({len(self.hidden)})")
-        if (self.kind == "resnet") != (self.blocks > 0):
-            raise invalid("blocks", self.blocks, ">= 1 for a resnet, 0 for the other kinds")
-        if self.kind == "resnet" and self.activation != "relu":
-            raise invalid("activation", self.activation, "relu for a resnet")
-        if (self.kind == "siren") != (self.activation == "sine"):
-            raise invalid("activation", self.activation, "sine for a siren, and only there")
 
 
 @dataclass(frozen=True)
@@ -102,7 +51,7 @@ class ZooCfg:
     seed: Seed  # network j of an architecture is trained from seed + j
     chunk_size: Positive  # networks trained together (and one unit of work for a task runner)
     device: Device
-    archs: dict[str, NetCfg]
+    archs: dict[Name, NetCfg]  # a recipe per architecture, by folder name
 
 
 @dataclass(frozen=True)
@@ -123,28 +72,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DeepAlignError(f"device '{name}' asked for but no CUDA device is available")
     return torch.device(name)
-
-
-ARCHS: dict[str, Callable[[NetCfg, Dataset], Arch]] = {
-    "mlp": lambda net, data: mlp_arch(
-        math.prod(data.image_shape), net.hidden, data.n_classes, net.activation
-    ),
-    "cnn": lambda net, data: cnn_arch(
-        data.image_shape, net.hidden, net.strides, data.n_classes, net.activation
-    ),
-    "resnet": lambda net, data: resnet_arch(
-        data.image_shape, net.hidden, net.blocks, data.n_classes
-    ),
-    # SIREN (Sitzmann et al. 2020): coordinates -> sine layers -> the signal's value
-    "siren": lambda net, data: mlp_arch(data.image_shape[0], net.hidden, data.n_classes, "sine"),
-}
-
-
-def make_arch(net: NetCfg, data: Dataset) -> Arch:
-    """The architecture of a zoo kind for a data set (its kinds: `ARCHS`)."""
-    if net.kind not in ARCHS:
-        raise DeepAlignError(f"unknown network kind '{net.kind}' (known: {', '.join(ARCHS)})")
-    return ARCHS[net.kind](net, data)
 
 
 def network_fingerprint(
@@ -338,14 +265,13 @@ def train_chunk(
     device: torch.device,
     progress: bool = True,
 ) -> list[dict]:
-    """Train, evaluate and save a group of networks; return their manifest records."""
+    """Train, evaluate and save a group of networks; return their manifest records (no timings:
+    the same networks write the same bytes; callers time the call for their metrics)."""
     seeds = [j.seed for j in jobs]
     check_training_memory(arch, net, len(jobs), jobs[0].path.parent)
     ws = stack([init_network(arch, s) for s in seeds])
-    start = time.perf_counter()
     index = [j.index for j in jobs]  # each network's own targets, where they differ
     trained = train_batched(arch, ws, data.train.of_networks(index), net, seeds, device, progress)
-    seconds = time.perf_counter() - start
     trained = arch.canonical(trained)  # stored free of the activation's own symmetries
     check_trained(trained, jobs, net)
     loss, acc = evaluate_networks(arch, trained, data.test.of_networks(index))
@@ -358,7 +284,6 @@ def train_chunk(
             "test_loss": float(loss[b]),
             "test_acc": float(acc[b]),
             "fingerprint": fp_of[job.index],
-            "train_seconds": seconds / len(jobs),
         } | ({"signal": job.signal} if job.signal is not None else {})
         save_checkpoint(job.path, arch, trained[b], meta)
         records.append(meta | {"path": job.path.name})
@@ -400,23 +325,19 @@ def write_manifest(out_dir: Path, name: str, arch: Arch, records: list[dict]) ->
 
 
 def manifest_digest(manifest: Path) -> str:
-    """A zoo's identity for downstream fingerprints: its manifest without the timings.
+    """A zoo's identity for downstream fingerprints: its manifest (which holds no timings).
 
     Each record keeps the network's training fingerprint and its exact test loss and
     accuracy, so other weights change the digest; a zoo resumed under another load does not.
     """
-    zoo = json.loads(manifest.read_text())
-    zoo["networks"] = [
-        {k: v for k, v in r.items() if k != "train_seconds"} for r in zoo["networks"]
-    ]
-    return digest(zoo, length=64)
+    return digest(json.loads(manifest.read_text()), length=64)
 
 
-def summarize(records: list[dict], trained_this_run: int) -> dict[str, float]:
-    """Zoo metrics: test accuracy statistics and training throughput (over all networks)."""
+def summarize(records: list[dict], trained_this_run: int, seconds: float) -> dict[str, float]:
+    """Zoo metrics: test accuracy statistics over all networks; the networks trained this run
+    and the `seconds` the caller's clock gave their training (0 when all were resumed)."""
     acc = torch.tensor([r["test_acc"] for r in records])
     loss = torch.tensor([r["test_loss"] for r in records])
-    seconds = sum(r["train_seconds"] for r in records)
     return {
         "n_networks": len(records),
         "test_acc_mean": acc.mean().item(),
@@ -425,7 +346,7 @@ def summarize(records: list[dict], trained_this_run: int) -> dict[str, float]:
         "test_loss_mean": loss.mean().item(),
         "trained_this_run": trained_this_run,
         "train_seconds": seconds,
-        "networks_per_second": len(records) / seconds if seconds > 0 else 0.0,
+        "networks_per_second": trained_this_run / seconds if seconds > 0 else 0.0,
     }
 
 

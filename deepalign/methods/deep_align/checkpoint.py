@@ -12,7 +12,7 @@ from deepalign.core.assignment import solve_lap
 from deepalign.core.permspec import Perm
 from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError
-from deepalign.io import write_atomic
+from deepalign.io import save_torch
 from deepalign.methods.deep_align.model import DeepAlign, Layout, ModelCfg
 
 FORMAT = "deepalign-aligner/1"
@@ -26,6 +26,8 @@ def predict(model: DeepAlign, ref: WeightSpace, other: WeightSpace) -> Perm:
 
 
 def save_aligner(path: Path, model: DeepAlign, arch: Arch, meta: dict) -> None:
+    """Save a trained aligner with its metadata; the same model and metadata write the same
+    bytes (keep timings out of `meta`: `train.checkpoint_meta`)."""
     blob = {
         "format": FORMAT,
         "arch": arch.to_dict(),
@@ -35,7 +37,7 @@ def save_aligner(path: Path, model: DeepAlign, arch: Arch, meta: dict) -> None:
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": meta,
     }
-    write_atomic(path, lambda tmp: torch.save(blob, tmp))
+    save_torch(path, blob)
 
 
 def load_aligner(path: Path) -> tuple[DeepAlign, Arch, dict]:

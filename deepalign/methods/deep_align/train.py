@@ -28,6 +28,7 @@ from deepalign.config import (
     Device,
     GridPoints,
     Iterations,
+    Name,
     NonNegative,
     Positive,
     PositiveFloat,
@@ -74,7 +75,7 @@ class LossCfg:
 class AlignerCfg:
     """Section `aligner` of params.yaml."""
 
-    archs: list[str]  # zoo architectures to train an aligner for
+    archs: list[Name]  # zoo architectures to train an aligner for
     device: Device  # auto | cpu | cuda
     seed: Seed
     epochs: Iterations  # one epoch: every train network once as anchor
@@ -244,6 +245,8 @@ def train(
     line: int = 0,
 ) -> tuple[DeepAlign, dict]:
     """Train with AdamW, validate every `val_every` epochs, keep the best; resumable via `state`.
+    The result's `train_seconds` are this call's (0 when nothing was left to train): timings
+    stay out of `state` and, through `checkpoint_meta`, out of the saved aligner.
     The progress bar is drawn on terminal line `line` (side-by-side workers get one each)."""
     torch.manual_seed(cfg.seed)
     if cfg.augment.rescale > 0:
@@ -258,6 +261,7 @@ def train(
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema else None
     run = _resume(state, fp, model, opt, gen, ema)
     judged = ema.module if ema else model  # the weights validated and kept
+    seconds = 0.0
     train_idx = zoo.indices("train")
     train_nets = zoo.nets[torch.tensor(train_idx)].to(device)
     views = views_of(zoo.signals(train_idx))
@@ -285,7 +289,7 @@ def train(
             if ema:
                 ema.update_parameters(model)
             sums = {k: sums.get(k, 0.0) + v.item() / steps for k, v in losses.items()}
-        run["train_seconds"] += time.perf_counter() - start
+        seconds += time.perf_counter() - start
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
             sums |= validate(judged, zoo, data, cfg, device)
             _keep_best(run, judged, sums, epoch)
@@ -294,7 +298,14 @@ def train(
         if on_epoch:
             on_epoch(epoch, sums, model)
     judged.load_state_dict(run["best_state"])
-    return judged.eval(), {k: v for k, v in run.items() if k != "best_state"}
+    result = {k: v for k, v in run.items() if k != "best_state"}
+    return judged.eval(), result | {"train_seconds": seconds}
+
+
+def checkpoint_meta(result: dict) -> dict:
+    """A training result as an aligner checkpoint's metadata: all but its timings (those go to
+    the metrics files), so that the same training writes the same bytes."""
+    return {k: v for k, v in result.items() if k != "train_seconds"}
 
 
 def set_lr(opt: torch.optim.Optimizer, cfg: AlignerCfg, progress: float) -> None:
@@ -341,7 +352,6 @@ def _resume(
     """Training progress saved by an interrupted run with the same settings, else a fresh one."""
     fresh = {
         "epoch": 0,
-        "train_seconds": 0.0,
         "best_val_loss_barrier": float("inf"),
         "best_val_planted_recovery": 0.0,
         "best_epoch": -1,
