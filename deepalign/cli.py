@@ -102,8 +102,9 @@ def sweep(
 
 
 def main() -> None:
-    """The console script: like `app`, but a bad option value is one line too (exit 2)."""
-    run_app(app)
+    """The console script: like `app`, but a bad option value is one line too (exit 2); with
+    no arguments at all, the help."""
+    run_app(app, sys.argv[1:] or ["--help"])
 
 
 # --- options ------------------------------------------------------------------------------------

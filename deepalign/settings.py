@@ -20,13 +20,11 @@ from deepalign.errors import DeepAlignError
 T = TypeVar("T")
 DEFAULTS = Path(__file__).with_name("defaults.yaml")
 # Sections of the project's params.yaml that only the pipeline's stages read: a params file
-# given to a command may hold them (tests/test_api.py checks this list against params.yaml).
+# given to a command may hold them (tests/test_user_path.py checks them against params.yaml).
 PIPELINE_SECTIONS = (
     "data", "zoo", "bench", "aligner", "align", "evaluate", "converge", "study", "curves",
     "scale", "resnets", "ood", "merge", "inr", "runner", "schedule",
 )  # fmt: skip
-# Keys of `align` that are the align stage's own, beside the method sections.
-ALIGN_STAGE_KEYS = ("archs", "methods", "pairs", "planted_pairs", "planted_noise", "seed")
 
 
 @dataclass(frozen=True)
@@ -89,14 +87,15 @@ def load_settings(given: Path | str | None = None) -> Settings:
 
 def methods_cfg(settings: Settings):
     """Every method's settings (section `align`), aligner paths relative to their file."""
+    from deepalign.evaluation.experiment import AlignCfg
     from deepalign.methods import MethodsCfg
     from deepalign.methods.learned import DeepAlignCfg
 
-    fields = [f.name for f in dataclasses.fields(MethodsCfg)]
+    known = [f.name for f in dataclasses.fields(AlignCfg)]  # the stage's keys and each method's
     section = pick(settings.values, "align", settings.where)
     for key in section if isinstance(section, Mapping) else ():
-        if key not in fields and key not in ALIGN_STAGE_KEYS:
-            hint = suggest(str(key), [*fields, *ALIGN_STAGE_KEYS])
+        if key not in known:
+            hint = suggest(str(key), known)
             raise DeepAlignError(f"{settings.where}: align.{key}: unknown key{hint}")
     cfg = settings.section("align", MethodsCfg, allow_extra=True)
     found = [settings.path("align", p) for p in cfg.deep_align.checkpoints]

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,18 @@ def test_help_lists_every_option_without_loading_the_heavy_libraries(command):
     assert "--help" in done.stdout
     if command in ("align", "merge", "sweep"):
         assert "--debug" in done.stdout or "--model" in done.stdout  # its own options listed
+
+
+def test_no_arguments_print_the_help_not_an_error(monkeypatch, capsys):
+    from deepalign.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["deepalign"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    out, err = capsys.readouterr()
+    assert done.value.code == 0 and out.startswith("Usage: ") and "Commands:" in out
+    assert err == ""
+    monkeypatch.setattr(sys, "argv", ["deepalign", "--no-such-option"])  # twin: a bad one
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 2 and capsys.readouterr().err.startswith("error:")

@@ -12,6 +12,7 @@ import zipfile
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import deepalign
@@ -415,3 +416,12 @@ def test_tied_weights_are_permuted_once_and_keep_the_function():
     assert torch.allclose(aligned(x), other(x), atol=1e-5)
     assert aligned.a.weight is aligned.b.weight  # still one tensor
     assert not torch.equal(aligned.a.weight, other.a.weight)  # and it was permuted
+
+
+def test_the_pipeline_sections_a_params_file_may_hold_are_params_yamls():
+    from deepalign.settings import PIPELINE_SECTIONS
+    from tests.helpers import ROOT
+
+    assert set(PIPELINE_SECTIONS) == set(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    settings = load_settings(ROOT / "params.yaml")  # the project's own file is accepted whole
+    assert methods_cfg(settings).weight_matching.restarts == 1
