@@ -15,6 +15,7 @@ merged over them (no other file is read).
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -55,10 +56,12 @@ def _weights(arch: Arch, network: Net) -> WeightSpace:
 
 def _result(network: Net, arch: Arch, ws: WeightSpace) -> Net:
     """`ws` in the form and dtypes `network` came in: a copy of the module, or a state_dict
-    (its integer buffers kept)."""
+    (its integer buffers and module versions kept)."""
     own = _state(network)
     extras = {k: v for k, v in own.items() if not v.is_floating_point()}
-    state = {k: v.to(own[k].dtype) for k, v in arch.state_dict(ws, extras).items()}
+    state = OrderedDict((k, v.to(own[k].dtype)) for k, v in arch.state_dict(ws, extras).items())
+    if hasattr(own, "_metadata"):  # module versions, which `_load_from_state_dict` may check
+        state._metadata = copy.deepcopy(own._metadata)  # type: ignore[attr-defined]
     if not isinstance(network, nn.Module):
         return state
     out = copy.deepcopy(network)

@@ -1,5 +1,9 @@
-"""The pipeline deployment: registered with its cron schedule, and one run to completion."""
+"""The pipeline deployment: registered with its cron schedule, and one run to completion of a
+tiny project whose params list an architecture the defaults do not have (`wide`) and not the
+default CNN, so the same run shows that dvc.yaml follows the architecture lists."""
 
+import copy
+import json
 import os
 import subprocess
 import sys
@@ -10,11 +14,22 @@ import yaml
 from prefect.testing.utilities import prefect_test_harness
 
 from deepalign.config import load_section
-from tests.tiny import tiny_repo
+from tests.tiny import tiny_params, tiny_repo
 
 pytestmark = pytest.mark.slow  # real Prefect server, MLflow and DVC: minutes
 
 ROOT = Path(__file__).resolve().parents[1]
+LISTS = ("aligner", "align", "curves", "converge")  # sections with an `archs` list
+
+
+def _wide_params() -> dict:
+    """Tiny params with a zoo architecture of their own (`wide`) in every list, no CNN."""
+    params = tiny_params()
+    wide = copy.deepcopy(params["zoo"]["archs"]["mlp"]) | {"hidden": [7, 5]}
+    params["zoo"]["archs"] = {"mlp": params["zoo"]["archs"]["mlp"], "wide": wide}
+    for section in LISTS:
+        params[section]["archs"] = ["mlp", "wide"]
+    return params
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,7 +49,7 @@ def scheduled(tmp_path_factory):
 
     tmp_path = tmp_path_factory.mktemp("scheduled")
     cfg = load_section("schedule", ScheduleCfg, ROOT / "params.yaml")
-    repo = tiny_repo(tmp_path)
+    repo = tiny_repo(tmp_path, _wide_params())
     dep_id = deployment(cfg, repo).apply()
 
     async def read():
@@ -82,6 +97,22 @@ def test_deployment_runs_on_schedule_and_to_completion(scheduled):
         [sys.executable, "-m", "dvc", "status"], cwd=repo, capture_output=True, text=True, env=env
     )
     assert "up to date" in status.stdout
+
+
+def test_dvc_repro_runs_whatever_architectures_params_list(scheduled):
+    """`wide` in every list, the default CNN in none: the run trained, aligned and reported
+    exactly those, with no dvc.yaml edit."""
+    repo, *_, state, _ = scheduled
+    assert state.is_completed(), state
+    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    written = [*(repo / "plots" / "evaluate").iterdir(), *(repo / "figures" / "evaluate").iterdir()]
+    names = [f"interpolation_{a}.{e}" for a in ("mlp", "wide") for e in ("csv", "png")]
+    assert set(evaluate) == {"mlp", "wide"} and sorted(p.name for p in written) == names
+    aligners = [p.name for p in (repo / "aligner").glob("*.pt") if ".state." not in p.name]
+    assert sorted(aligners) == ["mlp.pt", "wide.pt"]
+    assert set(json.loads((repo / "metrics" / "zoo.json").read_text())) == {"mlp", "wide"}
+    report = (repo / "report" / "index.html").read_text()
+    assert "Linear interpolation: wide" in report and "Linear interpolation: cnn" not in report
 
 
 def _pipeline_runs(env: dict, monkeypatch):

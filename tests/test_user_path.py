@@ -425,3 +425,46 @@ def test_the_pipeline_sections_a_params_file_may_hold_are_params_yamls():
     assert set(PIPELINE_SECTIONS) == set(yaml.safe_load((ROOT / "params.yaml").read_text()))
     settings = load_settings(ROOT / "params.yaml")  # the project's own file is accepted whole
     assert methods_cfg(settings).weight_matching.restarts == 1
+
+
+class _Versioned(nn.Module):
+    """A module that, like torchvision's MNASNet, refuses a state_dict without its version."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+    def _load_from_state_dict(self, state, prefix, local_metadata, *args):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError("version should be set to 1 or 2")
+        super()._load_from_state_dict(state, prefix, local_metadata, *args)
+
+
+def test_a_result_keeps_the_module_versions_its_network_came_with(tmp_path):
+    torch.manual_seed(0)
+    ref, other = _Versioned(), _Versioned()
+    aligned = deepalign.align(ref, other, input_shape=(4,))
+    state = aligned.state_dict()
+    assert state._metadata[""]["version"] == 2
+    torch.save(state, tmp_path / "aligned.pt")
+    back = _Versioned()
+    back.load_state_dict(torch.load(tmp_path / "aligned.pt", weights_only=True))
+    x = torch.randn(5, 4)
+    assert torch.allclose(back(x), other(x), atol=1e-5)
+    assert not torch.equal(back.a.weight, other.a.weight)  # it was permuted
+    with pytest.raises(ValueError, match="version"):  # twin: the same tensors, versions dropped
+        _Versioned().load_state_dict(dict(state))
+
+
+def test_a_state_dict_result_keeps_the_versions_the_state_dict_came_with():
+    torch.manual_seed(0)
+    ref, other = (nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)) for _ in range(2))
+    given = other.state_dict()
+    aligned = deepalign.align(ref.state_dict(), given)
+    assert aligned._metadata == given._metadata and aligned._metadata["0"]["version"] == 1
+    assert list(aligned) == list(given) and not torch.equal(aligned["0.weight"], given["0.weight"])
