@@ -22,9 +22,9 @@ from deepalign.core.data import reset_images_of
 from deepalign.core.weightspace import average
 from deepalign.errors import DeepAlignError, one_line
 from deepalign.merging import check_weights, repaired
-from deepalign.settings import load_settings, methods_cfg
+from deepalign.settings import PIPELINE_SECTIONS, load_settings, methods_cfg
 from deepalign.usermodel import network_arch
-from tests.helpers import error_line, runner
+from tests.helpers import ROOT, error_line, runner
 
 MLP = """
 from torch import nn
@@ -419,9 +419,6 @@ def test_tied_weights_are_permuted_once_and_keep_the_function():
 
 
 def test_the_pipeline_sections_a_params_file_may_hold_are_params_yamls():
-    from deepalign.settings import PIPELINE_SECTIONS
-    from tests.helpers import ROOT
-
     assert set(PIPELINE_SECTIONS) == set(yaml.safe_load((ROOT / "params.yaml").read_text()))
     settings = load_settings(ROOT / "params.yaml")  # the project's own file is accepted whole
     assert methods_cfg(settings).weight_matching.restarts == 1
