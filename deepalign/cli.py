@@ -330,8 +330,10 @@ def info(
     table = Table("group", "units", "acts on (tensor[axis], x block)")
     for group in spec.groups:
         acts = ", ".join(
-            f"{key}[{axis}]" + (f" x{block}" if block > 1 else "")
-            for key, axis, block in spec.acting(group)
+            f"{key}[{axis}]"
+            + (f"[{offset}:]" if offset else "")
+            + (f" x{block}" if block > 1 else "")
+            for key, axis, block, offset in spec.acting(group)
         )
         table.add_row(group, str(spec.sizes[group]), acts)
     console.print(table)

@@ -29,6 +29,7 @@ import stat
 import tempfile
 import zipfile
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -468,4 +469,6 @@ def save_network(path: Path, source: Checkpoint, ws: WeightSpace, meta: dict | N
         save_checkpoint(path, source.arch, ws, source.meta | (meta or {}), source.extras)
         return
     state = source.arch.state_dict(ws, source.extras)
-    save_torch(path, {k: _own_storage(v) for k, v in state.items()})
+    out = OrderedDict((k, _own_storage(v)) for k, v in state.items())
+    out._metadata = source.arch.module_versions()  # type: ignore[attr-defined]
+    save_torch(path, out)

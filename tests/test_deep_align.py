@@ -109,7 +109,7 @@ def test_positive_rescaling_is_refused_where_it_changes_the_function(activation)
     spec, x = arch.spec, torch.randn(8, 64)
     scaled = dict(ws.named)
     for g, s in scales.items():
-        for key, axis, _ in spec.acting(g):
+        for key, axis, _, _ in spec.acting(g):
             shape = [2] + [1] * (scaled[key].ndim - 1)
             shape[axis + 1] = -1
             scaled[key] = scaled[key] * (s if axis == 0 else 1 / s).view(shape)

@@ -54,7 +54,7 @@ def test_a_layer_without_bias_is_a_chain_with_an_optional_bias(tmp_path):
     model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.ReLU(), nn.Linear(6, 3))
     ckpt = load_checkpoint(save(tmp_path / "plain.pt", model.state_dict()))
     assert set(ckpt.ws.named) == {"0.weight", "2.weight", "2.bias"}
-    assert tuple(ckpt.arch.spec.acting("h0")) == (("0.weight", 0, 1), ("2.weight", 1, 1))
+    assert tuple(ckpt.arch.spec.acting("h0")) == (("0.weight", 0, 1, 0), ("2.weight", 1, 1, 0))
     x = torch.randn(5, 4)
     rebuilt = ckpt.arch.build()
     rebuilt.load_state_dict(ckpt.arch.state_dict(ckpt.ws))

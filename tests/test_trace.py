@@ -121,7 +121,7 @@ def permute_some(
     """`perm[group]` applied only to the group's axes whose key starts with `prefix` (written
     out here, independently of the library's `apply_permutation`)."""
     tensors = dict(ws.named)
-    for key, axis, block in spec.acting(group):
+    for key, axis, block, _ in spec.acting(group):
         if key.startswith(prefix):
             index = (perm[group][:, None] * block + torch.arange(block)).flatten()
             tensors[key] = tensors[key].index_select(axis, index)
@@ -143,7 +143,7 @@ def test_traced_groups_cover_every_hidden_unit_once(family, name):
     module, _, groups, _, traced = family[name]
     spec = traced.spec
     assert len(spec.groups) == groups
-    axes = [(key, axis) for g in spec.groups for key, axis, _ in spec.acting(g)]
+    axes = [(key, axis) for g in spec.groups for key, axis, _, _ in spec.acting(g)]
     assert len(axes) == len(set(axes))  # each axis in one group only
     spec.check(float_state(module))
 
@@ -176,7 +176,7 @@ def test_a_block_permuted_without_its_stream_breaks_the_function(family, name, s
     group = next(
         g
         for g in traced.spec.groups
-        if any(k.startswith(prefix) for k, _, _ in traced.spec.acting(g))
+        if any(k.startswith(prefix) for k, *_ in traced.spec.acting(g))
     )
     n = traced.spec.sizes[group]
     perm = {group: torch.roll(torch.arange(n), 1 + int(torch.randint(n - 1, (1,), generator=gen)))}
@@ -208,8 +208,10 @@ def test_a_layer_permuted_without_its_consumer_breaks_the_function(family, name)
 
 def test_a_resnet_stream_is_one_group_with_every_block_writing_into_it():
     traced = trace(ResNetModule(1, (4, 6), 2, 10), torch.zeros(2, 1, 8, 8))
-    stream = next(g for g in traced.spec.groups if ("stem.0.weight", 0, 1) in traced.spec.acting(g))
-    keys = {k for k, _, _ in traced.spec.acting(stream)}
+    stream = next(
+        g for g in traced.spec.groups if ("stem.0.weight", 0, 1, 0) in traced.spec.acting(g)
+    )
+    keys = {k for k, *_ in traced.spec.acting(stream)}
     assert {"blocks.0.bn2.weight", "blocks.1.bn2.running_mean", "blocks.1.conv1.weight"} <= keys
     assert "blocks.2.shortcut.0.weight" in keys  # the next stage's shortcut reads the stream
     assert len(traced.taps[stream]) >= 3  # the stem's ReLU and each block's output ReLU
@@ -286,7 +288,7 @@ def rescaled(module: nn.Module, spec: PermSpec, scale: float) -> nn.Module:
     """Every hidden unit's incoming weights scaled by `scale`, outgoing by 1/`scale`."""
     state = dict(module.state_dict())
     for group in spec.groups:
-        for key, axis, _ in spec.acting(group):
+        for key, axis, _, _ in spec.acting(group):
             state[key] = state[key] * (scale if axis == 0 else 1 / scale)
     out = copy.deepcopy(module)
     out.load_state_dict(state)
@@ -351,7 +353,16 @@ class Concat(nn.Module):
         self.a, self.b, self.out = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(6, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(torch.cat([self.a(x), self.b(x)], dim=1))
+        h = torch.cat([self.a(x), self.b(x)], dim=1)
+        p, q = torch.split(h, [2, 4], dim=1)  # cuts a's three units apart
+        return self.out(torch.cat([q, p], dim=1))
+
+
+def GroupedTwice() -> nn.Sequential:  # noqa: N802 (a module, named like one)
+    """A grouped convolution reading another one's output (groups inside groups)."""
+    return nn.Sequential(
+        nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 8, 3, groups=4)
+    )
 
 
 class Branchy(nn.Module):
@@ -367,12 +378,18 @@ class Branchy(nn.Module):
     ("module", "shape", "named"),
     [
         (Attention(), (8,), "module 'attn' (MultiheadAttention)"),  # one sequence of N tokens
-        (Concat(), (4,), "torch.cat in the top-level module (Concat)"),
-        (nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU()), (4, 6, 6), "module '0' (Conv2d)"),
+        (Concat(), (4,), "torch.split in the top-level module (Concat)"),
+        (GroupedTwice(), (4, 6, 6), "module '2' (Conv2d)"),
         (Branchy(), (4,), "Branchy"),
         (nn.Sequential(nn.Linear(4, 4), nn.Bilinear(4, 4, 2)), (4,), "module '1' (Bilinear)"),
     ],
-    ids=["attention", "concatenation", "grouped-conv", "control-flow", "unknown-module"],
+    ids=[
+        "attention",
+        "split-cutting-a-group",
+        "grouped-conv-twice",
+        "control-flow",
+        "unknown-module",
+    ],
 )
 def test_unsafe_graphs_stop_with_one_line_naming_the_module(module, shape, named):
     with pytest.raises(DeepAlignError) as info:

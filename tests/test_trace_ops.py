@@ -103,7 +103,7 @@ def permute_keys(module: nn.Module, spec: PermSpec, perm: dict, keys: set[str]) 
     """`perm` applied only to the axes of `keys` (written out here, not by the library)."""
     tensors = dict(module.state_dict())
     for group in spec.groups:
-        for key, axis, block in spec.acting(group):
+        for key, axis, block, _ in spec.acting(group):
             if key in keys:
                 index = (perm[group][:, None] * block + torch.arange(block)).flatten()
                 tensors[key] = tensors[key].index_select(axis, index)
@@ -196,7 +196,7 @@ def test_a_scalar_per_example_keeps_the_label_and_joins_no_group():
     torch.manual_seed(0)
     module = Scaled()
     spec = trace(module, torch.zeros(2, 4)).spec
-    keys = {g: {k for k, _, _ in spec.acting(g)} for g in spec.groups}
+    keys = {g: {k for k, *_ in spec.acting(g)} for g in spec.groups}
     assert {"a.weight", "a.bias", "head.weight"} in keys.values()
     assert spec.sizes == {"h0": 6, "h1": 1}  # s's one unit is a group of its own
     x = torch.randn(16, 4)
@@ -264,7 +264,7 @@ HOWS = ["view", "reshape-len", "torch.flatten", "method", "shape", "nn.Flatten"]
 def test_every_flatten_of_an_example_gives_the_same_spec():
     specs = [trace(Flattened(how), torch.zeros(2, 64)).spec for how in HOWS]
     assert all(spec == specs[0] for spec in specs)
-    assert list(specs[0].acting("h0"))[-1] == ("head.weight", 1, 64)
+    assert list(specs[0].acting("h0"))[-1] == ("head.weight", 1, 64, 0)
     assert "len" not in Flattened.forward.__globals__  # the tracer's `len` is put back
 
 
@@ -292,7 +292,7 @@ class Reshaped(nn.Module):
     ("op", "named"),
     [
         (lambda h: h.view(-1, 4), "Tensor.view"),
-        (lambda h: h.permute(0, 2, 3, 1), "Tensor.permute"),
+        (lambda h: h.permute(1, 0, 2, 3), "Tensor.permute"),
         (lambda h: h.transpose(0, 1), "Tensor.transpose"),
         (lambda h: torch.flatten(h), "torch.flatten"),
         (lambda h: h.unsqueeze(1), "Tensor.unsqueeze"),
@@ -352,7 +352,7 @@ class Block(nn.Module):
         self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([self.a(x), self.b(x)], dim=1)
+        return torch.stack([self.a(x), self.b(x)], dim=1).flatten(1)
 
 
 class Stack(nn.Module):
@@ -367,7 +367,7 @@ class Stack(nn.Module):
 
 def test_a_refusal_names_the_function_and_the_module_it_sits_in():
     message = refusal(Stack(), (4,))
-    assert message.startswith("torch.cat in module 'blocks.0' (Block) cannot be permuted safely")
+    assert message.startswith("torch.stack in module 'blocks.0' (Block) cannot be permuted safely")
 
 
 # --- modules the tracer cannot read --------------------------------------------------------------
@@ -397,7 +397,11 @@ def conv(*layers: nn.Module) -> nn.Sequential:
 
 META = nn.Sequential(nn.Linear(4, 3, device="meta"), nn.ReLU(), nn.Linear(3, 2, device="meta"))
 MODULES = {
-    "grouped-conv": (conv(nn.Conv2d(4, 8, 3, groups=2)), (1, 6, 6), "module '1' (Conv2d)"),
+    "grouped-conv-twice": (
+        conv(nn.Conv2d(4, 8, 3, groups=2), nn.Conv2d(8, 8, 3, groups=4)),
+        (1, 6, 6),
+        "module '2' (Conv2d)",
+    ),
     "lstm": (Recurrent(nn.LSTM), (3, 4), "module 'rnn' (LSTM)"),
     "gru": (Recurrent(nn.GRU), (3, 4), "module 'rnn' (GRU)"),
     "rnn": (Recurrent(nn.RNN), (3, 4), "module 'rnn' (RNN)"),
@@ -469,7 +473,7 @@ def test_tied_weights_are_permuted_alike_under_both_keys(how, seed):
     torch.manual_seed(0)
     module = Tied(how)
     spec = trace(module, torch.zeros(2, 4)).spec
-    axes = {(k, axis): g for g in spec.groups for k, axis, _ in spec.acting(g)}
+    axes = {(k, axis): g for g in spec.groups for k, axis, *_ in spec.acting(g)}
     assert axes[("a.weight", 0)] == axes[("b.weight", 0)] == axes[("b.weight", 1)]
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(16, 4, generator=gen)

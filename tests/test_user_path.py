@@ -458,6 +458,50 @@ def test_a_result_keeps_the_module_versions_its_network_came_with(tmp_path):
         _Versioned().load_state_dict(dict(state))
 
 
+VERSIONED = """
+import torch
+from torch import nn
+
+
+class Versioned(nn.Module):
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+    def _load_from_state_dict(self, state, prefix, local_metadata, *args):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError("version should be set to 1 or 2")
+        super()._load_from_state_dict(state, prefix, local_metadata, *args)
+"""
+
+
+def test_the_cli_writes_the_module_versions_a_versioned_module_checks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vnets.py").write_text(VERSIONED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from vnets import Versioned
+
+    torch.manual_seed(0)
+    nets = [Versioned(), Versioned()]
+    for i, net in enumerate(nets):
+        torch.save(net.state_dict(), f"{i}.pt")
+    done = invoke("align", "0.pt", "1.pt", "--model", "vnets.py:Versioned", "-o", "a.pt")
+    assert done.exit_code == 0, done.output
+    state = torch.load("a.pt", weights_only=True)
+    back = Versioned()
+    back.load_state_dict(state)
+    x = torch.randn(5, 4)
+    assert torch.allclose(back(x), nets[1](x), atol=1e-5)
+    assert not torch.equal(back.a.weight, nets[1].a.weight)  # it was permuted
+    with pytest.raises(ValueError, match="version"):  # twin: the same tensors, versions dropped
+        Versioned().load_state_dict(dict(state))
+
+
 def test_a_state_dict_result_keeps_the_versions_the_state_dict_came_with():
     torch.manual_seed(0)
     ref, other = (nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)) for _ in range(2))

@@ -54,7 +54,7 @@ def test_conv_to_linear_step_moves_whole_blocks(cnn, gen):
     """The Linear after Flatten must move h*w features per channel; per-feature is wrong."""
     arch, ws = cnn
     spec = arch.spec
-    assert ("7.weight", 1, 4) in list(spec.acting("h2"))  # 5 channels x (2 x 2) map
+    assert ("7.weight", 1, 4, 0) in list(spec.acting("h2"))  # 5 channels x (2 x 2) map
     perm = random_permutation(spec, gen)
     right = apply_permutation(ws, perm, spec)
     wrong = ws.named["7.weight"][:, perm["h2"].repeat(4)[:20]]  # plausible but wrong expansion

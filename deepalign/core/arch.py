@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 
 from deepalign.core.permspec import PermSpec
-from deepalign.core.trace import Traced, trace
+from deepalign.core.trace import Tap, Traced, trace
 from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError, shown
 
@@ -135,6 +135,11 @@ class Arch(ABC):
             out[key] = ws.named[key] if key in ws.named else (extras or {}).get(key, value)
         return out
 
+    def module_versions(self) -> dict:
+        """The module's state_dict `_metadata` (each submodule's version, which a versioned
+        `_load_from_state_dict`, like torchvision's MNASNet, checks on loading)."""
+        return copy.deepcopy(getattr(_template(self)[0].state_dict(), "_metadata", {}))
+
     # --- running ----------------------------------------------------------------------------
 
     def forward_batched(self, ws: WeightSpace, x: Tensor, train: bool = False) -> Tensor:
@@ -212,12 +217,21 @@ def functional_forward(arch: Arch, ws: WeightSpace, x: Tensor, train: bool = Fal
 
 def functional_activations(arch: Arch, ws: WeightSpace, x: Tensor) -> dict[str, list[Tensor]]:
     """Every group's taps, read from the traced graph with its outputs redirected to them."""
-    taps = [(g, name) for g, names in arch.traced.taps.items() for name in names]
-    outputs = layer_outputs(arch, ws, x, tuple(name for _, name in taps))
+    taps = [(g, tap) for g, group_taps in arch.traced.taps.items() for tap in group_taps]
+    outputs = layer_outputs(arch, ws, x, tuple(tap.node for _, tap in taps))
     found: dict[str, list[Tensor]] = {g: [] for g in arch.spec.groups}
-    for (group, _), tensor in zip(taps, outputs):
-        found[group].append(tensor)
+    for (group, tap), tensor in zip(taps, outputs):
+        found[group].append(_units_of(tensor, tap, arch.spec.sizes[group]))
     return found
+
+
+def _units_of(tensor: Tensor, tap: Tap, n: int) -> Tensor:
+    """A group's run of a tapped activation, units on axis 1: (N, n, ...), a unit's block of
+    entries (whole conv groups) on the last axis."""
+    run = tensor.narrow(tap.dim, tap.offset, tap.extent).movedim(tap.dim, 1)  # (N, n*block, ...)
+    if tap.extent == n:
+        return run
+    return run.unflatten(1, (n, tap.extent // n)).movedim(2, -1)  # (N, n, ..., block)
 
 
 @functools.lru_cache(maxsize=64)
@@ -400,7 +414,12 @@ def producers(arch: Arch) -> tuple[Producer, ...]:
     several); a layer called twice (tied) once."""
     gm = arch.traced.graph
     modules = dict(gm.named_modules())
-    owner = {(ax.key, ax.axis): g for g, axes in arch.spec.members.items() for ax in axes}
+    owner = {  # a layer's outputs, whole (not a conv group's run of them)
+        (ax.key, ax.axis): g
+        for g, axes in arch.spec.members.items()
+        for ax in axes
+        if ax.offset == 0 and ax.block == 1 and not arch.spec.shares(ax.key, ax.axis)
+    }
     found: dict[str, Producer] = {}
     for node in gm.graph.nodes:
         layer = modules.get(node.target) if node.op == "call_module" else None

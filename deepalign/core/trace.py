@@ -1,30 +1,40 @@
 """The permutation spec of a PyTorch module, read from its `torch.fx` graph.
 
-Every tensor flowing through the graph carries a label for its channel axis (dim 1: the
-features of an (N, F) tensor, the channels of an (N, C, ...) one): the hidden group that
-permutes it, and how many entries each unit owns there (1, or h*w after a flatten). A tensor
-with no permuted axis (the input, a mean over the channels) has none. A Linear or a Conv starts
-a new group for its outputs; normalisation layers, activations, pooling, dropout and upsampling
-carry their input's label through (their own weights and running statistics follow the
-channel); an elementwise operation of several tensors (`+ - * /`, `torch.maximum`,
-`torch.where`, comparisons, ...) merges their groups (union-find), so a residual stream is one
-group; a reshape that keeps each example's values in order (a flatten) keeps the label, in
-blocks. The network's inputs and outputs are never permuted: a group that reaches an output, or
+Every tensor flowing through the graph carries a label for its permuted axis (dim 1: the
+features of an (N, F) tensor, the channels of an (N, C, ...) one; the last axis after a permute
+to channels-last): the runs of that axis and the hidden group permuting each. A tensor with no
+permuted axis (the input, a mean over the channels) has none. A Linear or a Conv starts a new
+group for its outputs (a Linear on the last axis, wherever that is); normalisation layers,
+activations, pooling, dropout, stochastic depth and upsampling carry their input's label through
+(their own weights and running statistics follow the channel, as does a module's own tensor read
+in an elementwise product, a layer scale); an elementwise operation of several tensors
+(`+ - * /`, `torch.maximum`, `torch.where`, comparisons, ...) merges their groups run by run
+(union-find), so a residual stream is one group; a reshape that keeps each example's values in
+order (a flatten) keeps the label, in blocks of h*w entries per unit.
+
+Concatenation along the permuted axis lays its inputs' runs side by side (DenseNet, Inception),
+and `torch.split`/`chunk`/slicing reads them back where a cut falls between runs. A grouped
+convolution permutes whole conv groups (its input's group moves in units of one conv group's
+channels, and its output follows as one run over the axis) and, inside each conv group, its
+output units (one run each, nested in the first and applied after it); a depthwise one stays per
+channel. The network's inputs and outputs are never permuted: a group that reaches an output, or
 meets an input, is fixed. An operation of tensors with no permuted axis is followed whatever it
 is. One tensor under two state_dict keys (tied weights) is permuted alike under both. Anything
-else (attention, concatenation, recurrent layers, code torch.fx cannot trace) stops with one
-line naming the operation and the module it sits in.
+else (attention, a channel shuffle, a split through a group's units, recurrent layers, code
+torch.fx cannot trace) stops with one line naming the operation, by its Python name, and the
+module it sits in.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import operator
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +45,6 @@ from deepalign.core.permspec import Axis, PermSpec
 from deepalign.errors import DeepAlignError
 
 FIXED = 0  # the group of everything that must not be permuted (inputs, outputs)
-Label = tuple[int, int] | None  # (group id, entries per unit) of a tensor's channel axis
 
 # --- what each operation does to the channel axis: functions, and Tensor methods by name ------
 
@@ -51,6 +60,10 @@ PASS_MODULES = (
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Softmax, nn.LogSoftmax,
     nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
 )  # fmt: skip
+SHAPE_KEEPING_MODULES = (
+    *ACTIVATIONS, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.Softmax, nn.LogSoftmax,
+)  # fmt: skip
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 ACTIVATION_OPS = {
     F.relu: "relu", torch.relu: "relu", F.leaky_relu: "leaky_relu", F.gelu: "gelu",
@@ -64,13 +77,23 @@ _UNARY = (
     "exp", "abs", "neg", "sqrt", "rsqrt", "log", "log1p", "expm1", "square", "reciprocal", "sign",
     "round", "floor", "ceil", "trunc", "erf", "softmax", "log_softmax",
 )  # fmt: skip
-PER_CHANNEL = {  # each channel's values stay in that channel: the first tensor's label
-    F.dropout, F.dropout1d, F.dropout2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.softmax,
-    F.log_softmax, F.interpolate, F.normalize, abs, operator.neg, operator.pos, operator.invert,
-    "contiguous", "clone", "detach", "float", "to", "type_as",
-    *(getattr(torch, name) for name in _UNARY), *_UNARY, *(name + "_" for name in _UNARY),
+SPATIAL = {  # pooling and resizing over the axes after the channels
+    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
 }  # fmt: skip
+SHAPE_KEEPING = {  # entry by entry, or along one axis (softmax), the shape kept
+    F.dropout, F.dropout1d, F.dropout2d, F.softmax, F.log_softmax, F.normalize, abs,
+    operator.neg, operator.pos, operator.invert, "contiguous", "clone", "detach", "float", "to",
+    "type_as", *(getattr(torch, name) for name in _UNARY), *_UNARY,
+    *(name + "_" for name in _UNARY),
+}  # fmt: skip
+PER_CHANNEL = SPATIAL | SHAPE_KEEPING  # each channel's values stay in that channel
+# per-example operations known by name (torchvision is not imported here): in eval mode the
+# identity, in training a scale per example, never across channels
+PER_SAMPLE = {"torchvision.ops.stochastic_depth.stochastic_depth"}
+CONCATS = {torch.cat, torch.concat, torch.concatenate}
+SPLITS = {torch.split, torch.chunk, torch.tensor_split, "split", "chunk", "tensor_split"}
+LAYER_NORMS = {F.layer_norm}
 _BINARY = (
     "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "floor_divide",
     "remainder", "fmod", "pow", "float_power", "maximum", "minimum", "fmax", "fmin", "where",
@@ -151,11 +174,12 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
-def _keeps_leading_axes(node: fx.Node, ndim: int) -> bool:
-    """Whether a permute or transpose leaves axes 0 and 1 in place: the same call made on an
-    empty tensor whose axis sizes name its axes."""
+def _moved_axis(node: fx.Node, ndim: int, dim: int) -> int | None:
+    """Where a permute or transpose puts axis `dim` (None if it moves the batch axis, or the
+    axes are computed in the graph): the same call made on an empty tensor whose axis sizes
+    name its axes."""
     if ndim > len(AXIS_NAMES) or len(node.all_input_nodes) != 1:
-        return False  # more axes than names, or axes computed in the graph
+        return None  # more axes than names, or axes computed in the graph
     probe = torch.empty(AXIS_NAMES[:ndim], device="meta")
     try:
         if node.target is getattr:  # x.T, x.mT
@@ -165,20 +189,60 @@ def _keeps_leading_axes(node: fx.Node, ndim: int) -> bool:
         else:
             out = node.target(probe, *node.args[1:], **node.kwargs)
     except (RuntimeError, TypeError, IndexError):
-        return False
-    return tuple(out.shape[:2]) == AXIS_NAMES[:2]
+        return None
+    if out.shape[0] != AXIS_NAMES[0]:
+        return None
+    return tuple(out.shape).index(AXIS_NAMES[dim])
+
+
+@dataclass(frozen=True)
+class Seg:
+    """A run of a tensor's permuted axis that one group permutes: its entries
+    [offset, offset + extent)."""
+
+    gid: int
+    offset: int
+    extent: int
+
+    def shifted(self, by: int) -> Seg:
+        return Seg(self.gid, self.offset + by, self.extent)
+
+    def scaled(self, num: int, den: int) -> Seg:
+        return Seg(self.gid, self.offset * num // den, self.extent * num // den)
+
+
+@dataclass(frozen=True)
+class Label:
+    """What permutes a tensor: one axis (`dim`: 1 for channels or features, the last after a
+    move to channels-last) and the groups permuting runs of it. Runs may nest: a grouped
+    convolution's output is permuted by whole groups (one run over the axis) and inside each
+    group (one run per group), applied in that order."""
+
+    dim: int
+    segs: tuple[Seg, ...]
+
+    def layout(self) -> tuple[tuple[int, int], ...]:
+        return tuple((s.offset, s.extent) for s in self.segs)
+
+
+def _whole(gid: int, extent: int, dim: int = 1) -> Label:
+    return Label(dim, (Seg(gid, 0, extent),))
 
 
 @dataclass
 class _Groups:
-    """Union-find over group ids, and every tensor axis each group permutes."""
+    """Union-find over group ids; every run of a tensor axis each group permutes; each group's
+    units, and how many of them move together (a grouped convolution moves whole groups)."""
 
     parent: dict[int, int] = field(default_factory=lambda: {FIXED: FIXED})
-    axes: list[tuple[int, Axis]] = field(default_factory=list)
+    axes: list[tuple[int, str, int, int, int]] = field(default_factory=list)  # gid, key, axis, run
+    units: dict[int, int] = field(default_factory=dict)  # gid -> units it was made with
+    together: dict[int, int] = field(default_factory=dict)  # root -> units moving as one
 
-    def new(self) -> int:
+    def new(self, units: int) -> int:
         gid = len(self.parent)
         self.parent[gid] = gid
+        self.units[gid] = units
         return gid
 
     def find(self, g: int) -> int:
@@ -190,11 +254,24 @@ class _Groups:
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:  # FIXED (0) stays the root of whatever joins it
-            self.parent[max(ra, rb)] = min(ra, rb)
+            keep, gone = min(ra, rb), max(ra, rb)
+            self.parent[gone] = keep
+            self.move_together(keep, self.together.pop(gone, 1))
 
-    def add(self, label: Label, key: str, axis: int) -> None:
-        if label is not None:
-            self.axes.append((label[0], Axis(key, axis, label[1])))
+    def move_together(self, gid: int, k: int) -> None:
+        root = self.find(gid)
+        self.together[root] = math.lcm(self.together.get(root, 1), k)
+
+    def block(self, seg: Seg) -> Fraction | None:
+        """Entries per (finest) unit of the group in this run; None for unpermuted runs."""
+        root = self.find(seg.gid)
+        if root == FIXED or seg.gid not in self.units:
+            return None
+        return Fraction(seg.extent, self.units[seg.gid])
+
+    def add(self, label: Label | None, key: str, axis: int) -> None:
+        for seg in label.segs if label is not None else ():
+            self.axes.append((seg.gid, key, axis, seg.offset, seg.extent))
 
 
 def operation(node: fx.Node, modules: dict[str, nn.Module], root: str) -> str:
@@ -216,14 +293,22 @@ def operation(node: fx.Node, modules: dict[str, nn.Module], root: str) -> str:
     return f"{what} in module '{path}' ({getattr(cls, '__name__', str(cls).rsplit('.')[-1])})"
 
 
+def _dim_arg(node: fx.Node, at: int, ndim: int, default: int = 0) -> int:
+    dim = node.args[at] if len(node.args) > at else node.kwargs.get("dim", default)
+    return dim % ndim
+
+
 @dataclass
 class _Tracer:
     modules: dict[str, nn.Module]
     root: str  # the traced module's class name
+    params: frozenset[str] = frozenset()  # the state_dict's keys, read by get_attr
     groups: _Groups = field(default_factory=_Groups)
-    labels: dict[fx.Node, Label] = field(default_factory=dict)
-    taps: list[tuple[int, fx.Node]] = field(default_factory=list)  # activations, by group id
-    starts: list[tuple[int, fx.Node]] = field(default_factory=list)  # layer outputs, by group
+    labels: dict[fx.Node, Label | None] = field(default_factory=dict)
+    parts: dict[fx.Node, tuple[Label | None, ...]] = field(default_factory=dict)  # split outputs
+    attrs: dict[fx.Node, str] = field(default_factory=dict)  # get_attr nodes of state_dict keys
+    taps: list[tuple[int, fx.Node, int, int, int]] = field(default_factory=list)  # activations
+    starts: list[tuple[int, fx.Node, int, int, int]] = field(default_factory=list)  # layer outputs
     activations: set[str] = field(default_factory=set)  # kinds of nonlinearity seen
     norms: bool = False  # a normalisation layer is on some path
 
@@ -232,19 +317,26 @@ class _Tracer:
         what = operation(node, self.modules, self.root)
         return DeepAlignError(f"{what} cannot be permuted safely: {why}")
 
-    def tap(self, node: fx.Node, kind: str, label: Label) -> Label:
-        """Record an activation: its kind, and its output as a tap of its group."""
+    def _record(self, into: list, node: fx.Node, label: Label | None) -> None:
+        for seg in label.segs if label is not None else ():
+            into.append((seg.gid, node, label.dim, seg.offset, seg.extent))
+
+    def tap(self, node: fx.Node, kind: str, label: Label | None) -> Label | None:
+        """Record an activation: its kind, and its output as a tap of its groups."""
         self.activations.add(kind)
-        if label is not None:
-            self.taps.append((label[0], node))
+        self._record(self.taps, node, label)
         return label
 
-    def label(self, arg: object) -> Label:
+    def label(self, arg: object) -> Label | None:
         return self.labels.get(arg) if isinstance(arg, fx.Node) else None
 
     def labelled(self, node: fx.Node) -> list[fx.Node]:
         """The node's inputs that have a permuted axis."""
-        return [n for n in node.all_input_nodes if self.labels.get(n) is not None]
+        return [
+            n
+            for n in node.all_input_nodes
+            if self.labels.get(n) is not None or any(self.parts.get(n, ()))
+        ]
 
     def run(self, gm: fx.GraphModule) -> None:
         for node in gm.graph.nodes:
@@ -255,11 +347,11 @@ class _Tracer:
             except Exception as e:  # arguments laid out in a way this reading does not know
                 raise self.refuse(node, f"its arguments cannot be read ({_first_line(e)})") from e
 
-    def visit(self, node: fx.Node) -> Label:
+    def visit(self, node: fx.Node) -> Label | None:
         if node.op == "output":
             self._fix_output(node.args)
-        elif node.op == "get_attr":
-            raise self.refuse(node, "the forward reads it directly, not through a module")
+        elif node.op == "get_attr" and node.target in self.params:
+            self.attrs[node] = node.target  # permuted where it meets a permuted tensor
         elif node.op == "call_module":
             return self.module(node, self.modules[node.target])
         elif node.op in ("call_function", "call_method"):
@@ -273,15 +365,17 @@ class _Tracer:
         elif isinstance(arg, dict):
             for a in arg.values():
                 self._fix_output(a)
-        elif self.label(arg) is not None:
-            self.groups.union(self.label(arg)[0], FIXED)
+        elif isinstance(arg, fx.Node):
+            for label in (self.label(arg), *self.parts.get(arg, ())):
+                for seg in label.segs if label is not None else ():
+                    self.groups.union(seg.gid, FIXED)
 
     # --- modules ----------------------------------------------------------------------------
 
-    def module(self, node: fx.Node, mod: nn.Module) -> Label:
+    def module(self, node: fx.Node, mod: nn.Module) -> Label | None:
         source = self.label(_first(node))
         if isinstance(mod, nn.Linear):
-            return self._started(node, self._layer(node, mod, source, needs_ndim=2))
+            return self._started(node, self._linear(node, mod, source))
         if isinstance(mod, nn.modules.conv._ConvNd):
             return self._started(node, self._conv(node, mod, source))
         if isinstance(mod, NORMS):
@@ -290,6 +384,7 @@ class _Tracer:
             return source
         if isinstance(mod, nn.PReLU):
             if mod.num_parameters > 1:
+                self._channels_first(node, source, "a per-channel PReLU")
                 self.groups.add(source, f"{node.target}.weight", 0)
             return self.tap(node, "prelu", source)
         if isinstance(mod, ACTIVATIONS):
@@ -298,73 +393,121 @@ class _Tracer:
         if isinstance(mod, nn.Flatten | nn.Unflatten):
             return self.reshape(node, source)
         if isinstance(mod, PASS_MODULES):
-            return self.per_channel(node, source)
+            return self.per_channel(
+                node, source, spatial=not isinstance(mod, SHAPE_KEEPING_MODULES)
+            )
         raise self.refuse(node, "it is not known to act per channel")
 
-    def _started(self, node: fx.Node, label: Label) -> Label:
-        if label is not None:
-            self.starts.append((label[0], node))
+    def _started(self, node: fx.Node, label: Label | None) -> Label | None:
+        self._record(self.starts, node, label)
         return label
 
-    def _layer(self, node: fx.Node, mod: nn.Module, source: Label, needs_ndim: int) -> Label:
-        shape = _shape(_first(node))
-        if shape is not None and len(shape) != needs_ndim:
-            raise self.refuse(node, f"it gets a {len(shape)}-D input; (N, features) only")
-        name, out = node.target, self.groups.new()
-        self.groups.add(source, f"{name}.weight", 1)
-        self.groups.add((out, 1), f"{name}.weight", 0)
-        if getattr(mod, "bias", None) is not None:
-            self.groups.add((out, 1), f"{name}.bias", 0)
-        return (out, 1)
+    def _channels_first(self, node: fx.Node, source: Label | None, what: str) -> None:
+        if source is not None and source.dim != 1:
+            raise self.refuse(node, f"{what} on a tensor permuted along axis {source.dim}, not 1")
 
-    def _conv(self, node: fx.Node, mod: nn.modules.conv._ConvNd, source: Label) -> Label:
-        if source is not None and source[1] != 1:
-            raise self.refuse(node, "a convolution after a flatten")
+    def _linear(self, node: fx.Node, mod: nn.Linear, source: Label | None) -> Label:
+        """A Linear mixes the last axis: it reads its input's groups there and starts one."""
+        shape = _shape(_first(node)) or (0, 0)
+        if source is not None and source.dim != len(shape) - 1:
+            raise self.refuse(
+                node, f"it mixes the last axis of {shape}, but axis {source.dim} is permuted"
+            )
+        name, out = node.target, self.groups.new(mod.out_features)
+        self.groups.add(source, f"{name}.weight", 1)
+        made = _whole(out, mod.out_features, len(shape) - 1)
+        self.groups.add(made, f"{name}.weight", 0)
+        if mod.bias is not None:
+            self.groups.add(made, f"{name}.bias", 0)
+        return made
+
+    def _conv(self, node: fx.Node, mod: nn.modules.conv._ConvNd, source: Label | None) -> Label:
+        self._channels_first(node, source, "a convolution")
         if mod.transposed:
             raise self.refuse(node, "transposed convolutions are not supported")
-        if mod.groups == 1:
-            name, out = node.target, self.groups.new()
+        name, n = node.target, mod.out_channels
+        if mod.groups == mod.in_channels == n and mod.groups > 1:  # depthwise: per channel
+            made = source
+        elif mod.groups == 1:
             self.groups.add(source, f"{name}.weight", 1)
-            self.groups.add((out, 1), f"{name}.weight", 0)
-            if mod.bias is not None:
-                self.groups.add((out, 1), f"{name}.bias", 0)
-            return (out, 1)
-        if mod.groups == mod.in_channels == mod.out_channels:  # depthwise: per channel
-            self.groups.add(source, f"{node.target}.weight", 0)
-            if mod.bias is not None:
-                self.groups.add(source, f"{node.target}.bias", 0)
-            return source
-        raise self.refuse(node, f"a grouped convolution ({mod.groups} groups) mixes channels")
+            made = _whole(self.groups.new(n), n)
+        else:
+            made = self._grouped(node, mod, source)
+        self.groups.add(made, f"{name}.weight", 0)
+        if mod.bias is not None:
+            self.groups.add(made, f"{name}.bias", 0)
+        return made
 
-    def _norm(self, node: fx.Node, mod: nn.Module, source: Label) -> None:
+    def _grouped(self, node: fx.Node, mod: nn.modules.conv._ConvNd, source: Label | None) -> Label:
+        """A grouped convolution: its input's group moves in whole conv groups, which its
+        output follows (one run over the axis), and each conv group's outputs are a group of
+        their own (one run each): a permutation of groups, then of units inside each."""
+        g, n = mod.groups, mod.out_channels
+        each = n // g
+        inner = tuple(Seg(self.groups.new(each), j * each, each) for j in range(g))
+        if source is None:
+            return Label(1, inner)
+        if len(source.segs) != 1 or source.segs[0].extent != mod.in_channels:
+            raise self.refuse(
+                node,
+                f"a grouped convolution ({g} groups) reading runs of {len(source.segs)} groups",
+            )
+        outer = source.segs[0]
+        units = self.groups.units.get(outer.gid)
+        if units is None or units % g:
+            raise self.refuse(node, f"a grouped convolution ({g} groups) of {units} units")
+        self.groups.move_together(outer.gid, units // g)
+        return Label(1, (Seg(outer.gid, 0, n), *inner))
+
+    def _norm(self, node: fx.Node, mod: nn.Module, source: Label | None) -> None:
         shape = _shape(_first(node)) or ()
         if isinstance(mod, nn.GroupNorm) and mod.num_groups not in (1, mod.num_channels):
             raise self.refuse(node, f"GroupNorm with {mod.num_groups} groups mixes channels")
-        if isinstance(mod, nn.LayerNorm) and (
-            len(mod.normalized_shape) != len(shape) - 1 or mod.normalized_shape[0] != shape[1]
-        ):
-            raise self.refuse(node, "LayerNorm over other axes than channels (and space)")
-        if source is not None and source[1] != 1:
-            raise self.refuse(node, "a normalisation after a flatten")
+        if isinstance(mod, nn.LayerNorm):
+            self._layer_norm(node, tuple(mod.normalized_shape), source, shape)
+        else:
+            self._channels_first(node, source, "a normalisation")
         for key, _ in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
             if key != "num_batches_tracked":
                 self.groups.add(source, f"{node.target}.{key}", 0)
 
+    def _layer_norm(
+        self, node: fx.Node, normalized: tuple[int, ...], source: Label | None, shape: tuple
+    ) -> None:
+        """A LayerNorm over the permuted axis and every axis after it: its weights' axis 0 is
+        the permuted one."""
+        if source is not None and len(normalized) != len(shape) - source.dim:
+            raise self.refuse(
+                node,
+                f"a LayerNorm over the last {len(normalized)} axes of {shape}, not from the "
+                f"permuted axis {source.dim} on",
+            )
+
     # --- functions and Tensor methods --------------------------------------------------------
 
-    def call(self, node: fx.Node) -> Label:
-        """A function or method, by what its operation does to the channel axis."""
+    def call(self, node: fx.Node) -> Label | None:
+        """A function or method, by what its operation does to the permuted axis."""
         op = node.target if node.target is not getattr else node.args[1]
+        if op is operator.getitem and node.args[0] in self.parts:
+            return self.parts[node.args[0]][node.args[1]]
         if "tensor_meta" not in node.meta:  # sizes and other plain values
             if op in SIZES or not self.labelled(node):
                 return None
             raise self.refuse(node, "it turns permuted values into plain Python values")
+        if op in CONCATS:
+            return self.concat(node)
+        if op in SPLITS:
+            self.parts[node] = self.split(node)
+            return None
         if op in ELEMENTWISE:
             return self.elementwise(node)
         if op in ACTIVATION_OPS:
             return self.tap(node, ACTIVATION_OPS[op], self.label(_first(node)))
-        if op in PER_CHANNEL or op == "data":
-            return self.per_channel(node, self.label(_first(node)))
+        if op in PER_CHANNEL or op == "data" or python_name(op) in PER_SAMPLE:
+            spatial = op not in SHAPE_KEEPING and python_name(op) not in PER_SAMPLE
+            return self.per_channel(node, self.label(_first(node)), spatial)
+        if op in LAYER_NORMS:
+            return self.layer_norm(node)
         if op in RESHAPES:
             return self.reshape(node, self.label(_first(node)))
         if op in TRANSPOSES:
@@ -377,78 +520,244 @@ class _Tracer:
             return None  # made of values no permutation changes
         raise self.refuse(node, "it is not known to act per channel")
 
-    def elementwise(self, node: fx.Node) -> Label:
-        """Every operand that varies along the output's channel axis joins one group (an
-        operand broadcast along it, a per-example scalar (N, 1), joins none)."""
+    def _operand(self, arg: fx.Node, out: tuple[int, ...], dim: int) -> tuple[int, int] | None:
+        """(lead, size along the permuted axis) of a broadcast operand, None for plain values."""
+        shape = _shape(arg)
+        if shape is None:
+            return None
+        lead = len(out) - len(shape)  # broadcasting aligns the trailing axes
+        return lead, (shape[dim - lead] if 0 <= dim - lead < len(shape) else 1)
+
+    def elementwise(self, node: fx.Node) -> Label | None:
+        """Every operand that varies along the permuted axis is permuted alike: their groups
+        join run by run (an operand broadcast along it, a per-example scalar (N, 1), joins
+        none); a module's own tensor read there (a layer scale) is permuted with them."""
         out = _shape(node)
         if out is None:
             raise self.refuse(node, "it returns several tensors")
-        ids, blocks = [], set()
-        for arg in node.all_input_nodes:
-            shape, label = _shape(arg), self.labels.get(arg)
-            if shape is None:
-                continue  # a size or other plain value
-            lead = len(out) - len(shape)  # broadcasting aligns the trailing axes
-            if label is not None and lead > 0:
+        labelled = [a for a in node.all_input_nodes if self.labels.get(a) is not None]
+        if not labelled:
+            return None
+        dims = set()
+        for arg in labelled:
+            lead = len(out) - len(_shape(arg))
+            if lead > 0:
                 raise self.refuse(node, "it broadcasts a permuted axis onto another axis")
-            if 0 <= 1 - lead < len(shape) and shape[1 - lead] != 1:
-                ids.append(label[0] if label else FIXED)
-                blocks |= {label[1]} if label else set()
-        if len(blocks) > 1:
-            raise self.refuse(node, f"it combines units of {sorted(blocks)} entries")
-        for other in ids[1:]:
-            self.groups.union(ids[0], other)
-        return (ids[0], blocks.pop()) if blocks else None
+            dims.add(self.labels[arg].dim)
+        if len(dims) > 1:
+            raise self.refuse(node, f"it combines tensors permuted along axes {sorted(dims)}")
+        first, dim = self.labels[labelled[0]], dims.pop()
+        for arg in node.all_input_nodes:
+            found = self._operand(arg, out, dim)
+            if found is None or found[1] == 1:
+                continue  # a plain value, or broadcast along the permuted axis
+            lead, label = found[0], self.labels.get(arg)
+            if arg in self.attrs:
+                self.groups.add(first, self.attrs[arg], dim - lead)
+            elif label is None:
+                for seg in first.segs:  # an unpermuted tensor fixes what it meets
+                    self.groups.union(seg.gid, FIXED)
+            else:
+                self._join(node, first, label)
+        return first
 
-    def per_channel(self, node: fx.Node, source: Label) -> Label:
-        """An operation that keeps every channel's values in that channel."""
+    def _join(self, node: fx.Node, a: Label, b: Label) -> None:
+        """Two tensors permuted alike: their groups join run by run."""
+        if a.layout() != b.layout():
+            raise self.refuse(
+                node,
+                f"it combines tensors whose permuted axes are split differently "
+                f"({list(a.layout())} and {list(b.layout())})",
+            )
+        for x, y in zip(a.segs, b.segs, strict=True):
+            bx, by = self.groups.block(x), self.groups.block(y)
+            if bx is not None and by is not None and bx != by:
+                raise self.refuse(
+                    node, f"it combines units of [{min(bx, by)}, {max(bx, by)}] entries"
+                )
+            self.groups.union(x.gid, y.gid)
+
+    def concat(self, node: fx.Node) -> Label | None:
+        """Along the permuted axis, the inputs' runs follow one another; along another axis the
+        inputs are permuted alike."""
+        tensors = node.args[0] if node.args else node.kwargs["tensors"]
+        if isinstance(tensors, fx.Node):
+            raise self.refuse(node, "it concatenates a sequence the graph computes")
+        out = _shape(node)
+        dim = _dim_arg(node, 1, len(out))
+        labels = [self.label(t) for t in tensors]
+        known = [lab for lab in labels if lab is not None]
+        if not known:
+            return None
+        if len({lab.dim for lab in known}) > 1:
+            raise self.refuse(node, "it concatenates tensors permuted along different axes")
+        if dim != known[0].dim:
+            for lab in labels:
+                if lab is None:
+                    for seg in known[0].segs:
+                        self.groups.union(seg.gid, FIXED)
+                else:
+                    self._join(node, known[0], lab)
+            return known[0]
+        segs, at = [], 0
+        for t, lab in zip(tensors, labels, strict=True):
+            segs += [s.shifted(at) for s in (lab.segs if lab is not None else ())]
+            at += _shape(t)[dim]
+        return Label(dim, tuple(segs))
+
+    def split(self, node: fx.Node) -> tuple[Label | None, ...]:
+        """Along the permuted axis each part keeps the runs it holds whole (a split that cuts a
+        group's units apart is refused); along another axis each part keeps the label."""
+        source, before = self.label(_first(node)), _shape(_first(node))
+        metas = node.meta["tensor_meta"]
+        if source is None:
+            return tuple(None for _ in metas)
+        dim = _dim_arg(node, 2, len(before))
+        if dim != source.dim:
+            return tuple(source for _ in metas)
+        sizes = [meta.shape[dim] for meta in metas]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        runs = [(a, a + n) for a, n in zip(starts, sizes, strict=True)]
+        return tuple(self._parts(node, source, runs))
+
+    def per_channel(
+        self, node: fx.Node, source: Label | None, spatial: bool = True
+    ) -> Label | None:
+        """An operation that keeps every channel's values in that channel (`spatial`: one that
+        works over the axes after the channels, pooling or resizing)."""
+        if source is None:
+            return None
         before, after = _shape(_first(node)), _shape(node)
-        if source is not None and (after is None or after[:2] != before[:2]):
-            raise self.refuse(node, f"it changes the axes (N, C) {before} into {after}")
+        d = source.dim
+        if spatial and d != 1:
+            raise self.refuse(node, f"it pools or resizes a tensor permuted along axis {d}")
+        if (
+            after is None
+            or len(after) != len(before)
+            or (after[0], after[d]) != (before[0], before[d])
+        ):
+            raise self.refuse(
+                node, f"it changes the batch or permuted axis of {before} into {after}"
+            )
         return source
 
-    def reshape(self, node: fx.Node, source: Label) -> Label:
+    def layer_norm(self, node: fx.Node) -> Label | None:
+        """F.layer_norm with the module's own weight and bias (a channels-last LayerNorm)."""
+        source, shape = self.label(_first(node)), _shape(_first(node))
+        normalized = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+        normalized = (normalized,) if isinstance(normalized, int) else tuple(normalized)
+        self._layer_norm(node, normalized, source, shape)
+        self.norms = True
+        names = ("weight", "bias")
+        for at, name in enumerate(names, start=2):
+            arg = node.args[at] if len(node.args) > at else node.kwargs.get(name)
+            if isinstance(arg, fx.Node) and arg in self.attrs:
+                self.groups.add(source, self.attrs[arg], 0)
+            elif arg is not None and source is not None:
+                raise self.refuse(node, f"its {name} is computed in the graph")
+        return source
+
+    def reshape(self, node: fx.Node, source: Label | None) -> Label | None:
         """A reshape of each example keeps its values in order: a unit's run of entries stays
         whole, over one or more channels (a flatten makes features in blocks of h*w)."""
         if source is None:
             return None
         before, after = _shape(_first(node)), _shape(node)
-        run = source[1] * math.prod(before[2:])  # a unit's entries, contiguous in an example
+        if source.dim != 1:
+            raise self.refuse(node, f"a reshape of a tensor permuted along axis {source.dim}")
+        inner = math.prod(before[2:])  # entries of one channel, contiguous in an example
         each = after is not None and len(after) >= 2 and after[0] == before[0]  # per example
         channel = math.prod(after[2:]) if each else 0
-        if not channel or run % channel or math.prod(after[1:]) != math.prod(before[1:]):
+        if channel and len(after) == len(before) + 1 and after[1] * after[2] == before[1]:
+            raise self.refuse(
+                node,
+                f"it splits the channels {before} into {after[1]} x {after[2]} (a channel "
+                "shuffle, as in ShuffleNet, interleaves the units of different groups)",
+            )
+        fits = channel and math.prod(after[1:]) == math.prod(before[1:])
+        for seg in source.segs if fits else ():
+            block = self.groups.block(seg) or Fraction(1)
+            fits = all(
+                (Fraction(v) * inner / channel).denominator == 1
+                for v in (block, seg.offset, seg.extent)
+            )
+            if not fits:
+                break
+        if not fits:
             raise self.refuse(node, f"reshaping {before} to {after} moves the permuted axis 1")
-        return (source[0], run // channel)
+        return Label(1, tuple(s.scaled(inner, channel) for s in source.segs))
 
-    def transpose(self, node: fx.Node, source: Label) -> Label:
-        if source is not None and not _keeps_leading_axes(node, len(_shape(_first(node)))):
-            raise self.refuse(node, "it moves the batch or the permuted axis")
-        return source
+    def transpose(self, node: fx.Node, source: Label | None) -> Label | None:
+        """A permute or transpose moves the permuted axis (channels-last and back)."""
+        if source is None:
+            return None
+        moved = _moved_axis(node, len(_shape(_first(node))), source.dim)
+        if moved is None:
+            raise self.refuse(node, "it moves the batch axis, or axes the graph computes")
+        return Label(moved, source.segs)
 
-    def reduce(self, node: fx.Node, at: int) -> Label:
-        """Over the channels the result is invariant to their order; over other axes the
-        channels stay."""
+    def reduce(self, node: fx.Node, at: int) -> Label | None:
+        """Over the permuted axis the result is invariant to its order; over other axes it
+        stays (moved down by the axes before it that a reduction drops)."""
         source, before = self.label(_first(node)), _shape(_first(node))
         if source is None:
             return None
         dims = node.args[at] if len(node.args) > at else node.kwargs.get("dim")
         dims = (dims,) if isinstance(dims, int) else tuple(dims or range(len(before)))
         axes = {d % len(before) for d in dims}
-        if 1 in axes:
+        if source.dim in axes:
             return None
-        if 0 in axes and len(_shape(node)) != len(before):
+        dropped = len(_shape(node)) != len(before)
+        if 0 in axes and dropped:
             raise self.refuse(node, "a reduction over the batch moves the permuted axis")
-        return source
+        shift = sum(a < source.dim for a in axes) if dropped else 0
+        return Label(source.dim - shift, source.segs)
 
-    def index(self, node: fx.Node) -> Label:
-        """Indexing that keeps the batch and channel axes whole (x[:, :, 1:]) keeps the label."""
+    def index(self, node: fx.Node) -> Label | None:
+        """Indexing that keeps the batch and permuted axes whole (x[:, :, 1:]) keeps the label;
+        a slice of the permuted axis keeps the runs it holds whole (x[:, :64])."""
         labelled, index = self.labelled(node), node.args[1]
         if not labelled:
             return None
-        whole = isinstance(index, tuple) and index[:2] == (slice(None), slice(None))
-        if whole and labelled == [node.args[0]] and len(node.all_input_nodes) == 1:
-            return self.label(node.args[0])
+        source = self.label(node.args[0])
+        index = index if isinstance(index, tuple) else (index,)
+        plain = labelled == [node.args[0]] and len(node.all_input_nodes) == 1
+        lead = index[: source.dim] if source is not None else ()
+        if plain and len(index) > source.dim and all(i == slice(None) for i in lead):
+            at = index[source.dim]
+            if at == slice(None):
+                return source
+            if isinstance(at, slice) and at.step in (None, 1):
+                return self._sliced(node, source, at)
         raise self.refuse(node, "indexing picks or moves units of the permuted axis")
+
+    def _sliced(self, node: fx.Node, source: Label, at: slice) -> Label | None:
+        size = _shape(node.args[0])[source.dim]
+        start, stop, _ = at.indices(size)
+        (part,) = self._parts(node, source, [(start, stop)])
+        return part
+
+    def _parts(self, node: fx.Node, source: Label, runs: list[tuple[int, int]]) -> list:
+        parts = []
+        for start, stop in runs:
+            inside = tuple(
+                s for s in source.segs if start <= s.offset and s.offset + s.extent <= stop
+            )
+            cut = [
+                s
+                for s in source.segs
+                if s.offset < stop and s.offset + s.extent > start and s not in inside
+            ]
+            if cut:
+                raise self.refuse(
+                    node,
+                    f"the part [{start}, {stop}) of axis {source.dim} cuts a group's units "
+                    f"[{cut[0].offset}, {cut[0].offset + cut[0].extent}) apart",
+                )
+            parts.append(
+                Label(source.dim, tuple(s.shifted(-start) for s in inside)) if inside else None
+            )
+        return parts
 
 
 # --- running the module once: graph, shapes -------------------------------------------------
@@ -550,13 +859,23 @@ def _propagate(gm: fx.GraphModule, example: torch.Tensor, root: str) -> None:
         gm.train(mode)
 
 
+class Tap(NamedTuple):
+    """Where a group's activations can be read: a graph node's output, the run
+    [offset, offset + extent) of its axis `dim`."""
+
+    node: str
+    dim: int
+    offset: int
+    extent: int
+
+
 @dataclass(frozen=True)
 class Traced:
     """What the graph says about a network: its spec, where each group's activations can be
     read (a residual group has several taps), and which symmetries beyond permutations hold."""
 
     spec: PermSpec
-    taps: dict[str, tuple[str, ...]]  # group -> graph nodes whose outputs are its activations
+    taps: dict[str, tuple[Tap, ...]]  # group -> graph nodes whose outputs hold its activations
     graph: fx.GraphModule
     activations: frozenset[str]  # nonlinearities in the network ('relu', 'tanh', ...)
     norms: bool  # has normalisation layers
@@ -585,7 +904,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> Traced:
     with _FX_LOCK:
         gm = _graph(model)
         _propagate(gm, example, root)
-    tracer = _Tracer(dict(gm.named_modules()), root)
+    tracer = _Tracer(dict(gm.named_modules()), root, frozenset(model.state_dict()))
     tracer.run(gm)
     spec, names = _spec(tracer.groups, model)
     taps = _taps(tracer, names)
@@ -598,17 +917,18 @@ def trace_spec(model: nn.Module, example: torch.Tensor) -> PermSpec:
 
 
 def _nodes_by_group(
-    tracer: _Tracer, names: dict[int, str], nodes: list[tuple[int, fx.Node]]
-) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {}
-    for gid, node in nodes:
+    tracer: _Tracer, names: dict[int, str], nodes: list[tuple[int, fx.Node, int, int, int]]
+) -> dict[str, list[Tap]]:
+    found: dict[str, list[Tap]] = {}
+    for gid, node, dim, offset, extent in nodes:
         group = names.get(tracer.groups.find(gid))
-        if group is not None and node.name not in found.setdefault(group, []):
-            found[group].append(node.name)
+        tap = Tap(node.name, dim, offset, extent)
+        if group is not None and tap not in found.setdefault(group, []):
+            found[group].append(tap)
     return found
 
 
-def _taps(tracer: _Tracer, names: dict[int, str]) -> dict[str, tuple[str, ...]]:
+def _taps(tracer: _Tracer, names: dict[int, str]) -> dict[str, tuple[Tap, ...]]:
     """Per group, the activations it flows through, else the layer outputs that make it."""
     activations = _nodes_by_group(tracer, names, tracer.taps)
     layers = _nodes_by_group(tracer, names, tracer.starts)
@@ -629,45 +949,50 @@ def _aliases(model: nn.Module) -> list[list[str]]:
 
 
 def _tie(groups: _Groups, aliases: list[list[str]]) -> None:
-    """Every key of a tied tensor permuted on the axes of each: one tensor, one permutation."""
+    """Every key of a tied tensor permuted on the runs of each: one tensor, one permutation."""
     for keys in aliases:
-        axes = [(gid, ax) for gid, ax in groups.axes if ax.key in keys]
-        for gid, ax in axes:
-            clash = [
-                o for _, o in axes if o.key != ax.key and o.axis == ax.axis and o.block != ax.block
-            ]
-            if clash:
-                raise DeepAlignError(
-                    f"tied tensors '{ax.key}' and '{clash[0].key}' (one tensor) are read in "
-                    f"different layouts on axis {ax.axis}: units of {ax.block} and "
-                    f"{clash[0].block} entries"
-                )
-            groups.axes += [(gid, dataclasses.replace(ax, key=k)) for k in keys if k != ax.key]
+        runs = [
+            (gid, axis, offset, extent) for gid, k, axis, offset, extent in groups.axes if k in keys
+        ]
+        groups.axes += [(gid, k, *run) for gid, *run in runs for k in keys]
+
+
+def _units(groups: _Groups, root: int, runs: list[tuple[str, int, int, int]]) -> int:
+    """How many units a group permutes: the units its layers made, moved `together` at a time."""
+    counts = {u for gid, u in groups.units.items() if groups.find(gid) == root}
+    if len(counts) != 1:
+        listed = ", ".join(f"'{key}'[{axis}]" for key, axis, _, _ in runs[:6])
+        raise DeepAlignError(f"tied units of different counts {sorted(counts)}: {listed}")
+    units, together = counts.pop(), groups.together.get(root, 1)
+    if units % together:
+        raise DeepAlignError(f"{units} units cannot move {together} at a time")
+    return units // together
 
 
 def _spec(groups: _Groups, model: nn.Module) -> tuple[PermSpec, dict[int, str]]:
-    """Groups (FIXED left out) with their axes and sizes, each axis in one group only; and the
+    """Groups (FIXED left out) with their runs and sizes, each run in one group only; and the
     name of each group's root id."""
-    shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
     _tie(groups, _aliases(model))
-    by_axis: dict[tuple[str, int], int] = {}
-    for gid, ax in groups.axes:  # a module called twice: one axis in two groups joins them
-        other = by_axis.setdefault((ax.key, ax.axis), gid)
-        groups.union(gid, other)
-    members: dict[int, list[Axis]] = {}
-    for gid, ax in groups.axes:
+    by_run: dict[tuple[str, int, int, int], int] = {}
+    for gid, *run in groups.axes:  # a module called twice: one run in two groups joins them
+        groups.union(gid, by_run.setdefault(tuple(run), gid))
+    runs: dict[int, list[tuple[str, int, int, int]]] = {}
+    for gid, *run in groups.axes:
         root = groups.find(gid)
-        if root != FIXED and ax not in members.setdefault(root, []):
-            members[root].append(ax)
-    names = {root: f"h{i}" for i, root in enumerate(sorted(members))}
-    sizes = {}
-    for root, axes in sorted(members.items()):
-        counts = {shapes[ax.key][ax.axis] // ax.block for ax in axes}
-        if len(counts) != 1:
-            listed = ", ".join(f"{ax.key}[{ax.axis}]" for ax in axes[:6])
-            raise DeepAlignError(f"tied units of different counts {sorted(counts)}: {listed}")
-        sizes[names[root]] = counts.pop()
-    return PermSpec({names[r]: tuple(a) for r, a in sorted(members.items())}, sizes), names
+        if root != FIXED and tuple(run) not in runs.setdefault(root, []):
+            runs[root].append(tuple(run))
+    names = {root: f"h{i}" for i, root in enumerate(sorted(runs))}
+    members, sizes = {}, {}
+    for root, found in sorted(runs.items()):
+        n = _units(groups, root, found)
+        for key, axis, _, extent in found:
+            if extent % n:
+                raise DeepAlignError(f"'{key}' axis {axis}: {extent} entries for {n} units")
+        members[names[root]] = tuple(
+            Axis(k, axis, extent // n, offset) for k, axis, offset, extent in found
+        )
+        sizes[names[root]] = n
+    return PermSpec(members, sizes), names
 
 
 SpecFn = Callable[[nn.Module, torch.Tensor], PermSpec]

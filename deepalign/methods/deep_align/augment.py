@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from deepalign.config import Fraction, NonNegative
@@ -43,10 +44,12 @@ def rescale_units(ws: WeightSpace, arch: Arch, scales: dict[str, Tensor]) -> Wei
     check_rescalable(arch)
     tensors = dict(ws.named)
     for g, s in scales.items():
-        for key, axis, block in arch.spec.acting(g):
+        for key, axis, block, offset in arch.spec.acting(g):
             t = tensors[key]
             factor = s if axis == 0 else 1 / s
             factor = factor.repeat_interleave(block, dim=-1)  # (B, n * block)
+            rest = t.shape[axis + 1] - offset - factor.shape[-1]
+            factor = F.pad(factor, (offset, rest), value=1.0)  # (B, the whole axis)
             shape = [t.shape[0]] + [1] * (t.ndim - 1)
             shape[axis + 1] = factor.shape[-1]
             tensors[key] = t * factor.view(shape)
