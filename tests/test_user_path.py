@@ -5,6 +5,7 @@ of that path, each one line."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import resource
 import signal
@@ -458,39 +459,18 @@ def test_a_result_keeps_the_module_versions_its_network_came_with(tmp_path):
         _Versioned().load_state_dict(dict(state))
 
 
-VERSIONED = """
-import torch
-from torch import nn
-
-
-class Versioned(nn.Module):
-    _version = 2
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-    def _load_from_state_dict(self, state, prefix, local_metadata, *args):
-        if local_metadata.get("version") not in (1, 2):
-            raise ValueError("version should be set to 1 or 2")
-        super()._load_from_state_dict(state, prefix, local_metadata, *args)
-"""
-
-
 def test_the_cli_writes_the_module_versions_a_versioned_module_checks(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "vnets.py").write_text(VERSIONED)
+    source = "import torch\nfrom torch import nn\n\n\n" + inspect.getsource(_Versioned)
+    (tmp_path / "vnets.py").write_text(source)  # the module above, as a user's file
     monkeypatch.syspath_prepend(str(tmp_path))
-    from vnets import Versioned
+    from vnets import _Versioned as Versioned
 
     torch.manual_seed(0)
     nets = [Versioned(), Versioned()]
     for i, net in enumerate(nets):
         torch.save(net.state_dict(), f"{i}.pt")
-    done = invoke("align", "0.pt", "1.pt", "--model", "vnets.py:Versioned", "-o", "a.pt")
+    done = invoke("align", "0.pt", "1.pt", "--model", "vnets.py:_Versioned", "-o", "a.pt")
     assert done.exit_code == 0, done.output
     state = torch.load("a.pt", weights_only=True)
     back = Versioned()
