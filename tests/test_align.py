@@ -3,12 +3,14 @@
 import itertools
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 import deepalign.methods as align_module
 from deepalign.core.arch import as_input
-from deepalign.core.assignment import Answer
+from deepalign.core.assignment import LARGE, Answer, solve_large_lap
 from deepalign.core.chain import forward, mlp_arch
 from deepalign.core.data import Split
 from deepalign.core.lmc import barriers, interpolate, planted_pair, recovery
@@ -136,6 +138,34 @@ def test_lap_matches_brute_force(n):
         sum(score[i, p[i]].item() for i in range(n)) for p in itertools.permutations(range(n))
     )
     assert sum(score[i, perm[i]].item() for i in range(n)) == pytest.approx(brute)
+
+
+@pytest.mark.parametrize("n", [2, 5, 7])
+def test_large_lap_solver_matches_brute_force(n):
+    """lapx's kernel (used from LARGE units) on row-reduced costs finds the best permutation,
+    rows on wildly different scales included (reduction keeps float32's precision)."""
+    gen = np.random.default_rng(n)
+    score = gen.normal(size=(n, n)) * 10.0 ** gen.integers(-3, 4, size=(n, 1)) + 1e5
+    cols = solve_large_lap(score)
+    best = max(score[range(n), p].sum() for p in itertools.permutations(range(n)))
+    assert sorted(cols) == list(range(n))
+    assert score[range(n), cols].sum() == pytest.approx(best, rel=1e-12, abs=1e-9)
+
+
+def test_large_assignments_agree_with_scipy_and_a_worse_one_does_not():
+    """From LARGE units `solve_lap` gives scipy's optimum (a planted permutation in noise);
+    swapping two of its columns loses objective, so the comparison can fail."""
+    n = LARGE
+    gen = torch.Generator().manual_seed(0)
+    score = torch.randn(n, n, generator=gen, dtype=torch.float64) * 0.5
+    score[torch.arange(n), torch.randperm(n, generator=gen)] += 1.0
+    found = solve_lap(score).numpy()
+    _, exact = linear_sum_assignment(score.numpy(), maximize=True)
+    value = score.numpy()[range(n), found].sum()
+    assert value == pytest.approx(score.numpy()[range(n), exact].sum(), rel=1e-12)
+    worse = found.copy()
+    worse[[0, 1]] = worse[[1, 0]]
+    assert score.numpy()[range(n), worse].sum() < value
 
 
 @pytest.mark.parametrize(

@@ -408,15 +408,27 @@ def test_kept_shares_updated_from_the_moved_units_equal_fresh_ones(monkeypatch):
     other = arch.weightspace(randomised(Grouped(3, 4), 1).state_dict())
     gen = torch.Generator().manual_seed(3)
     perm, kept = random_permutation(arch.spec, gen), Scorer(arch.spec, ref, other)
-    for step in range(3 * len(arch.spec.groups)):
+    updates = []
+    monkeypatch.setattr(kept, "_moved_inputs", _spy(kept._moved_inputs, updates))
+    for step in range(4 * len(arch.spec.groups)):
         g = arch.spec.groups[step % len(arch.spec.groups)]
         fresh = Scorer(arch.spec, ref, other).score(perm, g)
         torch.testing.assert_close(kept.score(perm, g), fresh, rtol=1e-5, atol=1e-5)
-        n = arch.spec.sizes[g]
-        swap = torch.randperm(n, generator=gen)[:2]  # move two units, as a LAP step might
+        if step % 3 == 2:  # every unit moves: the share is recomputed, not updated
+            perm[g] = perm[g][torch.randperm(len(perm[g]), generator=gen)]
+            continue
+        swap = torch.randperm(len(perm[g]), generator=gen)[:2]  # move two, as a LAP step might
         perm[g] = perm[g].clone()
         perm[g][swap] = perm[g][swap.flip(0)]
-    assert any(len(v[0]) == 1 for v in kept.kept.values())  # the update path was taken
+    assert updates  # the update path was taken
+
+
+def _spy(method, calls: list):
+    def spied(*args, **kwargs):
+        calls.append(args)
+        return method(*args, **kwargs)
+
+    return spied
 
 
 # --- what else reads or moves the permuted axis ------------------------------------------------

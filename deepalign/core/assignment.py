@@ -1,10 +1,12 @@
-"""Assignments: the linear assignment problem (Hungarian via scipy) and its Sinkhorn relaxation."""
+"""Assignments: the linear assignment problem (scipy's Hungarian, lapx's Jonker-Volgenant for large
+layers) and its Sinkhorn relaxation."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
 
+import lap
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -16,13 +18,33 @@ from deepalign.errors import DeepAlignError
 Scores = dict[str, Tensor]  # per group (n, n): ref unit i vs other unit j, higher = more alike
 
 
+LARGE = 2048  # units from which `solve_lap` uses lapx's float32 Jonker-Volgenant kernel
+
+
 def solve_lap(score: Tensor) -> Tensor:
-    """Hungarian: the permutation maximising sum_i score[i, perm[i]]; (n, n) -> (n,)."""
+    """The permutation maximising sum_i score[i, perm[i]]; (n, n) -> (n,).
+
+    scipy's exact float64 Hungarian below `LARGE` units; from there lapx's Jonker-Volgenant
+    kernel on the row-reduced costs in float32, 2-4x faster at 4096 units (a VGG's or an
+    AlexNet's classifier, ~180 assignments per alignment), with the same answer on every
+    matrix measured (`deepalign.evaluation.lap_check`). Float32 may pick another permutation
+    only where two differ by less than about 1e-7 of a row's spread.
+    """
     matrix = score.detach().to("cpu", torch.float64).numpy()
     if not np.isfinite(matrix).all():
         raise DeepAlignError("assignment scores hold NaN or inf")
+    if matrix.shape[0] >= LARGE and matrix.shape[0] == matrix.shape[1]:
+        return torch.as_tensor(solve_large_lap(matrix), dtype=torch.long)
     _, cols = linear_sum_assignment(matrix, maximize=True)
     return torch.as_tensor(cols, dtype=torch.long)
+
+
+def solve_large_lap(matrix: np.ndarray) -> np.ndarray:
+    """lapx's Jonker-Volgenant on costs = row max - score (every row's best costs 0, which
+    keeps float32's precision for the differences that decide): (n, n) -> (n,) columns."""
+    costs = matrix.max(axis=1, keepdims=True) - matrix  # (n, n) >= 0
+    cols, _ = lap.lapjvs(costs, return_cost=False, jvx_like=False)
+    return np.asarray(cols)
 
 
 @dataclass(frozen=True)

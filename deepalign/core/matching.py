@@ -60,7 +60,7 @@ class Scorer:
     its other axes stay as they were (a 4096 x 25088 Linear is one matrix product per change
     of the convolution before it, not one per sweep)."""
 
-    CACHED = 1 << 27  # multiply-adds from which a tensor's share is kept, in float32
+    CACHED = 1 << 27  # multiply-adds from which a share is computed in float32 and kept
 
     def __init__(self, spec: PermSpec, ref: WeightSpace, other: WeightSpace) -> None:
         self.spec, self.ref, self.other = spec, ref, other
@@ -74,16 +74,34 @@ class Scorer:
             for g in spec.groups
         }
         self.kept: dict[tuple[str, Axis], tuple[list[Tensor], Tensor]] = {}
-        self.refs: dict[tuple[str, Axis], Tensor] = {}  # ref's units, float64
+        self.refs: dict[tuple[str, Axis], Tensor] = {}  # ref's units (`_ref_units`)
+        self.sums: dict[int, Tensor] = {}  # n -> (n, n) float64 (`_summed`)
 
     def score(self, perm: Perm, group: str) -> Tensor:
-        """(n, n) float64, equal to `group_score(spec, ref, apply(other, perm | {group: id}))`."""
-        n, score = self.spec.sizes[group], None
-        for ax in self.spec.acting(group):
-            if ax.key not in self.ref.buffers:
-                share = self._share(perm, group, ax, n)
-                score = share.clone() if score is None else score.add_(share)
-        return torch.zeros(n, n, dtype=torch.float64) if score is None else score
+        """(n, n) float64, equal to `group_score(spec, ref, apply(other, perm | {group: id}))`.
+        Read-only and valid until the next call: it may be a kept share or a reused sum."""
+        n = self.spec.sizes[group]
+        shares = [
+            self._share(perm, group, ax, n)
+            for ax in self.spec.acting(group)
+            if ax.key not in self.ref.buffers
+        ]
+        if not shares:
+            return torch.zeros(n, n, dtype=torch.float64)
+        if len(shares) == 1:
+            return shares[0]
+        score = torch.add(shares[0], shares[1], out=self._summed(n))  # kept shares stay as are
+        for share in shares[2:]:
+            score.add_(share)
+        return score
+
+    def _summed(self, n: int) -> Tensor:
+        """The (n, n) float64 a score of n units is summed into, one per size for the scorer's
+        life (a fresh 4096 x 4096 costs more in page faults than in adding): read-only, valid
+        until the next `score` of that size."""
+        if n not in self.sums:
+            self.sums[n] = torch.empty(n, n, dtype=torch.float64)
+        return self.sums[n]
 
     def _ref_units(self, group: str, ax: Axis, n: int) -> Tensor:
         """ref's units of the run, (n, m): float64, or the tensor's own dtype for a large share
@@ -100,12 +118,11 @@ class Scorer:
         used = [perm[g] for g, _ in others]
         kept = self.kept.get((group, ax))
         if kept is not None:
-            changed = [i for i, (p, q) in enumerate(zip(kept[0], used)) if not torch.equal(p, q)]
-            if not changed:
+            if all(torch.equal(p, q) for p, q in zip(kept[0], used)):
                 return kept[1]
-            if len(others) == 1 and others[0][1].axis != ax.axis:  # a Linear's or Conv's input
-                share = kept[1] + self._moved_inputs(ax, n, others[0][1], kept[0][0], used[0])
-                self.kept[(group, ax)] = ([p.clone() for p in used], share)
+            if self._few_moved(ax, others, kept[0], used):  # a Linear's or Conv's input
+                share = kept[1].add_(self._moved_inputs(ax, n, others[0][1], kept[0][0], used[0]))
+                self.kept[(group, ax)] = (used, share)
                 return share
         nested = [i for i, (g, a) in enumerate(others) if self._inside(g, a, group, ax)]
         by_axis: dict[int, list[tuple[Axis, Tensor]]] = {ax.axis: []}
@@ -126,8 +143,17 @@ class Scorer:
         else:
             share = (a @ _units_first(t, here, n).to(a.dtype).T).double()
         if n * n * a.shape[1] >= self.CACHED:
-            self.kept[(group, ax)] = ([p.clone() for p in used], share)
+            self.kept[(group, ax)] = (used, share)  # weight matching replaces, never edits, perms
         return share
+
+    def _few_moved(
+        self, ax: Axis, others: list[tuple[str, Axis]], before: list[Tensor], now: list[Tensor]
+    ) -> bool:
+        """Whether a kept share is cheaper updated than recomputed: the tensor's one other run
+        is on another axis (a Linear's or Conv's input) and under half its units moved."""
+        if len(others) != 1 or others[0][1].axis == ax.axis:
+            return False
+        return 2 * int((before[0] != now[0]).sum()) < len(now[0])
 
     def _moved_inputs(self, ax: Axis, n: int, other: Axis, before: Tensor, now: Tensor) -> Tensor:
         """What a kept share gains when only the units of the tensor's other axis that moved
@@ -143,7 +169,7 @@ class Scorer:
         here = ax._replace(offset=0)
         gain = source.index_select(other.axis, is_) - source.index_select(other.axis, was)
         a = _units_first(ref.index_select(other.axis, entries), here, n)  # (n, k * block * ...)
-        return (a @ _units_first(gain, here, n).to(a.dtype).T).double()
+        return a @ _units_first(gain, here, n).to(a.dtype).T  # (n, n), added to float64
 
     @staticmethod
     def _span_of(t: Tensor, ax: Axis, n: int, runs: list[tuple[Axis, Tensor]]) -> Tensor:
