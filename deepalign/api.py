@@ -4,6 +4,9 @@
     aligned = deepalign.align(ref, other, method="weight_matching")   # other's function
     merged = deepalign.merge(ref, other, data="digits")               # the average, aligned
     report = deepalign.interpolate(ref, aligned, data="digits")       # barriers on the line
+    from deepalign.api import train_aligner
+    train_aligner(my_networks, "aligner.pt")                          # DEEP-ALIGN on yours
+    learned = deepalign.align(ref, other, method="deep_align", aligner="aligner.pt")
 
 A network is an `nn.Module` (any module torch.fx can trace: residual and normalisation layers
 included; a plain `nn.Sequential` of Linear/Conv2d layers runs on the chain's faster path) or
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -32,11 +35,12 @@ from deepalign.errors import DeepAlignError
 from deepalign.merging import merge_networks
 from deepalign.methods import Problem
 from deepalign.methods import align as align_pair
-from deepalign.settings import bn_reset_images, data_cfg, load_settings, methods_cfg
-from deepalign.usermodel import network_arch
+from deepalign.settings import bn_reset_images, data_cfg, load_settings, methods_for
+from deepalign.usermodel import expand_paths, load_networks, network_arch
 
 Data = str | Dataset | None
 Net = nn.Module | Mapping[str, Tensor]
+Aligner = str | Path | None
 
 
 def _dataset(data: Data, params: Path | None) -> Dataset | None:
@@ -98,13 +102,16 @@ def align(
     data: Data = None,
     input_shape: tuple[int, ...] | None = None,
     params: Path | None = None,
+    aligner: Aligner = None,
 ) -> Net:
     """A copy of `other` whose hidden units are permuted to match `ref`'s; it computes
-    `other`'s function. Data-driven methods need `data` (a data set name or a `Dataset`)."""
+    `other`'s function. Data-driven methods need `data` (a data set name or a `Dataset`);
+    learned ones (deep_align) an `aligner` checkpoint, a file or a folder of them."""
+    cfg = methods_for(load_settings(params), method, aligner)
     dataset = _dataset(data, params)
     arch, (a, b) = _nets((ref, other), input_shape, dataset)
     problem = Problem.of(a, b, arch, dataset.train if dataset else None)
-    result = align_pair(method, problem, methods_cfg(load_settings(params)))
+    result = align_pair(method, problem, cfg)
     return _result(other, arch, apply_permutation(b, result.perm, arch.spec))
 
 
@@ -117,18 +124,18 @@ def merge(
     reset_bn: bool = True,
     input_shape: tuple[int, ...] | None = None,
     params: Path | None = None,
+    aligner: Aligner = None,
 ) -> Net:
     """The weighted average of the models after aligning them (two: by `method`; more: by
     MergeMany); BatchNorm statistics recomputed on `data`'s training images, REPAIR on
-    request."""
+    request; a learned `method` reads `aligner` (as in `align`)."""
     if len(models) < 2:
         raise DeepAlignError(f"merge needs at least 2 models, got {len(models)}")
+    cfg = methods_for(load_settings(params), method, aligner)
     dataset = _dataset(data, params)
     arch, nets = _nets(models, input_shape, dataset)
     train = dataset.train if dataset else None
-    settings = load_settings(params)
-    images = bn_reset_images(settings) if reset_bn else 0
-    cfg = methods_cfg(settings)
+    images = bn_reset_images(load_settings(params)) if reset_bn else 0
     result = merge_networks(arch, nets, method, cfg, weights, train, repair, images)
     return _result(models[0], arch, result)
 
@@ -160,3 +167,46 @@ def interpolate(
         "acc": curve.acc.tolist(),
     }
     return barriers(curve) | line
+
+
+def train_aligner(
+    networks: Sequence[Net | str | Path] | str | Path,
+    out: str | Path = "aligner.pt",
+    data: Data = "digits",
+    epochs: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    params: Path | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train DEEP-ALIGN on your networks of one architecture and write it to `out`, for
+    `align(..., method="deep_align", aligner=out)`. `networks`: modules or state_dicts, or
+    checkpoint files, folders of them and glob patterns; `data`'s training images drive the
+    interpolation loss. Settings: the `aligner` section (`params=`), `epochs` over it. An
+    interrupted run resumes from `<out>.state.pt`. Returns the best validation numbers."""
+    from deepalign.user_aligner import aligner_cfg, state_path, train_user_aligner
+
+    cfg = aligner_cfg(load_settings(params), epochs)
+    dataset = _dataset(data, params)
+    if dataset is None:
+        raise DeepAlignError("train_aligner needs a data set: data='digits' or a Dataset")
+    out = Path(out)
+    arch, weights = _many(networks, input_shape, dataset, skip=(out, state_path(out)))
+    return train_user_aligner(arch, weights, dataset, cfg, out, progress)
+
+
+def _many(
+    networks: Sequence[Net | str | Path] | str | Path,
+    shape,
+    data: Dataset,
+    skip: tuple[Path, ...],
+) -> tuple[Arch, list[WeightSpace]]:
+    """Networks given as objects (traced) or as files, folders and globs (loaded, `skip`
+    left out of folders and globs)."""
+    entries = [networks] if isinstance(networks, str | Path) else list(networks)
+    if entries and all(isinstance(e, str | Path) for e in entries):
+        ckpts, arch = load_networks(expand_paths(entries, skip), data)
+        return arch, [c.ws for c in ckpts]
+    if any(isinstance(e, str | Path) for e in entries):
+        raise DeepAlignError("give networks either as objects or as paths, not both")
+    arch, weights = _nets(tuple(entries), shape, data)  # type: ignore[arg-type]
+    return arch, weights

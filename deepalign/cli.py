@@ -210,40 +210,13 @@ def _method(method: str):
 # --- loading networks ---------------------------------------------------------------------------
 
 
-def _load_alike(paths: list[Path], given: Arch | None) -> list[Checkpoint]:
-    """Every network; a bare state_dict takes the architecture another one records."""
-    from deepalign.io import load_checkpoint
-
-    nets = [load_checkpoint(p, given) for p in paths]
-    known = next((n.arch for n in nets if not n.arch_inferred), None)
-    if given is None and known is not None:
-        nets = [load_checkpoint(p, known) if n.arch_inferred else n for p, n in zip(paths, nets)]
-    return nets
-
-
 def _networks(
     paths: list[Path], data: Dataset | None, model: Path | None, shape: str | None
 ) -> tuple[list[Checkpoint], Arch]:
-    """Networks checked alike (tensors and the whole architecture record); with data, an
-    inferred architecture is completed and every network checked against the data set."""
-    from deepalign.core.arch import check_fits, check_same_arch
-    from deepalign.core.chain import Chain, resolve_input
-    from deepalign.core.weightspace import check_same_shapes
+    """Networks checked alike, `--model` building their architecture when given."""
+    from deepalign.usermodel import load_networks
 
-    nets = _load_alike(paths, _model(model, shape, data))
-    for path, net in zip(paths[1:], nets[1:]):
-        check_same_shapes(nets[0].ws, net.ws, (str(paths[0]), str(path)))
-        check_same_arch(nets[0].arch, net.arch, (str(paths[0]), str(path)))
-    arch = nets[0].arch
-    if data is None:
-        return nets, arch
-    try:
-        if nets[0].arch_inferred and isinstance(arch, Chain):
-            arch = resolve_input(arch, data.image_shape)
-        check_fits(arch, data.image_shape, data.n_classes, data.name)
-    except DeepAlignError as e:
-        raise DeepAlignError(f"{paths[0]}: {e}") from e
-    return nets, arch
+    return load_networks(paths, data, _model(model, shape, data))
 
 
 def _reads(
@@ -271,16 +244,10 @@ def _reads(
     return reads
 
 
-def _methods_cfg(params: Path | None, aligner: Path | None):
-    import dataclasses
+def _methods_cfg(params: Path | None, aligner: Path | None, method: str):
+    from deepalign.settings import methods_for
 
-    from deepalign.methods.learned import DeepAlignCfg
-    from deepalign.settings import methods_cfg
-
-    cfg = methods_cfg(_settings(params))
-    if aligner is not None:
-        cfg = dataclasses.replace(cfg, deep_align=DeepAlignCfg([str(aligner)]))
-    return cfg
+    return methods_for(_settings(params), method, aligner)
 
 
 def _align(pair, method, data, params, aligner, model, shape):
@@ -289,7 +256,7 @@ def _align(pair, method, data, params, aligner, model, shape):
     from deepalign.methods import align as align_pair
 
     _method(method)  # an unknown name fails before anything loads
-    cfg = _methods_cfg(params, aligner)
+    cfg = _methods_cfg(params, aligner, method)
     dataset = _data(data, params)
     (a, b), arch = _networks(list(pair), dataset, model, shape)
     problem = Problem.of(a.ws, b.ws, arch, dataset.train if dataset else None)
@@ -462,12 +429,55 @@ def merge(
     dataset = _data(data, params)
     nets, arch = _networks(list(networks), dataset, model, input_shape)
     train = dataset.train if dataset else None
-    cfg = _methods_cfg(params, aligner)
+    cfg = _methods_cfg(params, aligner, method)
     images = _reset_count(params, bn_reset)
     merged = merge_networks(arch, [n.ws for n in nets], method, cfg, shares, train, repair, images)
     save_network(out, nets[0], merged, {"merged_from": [str(p) for p in networks]})
     how = method if len(networks) == 2 else "MergeMany (weight_matching)"
     console.print(f"merged {len(networks)} networks ({how}); wrote {one_line(str(out))}")
+
+
+@app.command("train-aligner")
+@friendly
+def train_aligner(
+    networks: list[str] = typer.Argument(
+        help="Checkpoints of one architecture: files, folders (their *.pt) or quoted globs.",
+        metavar="NETWORKS",
+    ),
+    out: Path = typer.Option(Path("aligner.pt"), "-o", "--out", help="The trained aligner."),
+    data: str = typer.Option(
+        "digits", help=f"{DATA_HELP}: images for the interpolation loss and validation."
+    ),
+    epochs: int | None = typer.Option(
+        None, min=1, help="Epochs (default: the aligner section's, 60); each sees every network."
+    ),
+    params: Path | None = PARAMS,
+    model: Path | None = MODEL,
+    input_shape: str | None = INPUT_SHAPE,
+    force: bool = FORCE,
+) -> None:
+    """Train DEEP-ALIGN on your networks (a tenth, at least 2, held out to pick the best epoch)
+    for `align --method deep_align --aligner OUT`; an interrupted run resumes from
+    OUT's `.state.pt` file."""
+    from deepalign.guard import check_io
+    from deepalign.io import check_output
+    from deepalign.user_aligner import aligner_cfg, state_path, train_user_aligner
+    from deepalign.usermodel import expand_paths
+
+    writes = {"--out": out, "--out's training state": state_path(out)}
+    paths = expand_paths(list(networks), skip=tuple(writes.values()))
+    named = {f"NETWORK {i}": p for i, p in enumerate(paths)}
+    check_io(_reads(named, None, data, params, None, model), writes, force)
+    check_output(out)
+    cfg = aligner_cfg(_settings(params), epochs)
+    dataset = _data(data, params)
+    nets, arch = _networks(paths, dataset, model, input_shape)
+    found = train_user_aligner(arch, [n.ws for n in nets], dataset, cfg, out)
+    console.print(
+        f"trained DEEP-ALIGN on {len(nets)} networks: best validation barrier "
+        f"{found['best_val_loss_barrier']:.3f} (epoch {int(found['best_epoch']) + 1}), planted "
+        f"recovery {found['best_val_planted_recovery']:.3f}; wrote {one_line(str(out))}"
+    )
 
 
 def _check_finite(curve, *ends) -> None:

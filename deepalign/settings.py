@@ -102,6 +102,31 @@ def methods_cfg(settings: Settings):
     return dataclasses.replace(cfg, deep_align=DeepAlignCfg(found))
 
 
+NO_ALIGNER = (
+    "method {method} needs a trained DEEP-ALIGN aligner and none was found ({looked}): give "
+    "one, a file or a folder of them (aligner='aligner.pt' in Python, --aligner in the CLI); "
+    "this project's `dvc repro` trains aligner/mlp.pt and aligner/cnn.pt for its digits zoos"
+)
+
+
+def methods_for(settings: Settings, method: str, aligner: str | Path | None = None):
+    """`methods_cfg` with `aligner` (a file or folder) standing in for the configured
+    aligners; a learned method with no aligner file to read stops here, saying how to give
+    one."""
+    from deepalign.methods import Method
+    from deepalign.methods.learned import DeepAlignCfg, checkpoint_files
+
+    cfg = methods_cfg(settings)
+    if aligner is not None:
+        cfg = dataclasses.replace(cfg, deep_align=DeepAlignCfg([str(aligner)]))
+    if "deep_align" in Method.parse(method).steps:
+        files = checkpoint_files(cfg.deep_align)
+        if not any(f.is_file() for f in files):
+            looked = ", ".join(map(str, files)) or "none configured"
+            raise DeepAlignError(NO_ALIGNER.format(method=method, looked=looked))
+    return cfg
+
+
 def bn_reset_images(settings: Settings) -> int:
     """How many training images recompute a merged or interpolated network's BatchNorm
     statistics (`batchnorm.reset_images`; 0: keep the averaged running statistics)."""

@@ -6,6 +6,7 @@ state_dict of a plain `nn.Sequential` (its architecture read from the shapes).""
 from __future__ import annotations
 
 import copy
+import glob
 import importlib
 import importlib.util
 import math
@@ -16,10 +17,12 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from deepalign.core.arch import Arch, ModuleArch
+from deepalign.core.arch import Arch, ModuleArch, check_fits, check_same_arch
 from deepalign.core.chain import Chain, arch_of, infer_arch, resolve_input
 from deepalign.core.data import Dataset
+from deepalign.core.weightspace import check_same_shapes
 from deepalign.errors import DeepAlignError, UsageError
+from deepalign.io import Checkpoint, load_checkpoint
 
 FALLBACK_SIDE = 32  # image side used to trace a conv network when no data set says it
 GIVE_SHAPE = "give the input shape (--input-shape 1,8,8 for the CLI, input_shape= in Python)"
@@ -185,3 +188,54 @@ def network_arch(
         kind = type(network).__name__
         raise DeepAlignError(f"expected an nn.Module, a callable or a state_dict, got {kind}")
     return module_arch(network, input_shape, data, name)
+
+
+def expand_paths(entries: list[str | Path], skip: tuple[Path, ...] = ()) -> list[Path]:
+    """Checkpoint files from files, folders (their `*.pt` files, sorted; training states
+    `*.state.pt` and the files `skip`, a command's outputs, left out) and glob patterns
+    (matches sorted, the same left out); an entry naming nothing is one line."""
+    left_out = {p.resolve() for p in skip}
+    found: list[Path] = []
+    for entry in map(Path, entries):
+        if entry.is_dir():
+            files = sorted(p for p in entry.glob("*.pt") if not p.name.endswith(".state.pt"))
+        elif entry.exists() or not glob.has_magic(str(entry)):
+            files = [entry]
+        else:
+            files = sorted(Path(p) for p in glob.glob(str(entry)))
+        if files != [entry]:  # a folder or a glob
+            files = [p for p in files if p.resolve() not in left_out]
+        if not files:
+            raise DeepAlignError(f"{entry}: no checkpoint files (*.pt) found")
+        found += files
+    return found
+
+
+def load_alike(paths: list[Path], given: Arch | None) -> list[Checkpoint]:
+    """Every network; a bare state_dict takes the architecture another one records."""
+    nets = [load_checkpoint(p, given) for p in paths]
+    known = next((n.arch for n in nets if not n.arch_inferred), None)
+    if given is None and known is not None:
+        nets = [load_checkpoint(p, known) if n.arch_inferred else n for p, n in zip(paths, nets)]
+    return nets
+
+
+def load_networks(
+    paths: list[Path], data: Dataset | None = None, given: Arch | None = None
+) -> tuple[list[Checkpoint], Arch]:
+    """Networks checked alike (tensors and the whole architecture record); with data, an
+    inferred architecture is completed and every network checked against the data set."""
+    nets = load_alike(paths, given)
+    for path, net in zip(paths[1:], nets[1:]):
+        check_same_shapes(nets[0].ws, net.ws, (str(paths[0]), str(path)))
+        check_same_arch(nets[0].arch, net.arch, (str(paths[0]), str(path)))
+    arch = nets[0].arch
+    if data is None:
+        return nets, arch
+    try:
+        if nets[0].arch_inferred and isinstance(arch, Chain):
+            arch = resolve_input(arch, data.image_shape)
+        check_fits(arch, data.image_shape, data.n_classes, data.name)
+    except DeepAlignError as e:
+        raise DeepAlignError(f"{paths[0]}: {e}") from e
+    return nets, arch

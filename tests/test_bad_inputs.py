@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import prefect._vendor.croniter  # noqa: F401  (imported here: its import runs `file`, a process)
 import pytest
 import torch
 import yaml
@@ -26,7 +27,8 @@ from deepalign.errors import DeepAlignError
 from deepalign.evaluation.curves import CurvesCfg
 from deepalign.evaluation.experiment import AlignCfg, EvaluateCfg
 from deepalign.io import load_checkpoint, save_checkpoint, write_json
-from deepalign.methods.deep_align.checkpoint import load_aligner
+from deepalign.methods.deep_align.checkpoint import load_aligner, save_aligner
+from deepalign.methods.deep_align.model import DeepAlign, Layout, ModelCfg
 from deepalign.methods.deep_align.train import AlignerCfg
 from deepalign.zoo.build import ZooCfg, init_network
 from flows.common import RunnerCfg
@@ -330,6 +332,23 @@ def test_align_with_aligner_without_layout_gives_one_line(tmp_path):
     line = error_line(runner.invoke(app, args), exit_code=1)
     assert aligner.name in line
     assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("command", ["align", "merge"])
+def test_deep_align_without_an_aligner_says_how_to_give_one(tmp_path, command):
+    """The packaged settings name no aligner: one line saying to give --aligner, not a list of
+    layer widths; nothing written. With one given the same command runs (the twin)."""
+    ref, other = mlp_checkpoint(tmp_path / "ref.pt"), mlp_checkpoint(tmp_path / "other.pt", 7)
+    args = [command, str(ref), str(other), "--method", "deep_align", "-o", str(tmp_path / "o.pt")]
+    line = error_line(runner.invoke(app, args), exit_code=1)
+    assert "needs a trained DEEP-ALIGN aligner" in line and "--aligner" in line
+    assert not (tmp_path / "o.pt").exists()
+    cfg = ModelCfg(dim=8, rounds=1, mlp_ratio=2, head_dim=8, scale_init=10.0, cross_rounds=0)
+    model = DeepAlign(Layout.of(ARCH), cfg, torch.ones(len(ARCH.keys())), list(ARCH.spec.groups))
+    save_aligner(tmp_path / "aligner.pt", model, ARCH, {})
+    result = runner.invoke(app, [*args, "--aligner", str(tmp_path / "aligner.pt")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "o.pt").exists()
 
 
 def test_old_non_zip_torch_file_loads(tmp_path):

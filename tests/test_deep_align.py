@@ -258,6 +258,57 @@ def test_corrupt_aligner_checkpoint_is_named(tmp_path):
         load_aligner(Path(tmp_path / "missing.pt"))
 
 
+def sequential_mlp(seed: int) -> torch.nn.Sequential:
+    """A module with ARCHS["mlp"]'s layers (64 -> 12 -> 10 -> 8 -> 10, ReLU)."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    layers = [nn.Linear(64, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 8)]
+    return nn.Sequential(*layers, nn.ReLU(), nn.Linear(8, 10))
+
+
+def test_the_api_aligns_with_the_aligner_it_is_given(tmp_path):
+    """`deepalign.align(..., aligner=file or folder)` uses that aligner: the answer of the
+    registered method with that checkpoint, other's function kept; an aligner of other
+    weights answers otherwise (so the argument is not ignored)."""
+    import deepalign
+
+    arch = ARCHS["mlp"]
+    for seed, name in ((0, "a.pt"), (5, "b.pt")):
+        torch.manual_seed(seed)
+        model = DeepAlign(Layout.of(arch), MODEL, torch.ones(len(arch.keys())), arch.spec.groups)
+        save_aligner(tmp_path / name, model, arch, {})
+    ref, other = sequential_mlp(0), sequential_mlp(1)
+    x = torch.randn(5, 64)
+    got = {}
+    for n in "ab":
+        got[n] = deepalign.align(ref, other, "deep_align", aligner=tmp_path / f"{n}.pt")
+    a, b = (
+        arch.weightspace({k: v.detach() for k, v in m.state_dict().items()}) for m in (ref, other)
+    )
+    problem = Problem.of(a, b, arch)
+    cfg = MethodsCfg(None, None, None, None, DeepAlignCfg([str(tmp_path / "a.pt")]))
+    want = apply_permutation(problem.other, align("deep_align", problem, cfg).perm, arch.spec)
+    assert torch.equal(got["a"][0].weight, want.named[arch.keys()[0]])
+    assert torch.allclose(got["a"](x), other(x), atol=1e-5)
+    assert not torch.equal(got["a"][0].weight, got["b"][0].weight)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a.pt").rename(tmp_path / "folder" / "a.pt")
+    from_folder = deepalign.align(ref, other, "deep_align", aligner=tmp_path / "folder")
+    assert torch.equal(from_folder[0].weight, got["a"][0].weight)
+
+
+@pytest.mark.parametrize("method", ["deep_align", "deep_align+sinkhorn"])
+def test_a_learned_method_without_an_aligner_says_how_to_give_one(tmp_path, method):
+    import deepalign
+
+    ref, other = sequential_mlp(0), sequential_mlp(1)
+    for aligner, looked in ((None, "none configured"), (tmp_path / "gone.pt", "gone.pt")):
+        with pytest.raises(DeepAlignError, match="aligner='aligner.pt' in Python") as e:
+            deepalign.merge(ref, other, method=method, aligner=aligner)
+        assert looked in str(e.value) and "\n" not in str(e.value)
+    deepalign.align(ref, other, "weight_matching", aligner=tmp_path / "gone.pt")  # unread
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_one_training_step_on_cuda_matches_the_cpu(tiny_zoo, digits):

@@ -106,6 +106,8 @@ def invocation(command: str, files: dict[str, Path], out: Path) -> list[str]:
     if command == "permute":
         return ["permute", f["checkpoint"], "--model", f["model"], "-o", str(out)]
     reads = [f["ref"], f["other"], "--params", f["params"], "--model", f["model"]]
+    if command == "train-aligner":
+        return [command, *reads, "-o", str(out)]
     return [command, *reads, "--aligner", f["aligner"], "-o", str(out)]
 
 
@@ -130,6 +132,7 @@ def test_every_path_option_of_every_command_is_classified():
         "interpolate": ["ref", "other", "params", "model"],
         "curve": ["ref", "other", "out", "params", "aligner", "model"],
         "merge": ["networks", "out", "params", "aligner", "model"],
+        "train-aligner": ["out", "params", "model"],  # NETWORKS are text: files, folders, globs
     }
 
 

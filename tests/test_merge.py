@@ -213,6 +213,7 @@ def test_defaults_shipped_with_the_package_equal_the_projects_params():
     project = yaml.safe_load(PARAMS.read_text())
     assert shipped["data"] == project["data"]
     assert {k: v for k, v in shipped["curves"].items()} == project["curves"]
+    assert shipped["aligner"] == project["aligner"]  # train-aligner trains as the zoo stage does
     for method, settings in shipped["align"].items():
         if method != "deep_align":
             assert settings == project["align"][method], method
