@@ -144,6 +144,12 @@ def test_too_few_networks_or_none_found_is_one_line(tmp_path):
     named = [str(tmp_path / f"n{k}.pt") for k in range(3)]
     line = error_line(runner.invoke(app, ["train-aligner", *named, "-o", named[0]]), 2)
     assert "n0.pt" in line and "--force" in line  # a network named as the output is kept
+    (tmp_path / "p.yaml").write_text("aligner:\n  epochz: 3\n")
+    args = ["train-aligner", *named, "--params", str(tmp_path / "p.yaml")]
+    line = error_line(runner.invoke(app, args), 1)
+    assert "p.yaml" in line and "epochz" in line
+    result = runner.invoke(app, ["train-aligner", *named, "--epochs", "0"])
+    assert result.exit_code == 2 and "--epochs" in result.output
     line = error_line(runner.invoke(app, ["train-aligner", str(tmp_path / "x*.pt")]), 1)
     assert "x*.pt: no checkpoint files" in line
     assert not (tmp_path / "al.pt").exists()
