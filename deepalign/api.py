@@ -131,11 +131,12 @@ def merge(
     request; a learned `method` reads `aligner` (as in `align`)."""
     if len(models) < 2:
         raise DeepAlignError(f"merge needs at least 2 models, got {len(models)}")
-    cfg = methods_for(load_settings(params), method, aligner)
+    settings = load_settings(params)
+    cfg = methods_for(settings, method, aligner)
     dataset = _dataset(data, params)
     arch, nets = _nets(models, input_shape, dataset)
     train = dataset.train if dataset else None
-    images = bn_reset_images(load_settings(params)) if reset_bn else 0
+    images = bn_reset_images(settings) if reset_bn else 0
     result = merge_networks(arch, nets, method, cfg, weights, train, repair, images)
     return _result(models[0], arch, result)
 

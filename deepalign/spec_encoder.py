@@ -159,7 +159,7 @@ class SpecEncoder(nn.Module):
         std: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
-        self.spec, self.sizes = spec, dict(spec.sizes)
+        self.sizes, self.dim = dict(spec.sizes), dim
         self.groups = list(spec.groups)
         self.roles = roles_of(spec, shapes)
         self.std = {k: float(v) for k, v in (std or {}).items()}
@@ -174,7 +174,7 @@ class SpecEncoder(nn.Module):
     def forward(self, ws: WeightSpace) -> list[Tensor]:
         if not ws.is_batched:
             raise DeepAlignError("the spec encoder reads a batch of networks (stack them)")
-        batch, dim = ws.batch_size, next(iter(self.start.values())).shape[0]
+        batch, dim = ws.batch_size, self.dim
         h = {g: self.start[_name(g)].expand(batch, self.sizes[g], dim).clone() for g in self.groups}
         whole = torch.zeros(batch, dim, device=h[self.groups[0]].device)
         edges = {}

@@ -10,12 +10,10 @@ scores of every 2048+ unit group of two randomly initialised AlexNets (torchvisi
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -79,14 +77,11 @@ def compare(scores: np.ndarray) -> dict[str, float | bool]:
 
 
 def main(argv: list[str]) -> None:
-    out = Path(argv[0]) if argv and argv[0] != "-" else None
-    cases = {f"planted {n}": planted(n, seed=n) for n in SIZES} | alexnet_scores()
-    found = {}
-    for name, scores in cases.items():
-        found[name] = compare(scores)
-        print(name, found[name], flush=True)
-    if out is not None:
-        out.write_text(json.dumps(found, indent=2) + "\n")
+    from deepalign.evaluation.torchvision_check import measure_all
+
+    measure_all(
+        {f"planted {n}": planted(n, seed=n) for n in SIZES} | alexnet_scores(), compare, argv
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torchvision.models as tvm
@@ -28,6 +30,7 @@ FAMILIES = (
 )  # fmt: skip
 # families refused, and what their one-line refusal names
 REFUSED = {"shufflenet_v2_x0_5": "channel shuffle"}
+T = TypeVar("T")
 OPTIONS = {"googlenet": {"aux_logits": False, "init_weights": False}}  # no auxiliary heads
 SHAPE = (3, 64, 64)
 
@@ -57,15 +60,20 @@ def measure(name: str) -> dict[str, float | str]:
     }
 
 
-def main(argv: list[str]) -> None:
+def measure_all(cases: Mapping[str, T], measure_one: Callable[[T], dict], argv: list[str]) -> None:
+    """Each case's numbers, printed as they come and written as JSON to argv[0] (`-`: none)."""
     out = Path(argv[0]) if argv and argv[0] != "-" else None
-    names = argv[1:] or list(FAMILIES)
     found = {}
-    for name in names:
-        found[name] = measure(name)
+    for name, case in cases.items():
+        found[name] = measure_one(case)
         print(name, found[name], flush=True)
     if out is not None:
         out.write_text(json.dumps(found, indent=2) + "\n")
+
+
+def main(argv: list[str]) -> None:
+    names = argv[1:] or list(FAMILIES)
+    measure_all({name: name for name in names}, measure, argv)
 
 
 if __name__ == "__main__":
