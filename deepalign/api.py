@@ -184,7 +184,8 @@ def train_aligner(
     checkpoint files, folders of them and glob patterns; `data`'s training images drive the
     interpolation loss. Settings: the `aligner` section (`params=`), `epochs` over it. An
     interrupted run resumes from `<out>.state.pt`. Returns the best validation numbers."""
-    from deepalign.user_aligner import aligner_cfg, state_path, train_user_aligner
+    from deepalign.methods.deep_align.train import state_path
+    from deepalign.user_aligner import aligner_cfg, train_user_aligner
 
     cfg = aligner_cfg(load_settings(params), epochs)
     dataset = _dataset(data, params)

@@ -461,7 +461,8 @@ def train_aligner(
     OUT's `.state.pt` file."""
     from deepalign.guard import check_io
     from deepalign.io import check_output
-    from deepalign.user_aligner import aligner_cfg, state_path, train_user_aligner
+    from deepalign.methods.deep_align.train import state_path
+    from deepalign.user_aligner import aligner_cfg, train_user_aligner
     from deepalign.usermodel import expand_paths
 
     writes = {"--out": out, "--out's training state": state_path(out)}

@@ -4,8 +4,9 @@ pipeline's trainer runs on it (progress bar, the best validation barrier kept, r
 `<out>.state.pt` while the settings and networks stay the same), and the aligner file records
 the architecture it fits.
 
-DEEP-ALIGN's encoder reads chains of Linear/Conv2d layers for now; other architectures are
-refused before anything trains.
+Chains of Linear/Conv2d layers get the chain encoder, every other traced network the spec
+encoder (`methods/deep_align/model.py`); a layout neither reads is refused before anything
+trains.
 """
 
 from __future__ import annotations
@@ -20,17 +21,12 @@ from deepalign.core.arch import Arch
 from deepalign.core.data import Dataset
 from deepalign.core.weightspace import WeightSpace, stack
 from deepalign.errors import DeepAlignError
-from deepalign.methods.deep_align.checkpoint import save_aligner
 from deepalign.methods.deep_align.train import (
     AlignerCfg,
     aligner_fingerprint,
-    augmented_recovery,
-    checkpoint_meta,
-    train,
+    train_and_save,
 )
-from deepalign.methods.learned import layer_shapes
 from deepalign.settings import Settings
-from deepalign.zoo.build import resolve_device
 from deepalign.zoo.store import Zoo
 
 MIN_NETWORKS = 4  # two to train on, two to validate on
@@ -69,11 +65,6 @@ def networks_digest(networks: list[WeightSpace]) -> str:
     return h.hexdigest()
 
 
-def state_path(out: Path) -> Path:
-    """Where an interrupted training run of `out` keeps its progress."""
-    return out.with_name(f"{out.stem}.state.pt")
-
-
 def train_user_aligner(
     arch: Arch,
     networks: list[WeightSpace],
@@ -84,19 +75,14 @@ def train_user_aligner(
 ) -> dict[str, float]:
     """Train DEEP-ALIGN on `networks` (one architecture) with `data`'s images for the
     interpolation loss, write the best epoch's aligner to `out`; its numbers (best
-    validation barrier and planted recovery, epoch, seconds)."""
-    layer_shapes(arch)  # a chain, or one line saying DEEP-ALIGN reads chains alone
+    validation barrier and planted recovery, epoch, seconds). The positive rescaling
+    augmentation is left out where the networks do not have that symmetry (normalisation
+    layers, non-ReLU activations)."""
+    if cfg.augment.rescale > 0 and not arch.traced.rescalable:
+        cfg = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, rescale=0.0))
     zoo = user_zoo(arch, networks, cfg.seed)
-    device = resolve_device(cfg.device)
     fp = aligner_fingerprint(cfg, arch, networks_digest(networks), data)
-    model, result = train(
-        zoo, data, cfg, device, state_path(out), fp, progress=progress, desc="train-aligner"
+    meta = {"networks": len(networks)}
+    return train_and_save(
+        zoo, data, cfg, out, fp, held_out="val", meta=meta, progress=progress, desc="train-aligner"
     )
-    val = zoo.nets[torch.tensor(zoo.indices("val"))].to(device)
-    result["val_planted_recovery_augmented"] = augmented_recovery(
-        model, arch, val, cfg.augment, seed=1
-    )
-    result.pop("epoch")  # where this call started: 0, or where a resumed run stopped
-    meta = {"fingerprint": fp, "networks": len(networks)} | checkpoint_meta(result)
-    save_aligner(out, model, arch, meta)  # the same bytes, resumed or not
-    return {k: float(v) for k, v in result.items()}

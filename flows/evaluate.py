@@ -14,8 +14,13 @@ import flows  # noqa: F401  (offline defaults first)
 from deepalign.core.data import DataCfg, Dataset, load_dataset
 from deepalign.errors import DeepAlignError
 from deepalign.evaluation import experiment
-from deepalign.evaluation.experiment import AlignCfg, EvaluateCfg
-from deepalign.evaluation.figures import interpolation_rows, plot_curves
+from deepalign.evaluation.experiment import REFINED, AlignCfg, EvaluateCfg
+from deepalign.evaluation.figures import (
+    budget_rows,
+    interpolation_rows,
+    plot_curves,
+    plot_refine_budget,
+)
 from deepalign.evaluation.pairs import MethodRun, saved_run
 from deepalign.io import read_result, write_csv
 from deepalign.zoo.store import load_zoo
@@ -25,17 +30,28 @@ from flows.stages import Paths, Plot, Stage
 STAGE = Stage(
     "evaluate",
     configs={"data_cfg": "data", "align_cfg": "align", "cfg": "evaluate"},
-    params=("runner", "data", "align.archs", "align.methods", "evaluate"),
+    params=("runner", "data", "align.archs", "align.methods", "align.sinkhorn.steps", "evaluate"),
     deps={"zoo": "zoo", "aligned": "aligned", "timings": "metrics/align.json"},
-    plots={"plots": "plots/evaluate"},
-    uncached={"figures": "figures/evaluate", "table": "plots/pairs.csv"},
+    plots={"plots": "plots/evaluate", "budget": "metrics/refine_budget.csv"},
+    uncached={
+        "figures": "figures/evaluate",
+        "table": "plots/pairs.csv",
+        "tradeoff": "metrics/refine_budget.png",
+    },
     metrics={"metrics": "metrics/evaluate.json", "compare": "metrics/compare.json"},
-    plot={"plots": Plot("lambda", "test_loss", "lambda", "test loss", "by_method_log")},
+    plot={
+        "plots": Plot("lambda", "test_loss", "lambda", "test loss", "by_method_log"),
+        "budget": Plot(
+            "seconds_per_pair", "loss_barrier", "seconds per pair", "test loss barrier", "budget"
+        ),
+    },
     nested=("metrics", "compare"),
     notes={
         "plots": "(`interpolation_<arch>.csv`)",
         "figures": "(`interpolation_<arch>.png`)",
         "table": "(one row per pair; its seconds are in `metrics/align.json`)",
+        "budget": f"(per method: loss barrier, seconds per pair, k of {REFINED}@k; timed)",
+        "tradeoff": "(its figure, a panel per architecture)",
     },
 )
 
@@ -66,9 +82,22 @@ def evaluate_arch(
         names = [{"arch": arch, "method": method, "pair": f"{i}-{j}"} for i, j in result.pairs]
         rows += [name | r for name, r in zip(names, pair_rows)]
         log_method_run(run, STAGE.name, arch, method, summary[method])
+    for method, ratio in experiment.over_weight_matching(summary).items():
+        summary[method]["loss_barrier_over_weight_matching"] = ratio
+    for method, share in experiment.gap_closed(summary).items():
+        summary[method]["gap_closed"] = share
     write_csv(run.io.plots / f"interpolation_{arch}.csv", interpolation_rows(curves))
     plot_curves(run.io.figures / f"interpolation_{arch}.png", curves, f"digits {arch}")
     return summary, rows
+
+
+def write_budget(io: Paths, summary: dict[str, dict], cfg: AlignCfg) -> None:
+    """Loss barrier against seconds per pair of every method, the refinement budgets of
+    `REFINED` on one curve: the CSV `dvc plots` draws and the figure."""
+    budgets = {m: experiment.refine_budget(m, cfg) for m in cfg.methods}
+    rows = budget_rows(summary, budgets)
+    write_csv(io.budget, rows)
+    plot_refine_budget(io.tradeoff, rows, "digits", f"{REFINED}@k")
 
 
 @flow(name="evaluate", validate_parameters=False)
@@ -85,6 +114,7 @@ def evaluate(io: Paths, data_cfg: DataCfg, align_cfg: AlignCfg, cfg: EvaluateCfg
             summary[arch], arch_rows = future.result()
             rows += arch_rows
         write_csv(io.table, untimed(rows))
+        write_budget(io, summary, align_cfg)
         run.metrics = {"metrics": summary, "compare": experiment.paired_comparisons(rows, cfg)}
     return run.metrics
 

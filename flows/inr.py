@@ -18,8 +18,6 @@ from deepalign.evaluation.experiment import AlignCfg
 from deepalign.evaluation.figures import plot_convergence
 from deepalign.io import write_csv
 from deepalign.methods.deep_align import train as trainer
-from deepalign.methods.deep_align.checkpoint import save_aligner
-from deepalign.zoo import build
 from deepalign.zoo.store import Zoo, load_zoo, zoo_digest
 from flows.common import StageRun, cli, stage_run, untimed
 from flows.stages import Paths, Plot, Stage
@@ -59,13 +57,9 @@ def fit_zoo(folder: Path, name: str, cfg: study.InrCfg) -> tuple[Zoo, Dataset, d
 @task(cache_policy=NO_CACHE)
 def train_aligner(folder: Path, zoo: Zoo, data: Dataset, cfg: trainer.AlignerCfg) -> dict:
     """DEEP-ALIGN on the zoo's train signals (resumes), saved as `aligner.pt`; its numbers."""
-    device = build.resolve_device(cfg.device)
     fp = trainer.aligner_fingerprint(cfg, zoo.arch, zoo_digest(folder), data)
-    state = folder / "aligner.state.pt"
-    model, result = trainer.train(zoo, data, cfg, device, state, fp, desc=f"aligner {folder.name}")
-    meta = {"fingerprint": fp} | trainer.checkpoint_meta(result)
-    save_aligner(folder / "aligner.pt", model, zoo.arch, meta)
-    return {k: float(v) for k, v in result.items() if k != "epoch"}
+    out, desc = folder / "aligner.pt", f"aligner {folder.name}"
+    return trainer.train_and_save(zoo, data, cfg, out, fp, "test", {}, desc=desc)
 
 
 @task(cache_policy=NO_CACHE)

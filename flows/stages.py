@@ -44,7 +44,9 @@ class Paths:
 class Plot:
     """How DVC draws the CSVs of one plots path: their x and y columns, the axis titles and a
     template (one under .dvc/plots/: `by_method` draws one line per value of the CSV's `method`
-    column, `by_method_log` the same on a log y axis, `by_steps` one line per step count)."""
+    column, `by_method_log` the same on a log y axis, `by_steps` one line per step count,
+    `budget` a named point per method on a log x axis, those with a step budget `k` joined, a
+    panel per `arch`)."""
 
     x: str
     y: str

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import mlflow
-import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -11,7 +10,6 @@ import flows  # noqa: F401  (offline defaults first)
 from deepalign.core.data import DataCfg, Dataset, load_dataset
 from deepalign.evaluation.summary import shown
 from deepalign.methods.deep_align import train as trainer
-from deepalign.methods.deep_align.checkpoint import save_aligner
 from deepalign.zoo.build import resolve_device
 from deepalign.zoo.store import load_zoo, zoo_digest
 from flows.common import StageRun, cli, stage_run
@@ -34,22 +32,24 @@ STAGE = Stage(
 def train_one_arch(arch: str, line: int, io: Paths, data: Dataset, cfg: trainer.AlignerCfg) -> dict:
     """Train (or resume) the aligner of one architecture and save it; its numbers, its
     device and its losses per epoch (`history`, for MLflow)."""
-    zoo, out = load_zoo(io.zoo / arch, data), io.out
-    device = resolve_device(cfg.device)
+    zoo = load_zoo(io.zoo / arch, data)
     fp = trainer.aligner_fingerprint(cfg, zoo.arch, zoo_digest(io.zoo / arch), data)
     history: list[tuple[int, dict[str, float]]] = []
-    state = out / f"{arch}.state.pt"
     on_epoch = lambda e, m, _: history.append((e, dict(m)))  # noqa: E731
-    desc = f"train_aligner {arch}"
-    model, result = trainer.train(zoo, data, cfg, device, state, fp, on_epoch, desc=desc, line=line)
-    test = zoo.nets[torch.tensor(zoo.indices("test"))].to(device)
-    recovered = trainer.augmented_recovery(model, zoo.arch, test, cfg.augment, seed=1)
-    result["test_planted_recovery_augmented"] = recovered
-    meta = {"fingerprint": fp, "device": str(device)} | trainer.checkpoint_meta(result)
-    save_aligner(out / f"{arch}.pt", model, zoo.arch, meta)
-    numbers = {k: float(v) for k, v in result.items() if k != "epoch"}
-    numbers |= {"device_cuda": float(device.type == "cuda")}
-    return {"numbers": numbers, "device": str(device), "history": history}
+    device = str(resolve_device(cfg.device))
+    numbers = trainer.train_and_save(
+        zoo,
+        data,
+        cfg,
+        io.out / f"{arch}.pt",
+        fp,
+        held_out="test",
+        meta={"device": device},
+        on_epoch=on_epoch,
+        desc=f"train_aligner {arch}",
+        line=line,
+    )
+    return {"numbers": numbers, "device": device, "history": history}
 
 
 def log_arch_run(run: StageRun, arch: str, trained: dict) -> None:

@@ -28,7 +28,7 @@ from deepalign.evaluation.curves import CurvesCfg
 from deepalign.evaluation.experiment import AlignCfg, EvaluateCfg
 from deepalign.io import load_checkpoint, save_checkpoint, write_json
 from deepalign.methods.deep_align.checkpoint import load_aligner, save_aligner
-from deepalign.methods.deep_align.model import DeepAlign, Layout, ModelCfg
+from deepalign.methods.deep_align.model import ModelCfg, aligner_for
 from deepalign.methods.deep_align.train import AlignerCfg
 from deepalign.zoo.build import ZooCfg, init_network
 from flows.common import RunnerCfg
@@ -343,8 +343,8 @@ def test_deep_align_without_an_aligner_says_how_to_give_one(tmp_path, command):
     line = error_line(runner.invoke(app, args), exit_code=1)
     assert "needs a trained DEEP-ALIGN aligner" in line and "--aligner" in line
     assert not (tmp_path / "o.pt").exists()
-    cfg = ModelCfg(dim=8, rounds=1, mlp_ratio=2, head_dim=8, scale_init=10.0, cross_rounds=0)
-    model = DeepAlign(Layout.of(ARCH), cfg, torch.ones(len(ARCH.keys())), list(ARCH.spec.groups))
+    cfg = ModelCfg(8, 1, 2, 8, 10.0, 0, "auto")
+    model = aligner_for(ARCH, cfg, ARCH.shapes(), torch.ones(len(ARCH.keys())))
     save_aligner(tmp_path / "aligner.pt", model, ARCH, {})
     result = runner.invoke(app, [*args, "--aligner", str(tmp_path / "aligner.pt")])
     assert result.exit_code == 0, result.output

@@ -20,7 +20,7 @@ from deepalign.evaluation.convergence import (
 from deepalign.methods import MethodsCfg, Problem
 from deepalign.methods.activation_matching import ActivationMatchingCfg
 from deepalign.methods.deep_align.checkpoint import predict, save_aligner
-from deepalign.methods.deep_align.model import DeepAlign, Layout, ModelCfg
+from deepalign.methods.deep_align.model import ModelCfg, aligner_for
 from deepalign.methods.learned import DeepAlignCfg, deep_align_batch
 from deepalign.methods.sinkhorn import SinkhornCfg, sinkhorn_rebasin, sinkhorn_trajectory
 from deepalign.methods.ste import SteCfg
@@ -83,11 +83,8 @@ def tiny(tmp_path, digits):
     nets = train_batched(ARCH, start, digits.train, net, list(range(6)), torch.device("cpu"), False)
     records = [{"split": "test"}] * 6
     torch.manual_seed(0)
-    model = DeepAlign(
-        Layout.of(ARCH),
-        ModelCfg(8, 1, 2, 8, 10.0, 1),
-        torch.ones(len(ARCH.keys())),
-        list(ARCH.spec.groups),
+    model = aligner_for(
+        ARCH, ModelCfg(8, 1, 2, 8, 10.0, 1, "auto"), ARCH.shapes(), torch.ones(len(ARCH.keys()))
     )
     save_aligner(tmp_path / "mlp.pt", model, ARCH, {})
     methods = MethodsCfg(

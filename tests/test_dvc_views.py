@@ -28,7 +28,7 @@ def _specs(*args: str) -> dict[str, dict]:
     )
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout)["data"]
-    return {k: v[0]["content"] for k, v in found.items() if v[0]["type"] == "vega"}
+    return {k: v[0]["content"] for k, v in found.items() if v and v[0]["type"] == "vega"}
 
 
 @pytest.mark.slow  # starts a process

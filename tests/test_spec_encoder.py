@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-import deepalign.spec_encoder as spec_encoder
 from deepalign.core.permspec import apply_permutation, random_permutation
 from deepalign.core.weightspace import stack
 from deepalign.errors import DeepAlignError
-from deepalign.spec_encoder import SpecEncoder, canonical, roles_of
+from deepalign.methods.deep_align import spec as spec_encoder
+from deepalign.methods.deep_align.spec import SpecEncoder, canonical, roles_of
 from deepalign.usermodel import network_arch
 
 

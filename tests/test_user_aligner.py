@@ -1,5 +1,5 @@
 """DEEP-ALIGN trained on a user's own checkpoints (`deepalign train-aligner`,
-`deepalign.api.train_aligner`), then used through the CLI and the API."""
+`deepalign.train_aligner`), then used through the CLI and the API."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ import pytest
 import torch
 from torch import nn
 
+import deepalign
 from deepalign.api import align, train_aligner
 from deepalign.cli import app
+from deepalign.core.permspec import apply_permutation, random_permutation
+from deepalign.core.resnet import ResNet
 from deepalign.core.weightspace import stack
 from deepalign.errors import DeepAlignError
 from deepalign.zoo.build import init_network, make_arch, train_batched
 from tests.configs import net_cfg
 from tests.helpers import error_line, runner
+from tests.user_nets import small_resnet
 
 N, HIDDEN, EPOCHS = 60, [16, 16], 20
 
@@ -113,7 +117,10 @@ def test_the_api_trains_from_modules_and_from_a_glob(folder, tmp_path):
         sequential(torch.load(p, weights_only=True)) for p in sorted(folder.glob("net0*.pt"))
     ]
     numbers = train_aligner(modules, tmp_path / "from_modules.pt", epochs=2, progress=False)
-    train_aligner(str(folder / "net0*.pt"), tmp_path / "from_glob.pt", epochs=2, progress=False)
+    # the top-level name is the same function
+    deepalign.train_aligner(
+        str(folder / "net0*.pt"), tmp_path / "from_glob.pt", epochs=2, progress=False
+    )
     assert (tmp_path / "from_modules.pt").read_bytes() == (tmp_path / "from_glob.pt").read_bytes()
     assert 0.0 <= numbers["best_val_planted_recovery"] <= 1.0
 
@@ -158,21 +165,82 @@ def test_too_few_networks_or_none_found_is_one_line(tmp_path):
 
 
 def test_an_architecture_deep_align_cannot_read_is_refused_before_training(tmp_path):
-    """A residual network: one line saying DEEP-ALIGN reads chains, nothing written."""
+    """Concatenated branches: one line naming the tensor and the groups side by side, nothing
+    written."""
 
-    class Residual(nn.Module):
+    class Concat(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a, self.b, self.head = nn.Linear(64, 16), nn.Linear(16, 16), nn.Linear(16, 10)
+            self.a, self.b, self.head = nn.Linear(64, 8), nn.Linear(64, 8), nn.Linear(16, 10)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = torch.relu(self.a(x.flatten(1)))
-            return self.head(h + torch.relu(self.b(h)))
+            h = torch.cat([torch.relu(self.a(x.flatten(1))), torch.relu(self.b(x.flatten(1)))], 1)
+            return self.head(h)
 
     nets = []
     for k in range(4):
         torch.manual_seed(k)
-        nets.append(Residual())
-    with pytest.raises(DeepAlignError, match="DEEP-ALIGN aligns chains"):
+        nets.append(Concat())
+    with pytest.raises(DeepAlignError, match="'head.weight' axis 1 holds runs of"):
         train_aligner(nets, tmp_path / "al.pt", epochs=1, progress=False)
     assert not (tmp_path / "al.pt").exists()
+
+
+RESNET = ResNet((1, 8, 8), (4, 8), 1, 10)  # tests.user_nets:small_resnet's record
+
+
+@pytest.fixture(scope="module")
+def resnets(tmp_path_factory, digits) -> Path:
+    """60 small ResNets with BatchNorm trained on digits for 3 epochs (statistics recomputed
+    after training), written as bare state_dicts of `tests.user_nets:small_resnet`."""
+    cfg = net_cfg("resnet", hidden=[4, 8], blocks=1, n_train=N, epochs=3)
+    nets = stack([init_network(RESNET, s) for s in range(N)])
+    nets = train_batched(
+        RESNET, nets, digits.train, cfg, list(range(N)), torch.device("cpu"), progress=False
+    )
+    out = tmp_path_factory.mktemp("resnets")
+    for k in range(N):
+        torch.save(RESNET.state_dict(nets[k]), out / f"r{k:02d}.pt")
+    return out
+
+
+def in_place(ref: nn.Module, other: nn.Module) -> float:
+    """The share of conv/linear output rows (units) of `other` equal to `ref`'s."""
+    rows = [
+        (a.weight - b.weight).flatten(1).abs().amax(1) < 1e-6
+        for a, b in zip(ref.modules(), other.modules())
+        if isinstance(a, nn.Conv2d)
+    ]
+    return float(torch.cat(rows).float().mean())
+
+
+@pytest.mark.slow
+def test_an_aligner_for_your_resnets_with_batchnorm_given_by_model(resnets, tmp_path):
+    """train-aligner and align with `--model`: the spec encoder reads the residual streams and
+    BatchNorm; the aligned network keeps its function and a planted shuffle is undone."""
+    model = ["--model", "tests.user_nets:small_resnet", "--input-shape", "1,8,8"]
+    aligner = tmp_path / "resnet_aligner.pt"
+    args = ["train-aligner", str(resnets), "-o", str(aligner), "--epochs", str(EPOCHS), *model]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert torch.load(aligner, weights_only=True)["encoder"] == "spec"
+    a, b, out = resnets / "r00.pt", resnets / "r01.pt", tmp_path / "r01_aligned.pt"
+    cli = ["align", str(a), str(b), "--method", "deep_align", "--aligner", str(aligner)]
+    result = runner.invoke(app, [*cli, *model, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    nets = {}
+    for name, path in (("a", a), ("b", b), ("out", out)):
+        nets[name] = small_resnet().eval()
+        nets[name].load_state_dict(torch.load(path, weights_only=True))
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(nets["out"](x), nets["b"](x), atol=1e-5)
+        gen = torch.Generator().manual_seed(3)
+        perm = random_permutation(RESNET.spec, gen)
+        ws = RESNET.weightspace(nets["a"].state_dict())
+        shuffled = small_resnet().eval()
+        shuffled.load_state_dict(RESNET.state_dict(apply_permutation(ws, perm, RESNET.spec)))
+        assert torch.allclose(shuffled(x), nets["a"](x), atol=1e-5)
+        assert in_place(nets["a"], shuffled) < 0.5  # the twin: shuffled units are not in place
+        found = align(nets["a"], shuffled, method="deep_align", aligner=aligner)
+        assert in_place(nets["a"], found) >= 0.99

@@ -77,6 +77,41 @@ def paired_comparisons(rows: list[dict], cfg: EvaluateCfg) -> dict[str, dict]:
     return out
 
 
+def gap_closed(summary: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Per method, the share of weight matching's gap to the best method it closes:
+    (WM - X) / (WM - best) of mean loss barriers (best: the lowest of all methods); none
+    without weight matching or where it is the best."""
+    barrier = {m: v["loss_barrier_mean"] for m, v in summary.items()}
+    wm = barrier.get("weight_matching")
+    best = min(barrier.values(), default=None)
+    if wm is None or wm == best:
+        return {}
+    return {m: (wm - x) / (wm - best) for m, x in barrier.items()}
+
+
+def over_weight_matching(summary: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Per method, its mean loss barrier over weight matching's; none without weight matching
+    or where its barrier is 0."""
+    wm = summary.get("weight_matching", {}).get("loss_barrier_mean")
+    if not wm:
+        return {}
+    return {m: v["loss_barrier_mean"] / wm for m, v in summary.items()}
+
+
+REFINED = "deep_align+sinkhorn"  # the refinement whose step budget the budget curve varies
+
+
+def refine_budget(method: str, cfg: MethodsCfg, refined: str = REFINED) -> int | None:
+    """Where `method` sits on `refined`'s curve of step budgets: its last step's step count
+    ('@k', else its settings'), 0 for the chain without that step, None off the curve."""
+    parsed, curve = Method.parse(method), Method.parse(refined)
+    if parsed.steps == curve.steps[:-1] and not any(parsed.budgets):
+        return 0
+    if parsed.steps != curve.steps or any(parsed.budgets[:-1]):
+        return None
+    return parsed.settings(cfg)[curve.steps[-1]].steps
+
+
 # The code that decides a method's permutations: a change re-runs every method.
 _PKG = Path(__file__).parents[1]
 ALIGNMENT_CODE = [

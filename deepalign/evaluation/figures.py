@@ -88,6 +88,52 @@ def plot_convergence(path: Path, rows: list[dict], target: float, title: str) ->
     _save(fig, path)
 
 
+def budget_rows(summary: dict[str, dict[str, dict]], budgets: dict[str, int | None]) -> list[dict]:
+    """Per architecture and method: mean loss barrier against mean seconds per pair, and the
+    method's refinement step budget k ("" off the budget curve) for `dvc plots`."""
+    return [
+        {
+            "arch": arch,
+            "method": method,
+            "k": "" if budgets.get(method) is None else budgets[method],
+            "seconds_per_pair": round(values["seconds_per_pair_mean"], 6),
+            "loss_barrier": round(values["loss_barrier_mean"], 6),
+        }
+        for arch, methods in summary.items()
+        for method, values in methods.items()
+    ]
+
+
+def plot_refine_budget(path: Path, rows: list[dict], title: str, curve: str) -> None:
+    """Loss barrier vs seconds per pair (both log), a named point per method, and the methods
+    with a step budget k joined in order of k (`curve` names them); a panel per architecture."""
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4.5), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        mine = [r for r in rows if r["arch"] == arch and r["seconds_per_pair"] > 0]  # log axis
+        for r in mine:
+            at = (r["seconds_per_pair"], r["loss_barrier"])
+            ax.scatter(*at, s=18, zorder=3)
+            ax.annotate(r["method"], at, xytext=(4, 3), textcoords="offset points", fontsize=7)
+        budgeted = sorted((r for r in mine if r["k"] != ""), key=lambda r: r["k"])
+        if budgeted:
+            ks = ", ".join(str(r["k"]) for r in budgeted)
+            xs, ys = (
+                [r["seconds_per_pair"] for r in budgeted],
+                [r["loss_barrier"] for r in budgeted],
+            )
+            ax.plot(xs, ys, color="grey", zorder=2, label=f"{curve}, k = {ks}")
+            ax.legend(fontsize=8)
+        ax.set(
+            xscale="log",
+            yscale="log",  # naive's barrier would squash the aligned methods
+            xlabel="seconds per pair",
+            ylabel="test loss barrier (mean over pairs)",
+            title=f"{title} {arch}",
+        )
+    _save(fig, path)
+
+
 def plot_scaling(path: Path, rows: list[dict], weight_matching: float, title: str) -> None:
     """DEEP-ALIGN's test barrier vs train networks (one line per step count), and vs steps."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

@@ -244,6 +244,13 @@ def _inr(found: dict, figures: Path) -> list[str]:
     return parts
 
 
+GAP_CLOSED = (
+    "Over weight matching: X / WM of mean loss barriers, WM weight matching's. Gap closed: "
+    "(WM - X) / (WM - best), best the lowest of any method here (1: the best, 0: weight "
+    "matching; blank where it is the best)."
+)
+
+
 def render_html(metrics: dict[str, dict], figures: Path, title: str = "deepalign report") -> str:
     """A self-contained page (inline CSS, embedded PNGs) of every stage's results; `figures`
     holds each stage's folder of PNGs (evaluate/, curves/, converge/, resnets/)."""
@@ -259,7 +266,17 @@ def render_html(metrics: dict[str, dict], figures: Path, title: str = "deepalign
         parts += [
             f"<h2>Linear interpolation: {arch} (test pairs, mean over pairs)</h2>",
             winner(methods),
-            _table(methods, keys_of(EVALUATED, "_mean") + ["loss_barrier_std"], "method"),
+            _table(
+                methods,
+                [
+                    *keys_of(EVALUATED, "_mean"),
+                    "loss_barrier_std",
+                    "loss_barrier_over_weight_matching",
+                    "gap_closed",
+                ],
+                "method",
+            ),
+            f"<p>{GAP_CLOSED}</p>",
             _image(figures / "evaluate" / f"interpolation_{arch}.png"),
         ]
         if arch in metrics.get("compare", {}):

@@ -11,18 +11,20 @@ chain's step together and shares its time evenly among them.
 `ALIGNERS` is the one declaration of the methods: a method's settings dataclass, given in its
 entry, is its sub-section `align.<name>` of params.yaml (`MethodsCfg`, `settings_keys`), and
 the command line and the params lists accept exactly its names. A new aligner is its module
-and its line here.
+and its line here. A step whose settings have `steps` may carry its own step count:
+"deep_align+sinkhorn@10" refines for 10 steps instead of `align.sinkhorn.steps`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from deepalign.config import invalid
+from deepalign.config import MAX_STEPS, invalid
 from deepalign.core.assignment import Answer
 from deepalign.core.permspec import Perm, apply_permutation, identity
 from deepalign.errors import DeepAlignError
@@ -49,6 +51,7 @@ __all__ = [
     "Problem",
     "align",
     "align_all",
+    "budgeted",
     "check_methods",
     "settings_class",
     "settings_keys",
@@ -123,26 +126,31 @@ MethodsCfg = settings_class()
 
 @dataclass(frozen=True)
 class Method:
-    """A registered aligner or an 'a+b' chain (b starts from a's answer): the one parse of a
-    method name, and the one place its steps find their settings."""
+    """A registered aligner or an 'a+b' chain (b starts from a's answer), each step optionally
+    with a step count, 'sinkhorn@10': the one parse of a method name, and the one place its
+    steps find their settings."""
 
     name: str
-    steps: tuple[str, ...]
+    steps: tuple[str, ...]  # each step's registered aligner
+    budgets: tuple[int | None, ...]  # each step's '@k' (None: the step count of its settings)
 
     @classmethod
     def parse(cls, name: str | Method) -> Method:
-        """'weight_matching+sinkhorn' -> its steps, each a known aligner, or a clear error."""
+        """'deep_align+sinkhorn@10' -> its steps, each a known aligner with an optional step
+        count for one whose settings have `steps`, or a clear error."""
         if isinstance(name, Method):
             return name
-        steps = tuple(name.split("+"))
-        for step in steps:
-            if step not in ALIGNERS:
-                raise DeepAlignError(f"unknown method '{step}' (known: {', '.join(ALIGNERS)})")
-        return cls(name, steps)
+        parsed = [_step(name, step) for step in name.split("+")]
+        return cls(name, tuple(s for s, _ in parsed), tuple(k for _, k in parsed))
 
     def settings(self, cfg: MethodsCfg | None) -> dict[str, Any]:
-        """Each step's section of `align` (None for a step without settings, like naive)."""
-        return {s: getattr(cfg, s, None) for s in self.steps}
+        """Each step's section of `align` (None for a step without settings, like naive), with
+        its '@k' as `steps`."""
+        found = {s: getattr(cfg, s, None) for s in self.steps}
+        for step, k in zip(self.steps, self.budgets):
+            if k is not None and found[step] is not None:
+                found[step] = dataclasses.replace(found[step], steps=k)
+        return found
 
     @property
     def iterative(self) -> bool:
@@ -151,8 +159,38 @@ class Method:
 
     def rest(self) -> Method:
         """The chain after its first step (naive when nothing follows)."""
-        steps = self.steps[1:] or ("naive",)
-        return Method("+".join(steps), steps)
+        if len(self.steps) == 1:
+            return Method("naive", ("naive",), (None,))
+        return Method(self.name.split("+", 1)[1], self.steps[1:], self.budgets[1:])
+
+
+def budgeted() -> list[str]:
+    """The registered aligners that take '@k': those whose settings have `steps`."""
+    return [
+        name
+        for name, a in ALIGNERS.items()
+        if a.settings is not None and "steps" in {f.name for f in dataclasses.fields(a.settings)}
+    ]
+
+
+def _step(method: str, step: str) -> tuple[str, int | None]:
+    """One step of a method name, 'sinkhorn@10' -> ('sinkhorn', 10), or a clear error."""
+    aligner, at, k = step.partition("@")
+    if aligner not in ALIGNERS:
+        raise DeepAlignError(f"unknown method '{aligner}' (known: {', '.join(ALIGNERS)})")
+    if not at:
+        return aligner, None
+    takes = ", ".join(budgeted())
+    if aligner not in budgeted():
+        raise DeepAlignError(
+            f"method '{method}': {aligner} takes no '@k' (a step count: {takes} only)"
+        )
+    if not re.fullmatch(r"[1-9][0-9]*", k) or int(k) > MAX_STEPS:
+        raise DeepAlignError(
+            f"method '{method}': '@{k}' is not a step count (a whole number from 1 to "
+            f"{MAX_STEPS:,}; {takes} take '@k')"
+        )
+    return aligner, int(k)
 
 
 def check_methods(key: str, methods: list[str]) -> None:

@@ -13,7 +13,7 @@ from deepalign.core.arch import Arch
 from deepalign.core.assignment import Answer, Scores
 from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError
-from deepalign.methods.deep_align.checkpoint import load_aligner
+from deepalign.methods.deep_align.checkpoint import Fit, load_aligner, spec_fit
 from deepalign.methods.deep_align.model import DeepAlign
 from deepalign.methods.problem import Problem
 
@@ -36,34 +36,26 @@ def checkpoint_files(cfg: DeepAlignCfg) -> list[Path]:
 
 
 @lru_cache(maxsize=8)
-def _load(path: str) -> tuple[DeepAlign, tuple]:
-    model, arch, _ = load_aligner(Path(path))
-    return model, layer_shapes(arch)
+def _load(path: str) -> tuple[DeepAlign, Fit]:
+    model, fit, _ = load_aligner(Path(path))
+    return model, fit
 
 
-def layer_shapes(arch: Arch) -> tuple:
-    """The weight shapes of a chain's layers (DEEP-ALIGN aligns chains alone)."""
-    if not hasattr(arch, "weight_shapes"):
-        raise DeepAlignError(
-            f"DEEP-ALIGN aligns chains of Linear/Conv2d layers, not {arch.describe()}"
-        )
-    return arch.weight_shapes()
-
-
-def model_for(shapes: tuple, cfg: DeepAlignCfg) -> DeepAlign:
-    """The checkpoint trained for networks of these weight shapes, or a clear error."""
-    seen = []
+def model_for(arch: Arch, cfg: DeepAlignCfg) -> DeepAlign:
+    """The checkpoint trained for networks of `arch`'s spec (its digest), or one line naming
+    the networks' architecture and each aligner's."""
+    digest, seen = spec_fit(arch).digest, []
     for path in checkpoint_files(cfg):
         if not path.is_file():  # an architecture not trained (yet): say so if nothing fits
             seen.append(f"{path} (missing)")
             continue
-        model, trained_for = _load(str(path))
-        if trained_for == shapes:
+        model, fit = _load(str(path))
+        if fit.digest == digest:
             return model
-        seen.append(f"{path} (layers {[s[0] for s in trained_for]})")
+        seen.append(f"{path} (fits {fit.description})")
     raise DeepAlignError(
-        f"no aligner checkpoint fits networks with layers {[s[0] for s in shapes]}: "
-        f"{', '.join(seen) or 'none given'}"
+        f"no aligner fits {arch.describe()}: {', '.join(seen) or 'none given'}; train one on "
+        "networks like these with `deepalign train-aligner`"
     )
 
 
@@ -74,7 +66,7 @@ def deep_align_batch(arch: Arch, ref: WeightSpace, other: WeightSpace, cfg: Deep
     As an `Answer`, their permutation is the Hungarian solution; a refinement that can start from
     scores (Sinkhorn) takes them as its initial logits, as in the paper's DEEP-ALIGN + Sinkhorn.
     """
-    return model_for(layer_shapes(arch), cfg)(ref, other)
+    return model_for(arch, cfg)(ref, other)
 
 
 def deep_align_problems(

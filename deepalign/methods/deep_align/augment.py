@@ -68,7 +68,7 @@ def _prune(t: Tensor, fraction: float) -> Tensor:
 
 def augment(ws: WeightSpace, arch: Arch, cfg: AugmentCfg, gen: torch.Generator) -> WeightSpace:
     """Rescale (where the activations allow), prune, drop out and add noise to a batch of
-    networks."""
+    networks' weights (not to BatchNorm's running statistics)."""
     batch, device = ws.batch_size, ws.tensors()[0].device
     scales = {  # drawn whether used or not: the same random stream either way
         g: 1 + cfg.rescale * (2 * torch.rand(batch, n, generator=gen) - 1)
@@ -85,7 +85,8 @@ def augment(ws: WeightSpace, arch: Arch, cfg: AugmentCfg, gen: torch.Generator) 
         std = spread.view(-1, *[1] * (t.ndim - 1))
         return t * keep + cfg.noise * std * torch.randn(t.shape, generator=gen).to(t)
 
-    return ws.map(perturb)
+    # BatchNorm running statistics stay as they are: they describe the weights they follow
+    return ws.replace([t if k in ws.buffers else perturb(t) for k, t in ws.named.items()])
 
 
 def planted_copies(

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import hashlib
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from deepalign.core.arch import Arch, arch_from_dict
 from deepalign.core.assignment import solve_lap
-from deepalign.core.permspec import Perm
+from deepalign.core.permspec import Axis, Perm, PermSpec
 from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError
 from deepalign.io import save_torch
-from deepalign.methods.deep_align.model import DeepAlign, Layout, ModelCfg
+from deepalign.methods.deep_align.model import DeepAlign, Encoder, Layout, ModelCfg
+from deepalign.methods.deep_align.spec import SpecEncoder
 
 FORMAT = "deepalign-aligner/1"
 
@@ -25,23 +28,67 @@ def predict(model: DeepAlign, ref: WeightSpace, other: WeightSpace) -> Perm:
     return {g: torch.stack([solve_lap(m) for m in lg]) for g, lg in logits.items()}
 
 
+@dataclass(frozen=True)
+class Fit:
+    """The networks an aligner reads: the digest of their spec and tensor shapes (two
+    architectures with one digest share an aligner), and their architecture for people."""
+
+    digest: str
+    description: str
+
+
+def spec_record(spec: PermSpec, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """A spec and the tensors' shapes as plain data (what an aligner checkpoint stores)."""
+    return {
+        "shapes": [[k, list(s)] for k, s in shapes.items()],
+        "groups": [[g, n, [list(ax) for ax in spec.acting(g)]] for g, n in spec.sizes.items()],
+    }
+
+
+def spec_from_record(record: dict) -> tuple[PermSpec, dict[str, tuple[int, ...]]]:
+    """`spec_record` read back."""
+    members = {g: tuple(Axis(*ax) for ax in axes) for g, _, axes in record["groups"]}
+    sizes = {g: int(n) for g, n, _ in record["groups"]}
+    return PermSpec(members, sizes), {k: tuple(s) for k, s in record["shapes"]}
+
+
+def _digest(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:16]
+
+
+def spec_fit(arch: Arch) -> Fit:
+    """What an aligner needs to read networks of `arch`: every tensor's key and shape, and
+    which axes each permutation group acts on, as a digest."""
+    return Fit(_digest(spec_record(arch.spec, arch.shapes())), arch.describe())
+
+
 def save_aligner(path: Path, model: DeepAlign, arch: Arch, meta: dict) -> None:
-    """Save a trained aligner with its metadata; the same model and metadata write the same
-    bytes (keep timings out of `meta`: `train.checkpoint_meta`)."""
+    """Save a trained aligner with its metadata and the digest of the spec it reads; the same
+    model and metadata write the same bytes (keep timings out of `meta`:
+    `train.checkpoint_meta`)."""
+    encoder, fit = model.encoder, spec_fit(arch)
     blob = {
         "format": FORMAT,
         "arch": arch.to_dict(),
-        "model": asdict(model.encoder.cfg),
-        "layout": asdict(model.encoder.layout),
+        "fits": {"digest": fit.digest, "description": fit.description},
+        "spec": spec_record(arch.spec, arch.shapes()),
+        "encoder": model.kind,
+        "model": asdict(model.cfg),
         "groups": model.groups,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": meta,
     }
+    if isinstance(encoder, Encoder):
+        blob["layout"] = asdict(encoder.layout)
+    else:
+        blob["shapes"] = [[k, list(shape)] for k, shape in encoder.shapes.items()]
     save_torch(path, blob)
 
 
-def load_aligner(path: Path) -> tuple[DeepAlign, Arch, dict]:
-    """A trained aligner, the architecture it serves and its metadata."""
+def load_aligner(path: Path) -> tuple[DeepAlign, Fit, dict]:
+    """A trained aligner, the networks it reads and its metadata. The architecture record is
+    not rebuilt (a user's `--model` network is imported only when the user names it): the
+    spec and shapes stored beside it describe the networks."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
@@ -62,11 +109,24 @@ def load_aligner(path: Path) -> tuple[DeepAlign, Arch, dict]:
         raise DeepAlignError(f"{path}: malformed aligner checkpoint ({e})") from e
 
 
-def _build(blob: dict) -> tuple[DeepAlign, Arch, dict]:
-    """The aligner a checkpoint blob describes, its weights loaded."""
-    layout = Layout(**{k: tuple(v) for k, v in blob["layout"].items()})
+def _build(blob: dict) -> tuple[DeepAlign, Fit, dict]:
+    """The aligner a checkpoint blob describes, its weights loaded (files without an
+    `encoder` record are chain aligners of a chain architecture)."""
     std = blob["state_dict"]["encoder.tensor_std"]
-    model_cfg = ModelCfg(**({"cross_rounds": 0} | blob["model"]))  # older files had none
-    model = DeepAlign(layout, model_cfg, std, list(blob["groups"]))
+    kind = blob.get("encoder", "chain")
+    model_cfg = ModelCfg(**({"cross_rounds": 0} | blob["model"] | {"encoder": kind}))
+    if "fits" in blob:
+        fit = Fit(str(blob["fits"]["digest"]), str(blob["fits"]["description"]))
+    else:  # older files: a chain's record, rebuilt
+        fit = spec_fit(arch_from_dict(blob["arch"]))
+    if kind == "chain":
+        layout = Layout(**{k: tuple(v) for k, v in blob["layout"].items()})
+        encoder: Encoder | SpecEncoder = Encoder(layout, model_cfg, std)
+    else:
+        spec, _ = spec_from_record(blob["spec"])
+        shapes = {k: tuple(s) for k, s in blob["shapes"]}
+        c = model_cfg
+        encoder = SpecEncoder(spec, shapes, c.dim, c.rounds, c.mlp_ratio, std)
+    model = DeepAlign(encoder, model_cfg, list(blob["groups"]))
     model.load_state_dict(blob["state_dict"])
-    return model.eval(), arch_from_dict(blob["arch"]), blob["meta"]
+    return model.eval(), fit, blob["meta"]

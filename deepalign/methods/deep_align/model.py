@@ -1,5 +1,11 @@
-"""The equivariant encoder over weight space and the pair head.
+"""The equivariant encoders over weight space and the pair head.
 
+Two encoders read a network: the chain encoder below (chains of Linear/Conv2d layers with
+biases) and the spec encoder (`spec.py`: any traced network, units of each permutation group
+as nodes). `encoder: auto` picks the chain encoder where it applies: on the default zoos it
+trains faster and aligns as well (docs/results.md), and the spec encoder everywhere else.
+
+The chain encoder:
 Every neuron is a node. A network's layer m (weights (out, in, *kernel)) becomes edge
 features E_m of shape (B, out, in_units, e): e = kh*kw for convs, h*w for the Linear after
 Flatten (one channel owns a block of features), 1 otherwise. Input and output neurons are
@@ -19,16 +25,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepalign.config import Iterations, Positive, PositiveFloat, Steps
+from deepalign.config import Iterations, Positive, PositiveFloat, Steps, one_of
 from deepalign.core.arch import Arch
 from deepalign.core.assignment import sinkhorn
 from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError
+from deepalign.methods.deep_align.spec import SpecEncoder
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,9 @@ class ModelCfg:
     head_dim: Positive  # width of the features compared by cosine
     scale_init: PositiveFloat  # initial cosine scale (learned)
     cross_rounds: Steps  # rounds of the pair head letting each network's units see the other's
+    # chain: layer by layer (chains of Linear/Conv2d with biases); spec: any traced network;
+    # auto: chain where it applies, else spec
+    encoder: Annotated[str, one_of("auto", "chain", "spec")]
 
 
 @dataclass(frozen=True)
@@ -123,7 +134,7 @@ class Encoder(nn.Module):
 
     def __init__(self, layout: Layout, cfg: ModelCfg, tensor_std: Tensor) -> None:
         super().__init__()
-        self.layout, self.cfg = layout, cfg
+        self.layout = layout
         m_last = len(layout.nodes) - 1
         self.register_buffer("tensor_std", tensor_std)  # (2M,) zoo std per weight and bias
         self.pos_in = nn.Parameter(torch.randn(layout.nodes[0], cfg.dim))
@@ -187,15 +198,49 @@ def _cosine(a: Tensor, b: Tensor) -> Tensor:
     return F.normalize(a, dim=-1, eps=1e-6) @ F.normalize(b, dim=-1, eps=1e-6).mT
 
 
+def chain_layout(arch: Arch) -> Layout | None:
+    """The chain layout of `arch`, or None where the chain encoder does not apply."""
+    try:
+        return Layout.of(arch)
+    except DeepAlignError:
+        return None
+
+
+def encoder_kind(arch: Arch, cfg: ModelCfg) -> str:
+    """'chain' or 'spec': the encoder `cfg.encoder` asks for, checked against `arch`."""
+    if cfg.encoder == "spec":
+        return "spec"
+    if chain_layout(arch) is not None:
+        return "chain"
+    if cfg.encoder == "chain":
+        Layout.of(arch)  # raises, naming the architecture
+    return "spec"
+
+
+def aligner_for(
+    arch: Arch, cfg: ModelCfg, shapes: dict[str, tuple[int, ...]], tensor_std: Tensor
+) -> DeepAlign:
+    """A fresh aligner for `arch`; `shapes` (WeightSpace order) and `tensor_std` (T,) the zoo's
+    std of each tensor, in that order."""
+    if encoder_kind(arch, cfg) == "chain":
+        encoder: Encoder | SpecEncoder = Encoder(Layout.of(arch), cfg, tensor_std)
+    else:
+        encoder = SpecEncoder(arch.spec, shapes, cfg.dim, cfg.rounds, cfg.mlp_ratio, tensor_std)
+    return DeepAlign(encoder, cfg, list(arch.spec.groups))
+
+
 class DeepAlign(nn.Module):
     """Siamese encoder + cosine head: per hidden group, logits[i, j] = sim(ref i, other j)."""
 
-    def __init__(
-        self, layout: Layout, cfg: ModelCfg, tensor_std: Tensor, groups: list[str]
-    ) -> None:
+    @property
+    def kind(self) -> str:
+        """Which encoder reads the networks: 'chain' or 'spec'."""
+        return "spec" if isinstance(self.encoder, SpecEncoder) else "chain"
+
+    def __init__(self, encoder: Encoder | SpecEncoder, cfg: ModelCfg, groups: list[str]) -> None:
         super().__init__()
-        self.groups = groups
-        self.encoder = Encoder(layout, cfg, tensor_std)
+        self.groups, self.cfg = groups, cfg
+        self.encoder = encoder
         self.head = nn.ModuleList(nn.Linear(cfg.dim, cfg.head_dim) for _ in groups)
         self.cross = nn.ModuleList(
             CrossRound(cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.cross_rounds)

@@ -52,8 +52,9 @@ from deepalign.core.weightspace import WeightSpace, lerp
 from deepalign.errors import DeepAlignError
 from deepalign.io import fingerprint, load_current, save_current
 from deepalign.methods.deep_align.augment import AugmentCfg, check_rescalable, planted_copies
-from deepalign.methods.deep_align.checkpoint import predict
-from deepalign.methods.deep_align.model import DeepAlign, Layout, ModelCfg
+from deepalign.methods.deep_align.checkpoint import predict, save_aligner
+from deepalign.methods.deep_align.model import DeepAlign, ModelCfg, aligner_for
+from deepalign.zoo.build import resolve_device
 from deepalign.zoo.store import Zoo
 
 
@@ -91,6 +92,7 @@ class AlignerCfg:
     val_every: Iterations  # epochs between validations (barrier on val pairs, hard permutations)
     val_pairs: Positive
     val_points: GridPoints  # lambda grid of the validation barrier
+    val_bn_images: Positive  # training images for a validation network's BatchNorm statistics
     model: ModelCfg
     augment: AugmentCfg
     loss: LossCfg
@@ -99,8 +101,9 @@ class AlignerCfg:
 def build_model(zoo: Zoo, cfg: ModelCfg) -> DeepAlign:
     """A fresh aligner for the zoo's architecture, normalised by the train split's stds."""
     train = zoo.nets[torch.tensor(zoo.indices("train"))]
-    std = torch.stack([t.std() for t in train.tensors()]).clamp_min(1e-8)
-    return DeepAlign(Layout.of(zoo.arch), cfg, std, list(zoo.arch.spec.groups))
+    std = torch.stack([t.std() for t in train.tensors()]).clamp_min(1e-8)  # (T,)
+    shapes = {k: tuple(t.shape[1:]) for k, t in train.named.items()}
+    return aligner_for(zoo.arch, cfg, shapes, std)
 
 
 def _supervised(logits: dict[str, Tensor], target: Perm) -> Tensor:
@@ -171,7 +174,10 @@ def training_step(
     lam = (low + (high - low) * torch.rand(k, generator=gen)).to(device)
     idx = torch.randint(split.size, (cfg.images_per_step,), generator=gen).to(device)
     x, y = split.of_networks(anchors.to(device)).examples(idx)
-    out = arch.forward_batched(lerp(a, aligned, lam), as_input(arch, x))  # (k, I, C)
+    # BatchNorm: the interpolated networks normalise with their own statistics on these
+    # images, as evaluation recomputes them (their parents' running statistics do not fit)
+    mixed = lerp(a, aligned, lam)
+    out = arch.forward_batched(mixed, as_input(arch, x), train=arch.has_batchnorm)  # (k, I, C)
     lmc = task_loss(out, y, split.task, reduction="mean")
     l2 = _l2(model, a, aligned)
     total = cfg.loss.supervised * supervised + cfg.loss.l2 * l2 + cfg.loss.lmc * lmc
@@ -190,13 +196,25 @@ def validate(
     perms = predict(model, ref, other)
     aligned = apply_permutation(other, {g: p.to(device) for g, p in perms.items()}, zoo.arch.spec)
     splits = [data.val.of_networks(i).to(device) for i, _ in pairs]
+    resets = [
+        bn_images(zoo.arch, data.train.of_networks(i).to(device), cfg.val_bn_images)
+        for i, _ in pairs
+    ]
     found = [
-        barriers(interpolate(zoo.arch, ref[k], aligned[k], split, cfg.val_points))["loss_barrier"]
+        barriers(interpolate(zoo.arch, ref[k], aligned[k], split, cfg.val_points, resets[k]))[
+            "loss_barrier"
+        ]
         for k, split in enumerate(splits)
     ]
     rec = augmented_recovery(model, zoo.arch, ref, cfg.augment, seed=0)
     model.train()
     return {"val_loss_barrier": sum(found) / len(found), "val_planted_recovery": rec}
+
+
+def bn_images(arch: Arch, split: Split, count: int) -> Tensor | None:
+    """The images that recompute an interpolated network's BatchNorm statistics during
+    validation (None without BatchNorm)."""
+    return split.x[:count] if arch.has_batchnorm else None
 
 
 @torch.no_grad()
@@ -304,8 +322,43 @@ def train(
 
 def checkpoint_meta(result: dict) -> dict:
     """A training result as an aligner checkpoint's metadata: all but its timings (those go to
-    the metrics files), so that the same training writes the same bytes."""
-    return {k: v for k, v in result.items() if k != "train_seconds"}
+    the metrics files) and the epoch this call started from (0, or where an interrupted run
+    stopped), so that the same training writes the same bytes, resumed or not."""
+    return {k: v for k, v in result.items() if k not in ("train_seconds", "epoch")}
+
+
+def state_path(out: Path) -> Path:
+    """Where an interrupted training run of aligner file `out` keeps its progress."""
+    return out.with_name(f"{out.stem}.state.pt")
+
+
+def train_and_save(
+    zoo: Zoo,
+    data: Dataset,
+    cfg: AlignerCfg,
+    out: Path,
+    fp: str,
+    held_out: str,
+    meta: dict,
+    on_epoch: OnEpoch | None = None,
+    progress: bool = True,
+    desc: str = "train_aligner",
+    line: int = 0,
+) -> dict[str, float]:
+    """Train (or resume, from `state_path(out)`) an aligner on the zoo's train split, score its
+    planted recovery on augmented copies of the `held_out` split's networks and save the best
+    epoch's aligner to `out` with `meta`; its numbers (best validation barrier and recovery,
+    epoch, seconds, held-out recovery). The pipeline's zoo stages and `deepalign
+    train-aligner` both train here."""
+    device = resolve_device(cfg.device)
+    state = state_path(out)
+    model, result = train(zoo, data, cfg, device, state, fp, on_epoch, progress, desc, line)
+    nets = zoo.nets[torch.tensor(zoo.indices(held_out))].to(device)
+    recovered = augmented_recovery(model, zoo.arch, nets, cfg.augment, seed=1)
+    result[f"{held_out}_planted_recovery_augmented"] = recovered
+    save_aligner(out, model, zoo.arch, {"fingerprint": fp} | meta | checkpoint_meta(result))
+    numbers = {k: float(v) for k, v in result.items() if k != "epoch"}
+    return numbers | {"device_cuda": float(device.type == "cuda")}
 
 
 def set_lr(opt: torch.optim.Optimizer, cfg: AlignerCfg, progress: float) -> None:

@@ -17,9 +17,8 @@ its group's mean. Means and per-unit maps commute with permuting any group's uni
 features of group g's units move with them and nothing else changes (tests/test_spec_encoder.py).
 
 For now one group per tensor axis: runs side by side (concatenation) or nested (grouped
-convolutions) are refused by name. DEEP-ALIGN's model still reads chains (`methods/deep_align/
-model.py`); this module moves next to it when the model switches, in the same change that
-reruns the pipelines (every file there is part of a trained aligner's resume key).
+convolutions) are refused by name. DEEP-ALIGN uses it for every network that is not a chain of
+Linear/Conv2d layers with biases (`model.build_encoder`), and for chains when asked.
 """
 
 from __future__ import annotations
@@ -156,13 +155,16 @@ class SpecEncoder(nn.Module):
         dim: int,
         rounds: int,
         ratio: int = 2,
-        std: dict[str, float] | None = None,
+        tensor_std: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.sizes, self.dim = dict(spec.sizes), dim
         self.groups = list(spec.groups)
         self.roles = roles_of(spec, shapes)
-        self.std = {k: float(v) for k, v in (std or {}).items()}
+        self.shapes = dict(shapes)  # tensor key -> shape, WeightSpace order
+        self.keys = list(shapes)
+        std = torch.ones(len(shapes)) if tensor_std is None else tensor_std
+        self.register_buffer("tensor_std", std)  # (T,) the zoo's std per tensor, `shapes` order
         self.embed = nn.ModuleDict({_name(r.key): nn.Linear(r.features, dim) for r in self.roles})
         self.start = nn.ParameterDict(
             {_name(g): nn.Parameter(0.02 * torch.randn(dim)) for g in self.groups}
@@ -171,16 +173,21 @@ class SpecEncoder(nn.Module):
             SpecRound(self.roles, self.groups, dim, ratio) for _ in range(rounds)
         )
 
+    def normalise(self, ws: WeightSpace) -> WeightSpace:
+        """Every tensor divided by the zoo's std of that tensor."""
+        std = dict(zip(self.keys, self.tensor_std))
+        return ws.replace([t / std[k] for k, t in ws.named.items()])
+
     def forward(self, ws: WeightSpace) -> list[Tensor]:
         if not ws.is_batched:
             raise DeepAlignError("the spec encoder reads a batch of networks (stack them)")
+        ws = self.normalise(ws)
         batch, dim = ws.batch_size, self.dim
         h = {g: self.start[_name(g)].expand(batch, self.sizes[g], dim).clone() for g in self.groups}
         whole = torch.zeros(batch, dim, device=h[self.groups[0]].device)
         edges = {}
         for role in self.roles:
-            t = ws.named[role.key] / self.std.get(role.key, 1.0)
-            x = self.embed[_name(role.key)](canonical(t, role, self.sizes))
+            x = self.embed[_name(role.key)](canonical(ws.named[role.key], role, self.sizes))
             if len(role.groups) == 2:
                 edges[role.key] = x  # (B, n_a, n_b, D)
             elif len(role.groups) == 1:
