@@ -244,3 +244,23 @@ def test_an_aligner_for_your_resnets_with_batchnorm_given_by_model(resnets, tmp_
         assert in_place(nets["a"], shuffled) < 0.5  # the twin: shuffled units are not in place
         found = align(nets["a"], shuffled, method="deep_align", aligner=aligner)
         assert in_place(nets["a"], found) >= 0.99
+
+
+def test_a_bad_encoder_choice_is_one_line_naming_the_key_or_the_network(tmp_path):
+    """`aligner.model.encoder`: an unknown name, and the chain encoder asked for a residual
+    network, are each one line; nothing is written."""
+    nets = []
+    for k in range(4):
+        torch.manual_seed(k)
+        nets.append(small_resnet())
+    for value, expected in (("graph", "aligner.model.encoder"), ("chain", "chains")):
+        (tmp_path / "p.yaml").write_text(f"aligner:\n  model:\n    encoder: {value}\n")
+        args = [tmp_path / f"n{k}.pt" for k in range(4)]
+        for net, path in zip(nets, args):
+            torch.save(net.state_dict(), path)
+        cli = ["train-aligner", *map(str, args), "--params", str(tmp_path / "p.yaml")]
+        cli += ["--model", "tests.user_nets:small_resnet", "--input-shape", "1,8,8"]
+        cli += ["-o", str(tmp_path / "al.pt"), "--epochs", "1"]
+        line = error_line(runner.invoke(app, cli), 1)
+        assert expected in line, line
+        assert not (tmp_path / "al.pt").exists()
