@@ -133,7 +133,8 @@ REF = typer.Argument(help="Reference network: a checkpoint or a bare state_dict.
 OTHER = typer.Argument(help="The other network, of the same architecture as REF.", metavar="OTHER")
 METHOD_HELP = (  # the names are deepalign.methods.ALIGNERS' (not imported here: fast --help)
     "A registered aligner (e.g. weight_matching, deep_align; an unknown name lists them all), "
-    "or 'a+b' (b refines a's answer)."
+    "or 'a+b' (b refines a's answer); '@k' sets an iterative step's steps "
+    "(deep_align+sinkhorn@10)."
 )
 ALIGNER = typer.Option(None, help="DEEP-ALIGN checkpoint (file or folder) for deep_align.")
 DATA_HELP = f"Data set ({', '.join(DATASETS)})"

@@ -18,7 +18,7 @@ from flows.stages import Paths, Stage
 STAGES = ("zoo", "train_aligner", "evaluate", "compare", "converge", "curves")
 # the study pipeline's committed results, shown where present (not deps: a dep on another
 # pipeline's output would make the default `dvc repro` run that pipeline too)
-STUDIES = ("resnets", "ood", "merge", "inr")
+STUDIES = ("resnets", "resnets_learned", "ood", "merge", "inr")
 
 
 def read_metrics(folder: Path) -> dict[str, dict]:

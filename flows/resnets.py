@@ -46,7 +46,7 @@ STAGE = Stage(
         "curves": Plot("t", "curve_acc", "t along the curve", "test accuracy"),
     },
     metrics={"metrics": "metrics/resnets.json"},
-    notes={"out": "(the zoo: `net-NNNN.pt` + `manifest.json`)", "metrics": "(~6 min)"},
+    notes={"out": "(the zoo: `net-NNNN.pt` + `manifest.json`)", "metrics": "(~13 min)"},
     pipeline="study/dvc.yaml",
 )
 

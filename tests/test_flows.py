@@ -241,11 +241,11 @@ def test_report_renders_self_contained_html(workdir):
 
 
 def test_resnets_flow_resumes_and_its_results_join_the_report(workdir):
-    from flows import report, resnets
+    from flows import report, resnets, resnets_learned
 
     paths = resnets.STAGE.paths(workdir)
     metrics = resnets.resnets(paths, **configs(resnets.resnets))["metrics"]
-    assert metrics["zoo"]["trained_this_run"] == 3
+    assert metrics["zoo"]["trained_this_run"] == 9  # 4 train, 2 val, 3 test
     assert set(metrics["bn_reset"]) == {"naive", "weight_matching", "activation_matching"}
     assert set(metrics["bn_kept"]) == set(metrics["bn_reset"])
     assert set(metrics["loss_barrier_over_naive"]) == {"weight_matching", "activation_matching"}
@@ -259,10 +259,23 @@ def test_resnets_flow_resumes_and_its_results_join_the_report(workdir):
     for method, found in again["bn_reset"].items():  # same networks, same alignments
         assert found["loss_barrier_mean"] == metrics["bn_reset"][method]["loss_barrier_mean"]
 
+    # DEEP-ALIGN trained on the zoo's train networks, scored on its test pairs
+    learned_paths = resnets_learned.STAGE.paths(workdir)
+    run = resnets_learned.resnets_learned
+    learned = run(learned_paths, **configs(run))["metrics"]
+    assert set(learned["lines"]) == set(tiny_params()["resnets_learned"]["methods"])
+    assert "deep_align - weight_matching" in learned["compare"]
+    assert (
+        torch.load(workdir / "resnets_aligner" / "aligner.pt", weights_only=True)["encoder"]
+        == "spec"
+    )
+    assert 0.0 <= learned["aligner"]["test_planted_recovery_augmented"] <= 1.0
+
     _run_chain(workdir)
     report.report(report.STAGE.paths(workdir))
     page = report.STAGE.paths(workdir).out.read_text()
-    assert "ResNets with BatchNorm" in page and page.count("data:image/png;base64,") == 4
+    assert "ResNets with BatchNorm" in page and page.count("data:image/png;base64,") == 5
+    assert "DEEP-ALIGN on the ResNets" in page
 
 
 def test_ood_and_merge_flows_score_shifted_zoos_and_join_the_report(workdir):

@@ -4,6 +4,7 @@ MergeMany on three networks, BatchNorm statistics reset, REPAIR, and the README'
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from torch import nn
 import deepalign
 from deepalign.cli import app
 from deepalign.config import load_section
+from deepalign.core.arch import forward_batched
 from deepalign.core.lmc import evaluate_networks, planted_pair, recovery
 from deepalign.core.permspec import apply_permutation, random_permutation
 from deepalign.core.weightspace import average, stack
@@ -115,6 +117,28 @@ def test_planted_permutations_of_a_resnet_are_recovered_by_weight_matching(resne
     assert recovery(found, truth) == 1.0
     back = apply_permutation(copy_, found, arch.spec)
     assert all(torch.equal(back.named[k], nets[0].named[k]) for k in nets[0].named)  # buffers too
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "ste"])
+def test_the_gradient_methods_align_resnets_with_batchnorm(digits, resnets, method):
+    """Sinkhorn re-basin and STE descend through BatchNorm (batch statistics on the line, as
+    evaluation recomputes them): OTHER keeps its function, and the midpoint beats naive's."""
+    arch, nets = resnets
+    cfg = methods_cfg(load_settings())
+    steps = {"sinkhorn": dataclasses.replace(cfg.sinkhorn, steps=30)}
+    steps["ste"] = dataclasses.replace(cfg.ste, steps=30)
+    cfg = dataclasses.replace(cfg, **{method: steps[method]})
+    perm = align(method, Problem.of(nets[0], nets[1], arch, digits.train), cfg).perm
+    moved = apply_permutation(nets[1], perm, arch.spec)
+    x = digits.test.x[:16]
+    out = forward_batched(arch, stack([moved, nets[1]]), x.reshape(16, *arch.input_shape))
+    assert torch.allclose(out[0], out[1], atol=1e-4)
+    pair = [nets[0], nets[1]]
+    merged = {
+        name: accuracy(arch, merge_networks(arch, pair, name, cfg, train=digits.train), digits.test)
+        for name in ("naive", method)
+    }
+    assert merged[method] > merged["naive"] + 0.05, merged
 
 
 def test_resnet_merge_with_batchnorm_reset_beats_the_averaged_statistics(digits, resnets):

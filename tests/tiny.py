@@ -35,9 +35,14 @@ def tiny_params() -> dict:
     params["curves"].update(methods=["naive", "weight_matching"], pairs=2)
     params["curves"]["fit"]["epochs"] = 1
     params["curves"]["pam"]["rounds"] = 1
-    params["resnets"]["zoo"].update(hidden=[4, 8], n_test=3, epochs=1)
+    params["resnets"]["zoo"].update(hidden=[4, 8], n_train=4, n_val=2, n_test=3, epochs=1)
     params["resnets"].update(pairs=3, points=5, bn_reset_images=64)
     params["resnets"]["curves"]["pairs"] = 1
+    learned = params["resnets_learned"]["aligner"]
+    learned.update(epochs=1, val_every=1, val_pairs=2, pairs_per_step=2, images_per_step=32)
+    learned.update(val_bn_images=64)
+    learned["model"].update(dim=8, head_dim=8, rounds=1)
+    params["resnets_learned"]["bootstrap"] = 100
     params["ood"].update(networks=3, pairs=3, points=5, methods=["naive", "deep_align"])
     for shifted_zoo in params["ood"]["zoos"].values():
         shifted_zoo["epochs"] = 1

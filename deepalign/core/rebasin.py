@@ -40,8 +40,12 @@ def lerp_task_loss(
     arch: Arch, ref: WeightSpace, aligned: WeightSpace, batch: Split, lam: float | Tensor
 ) -> Tensor:
     """The mean task loss of (1 - lam) ref + lam aligned on `batch`, summed over pairs (batched
-    networks; targets shared, or one set per pair)."""
-    out = arch.forward_batched(lerp(ref, aligned, lam), as_input(arch, batch.x))  # (K, n, C)
+    networks; targets shared, or one set per pair). With BatchNorm the interpolated networks
+    normalise with their own batch statistics, as evaluation recomputes theirs (their parents'
+    running statistics describe neither; nor can a soft permutation differentiate through
+    them)."""
+    mixed, x = lerp(ref, aligned, lam), as_input(arch, batch.x)
+    out = arch.forward_batched(mixed, x, train=arch.has_batchnorm)  # (K, n, C)
     if not ref.is_batched:
         out = out.unsqueeze(0)  # (1, n, C)
     return task_loss(out, batch.y, batch.task) / batch.size

@@ -132,6 +132,24 @@ def _resnets(found: dict, figures: Path) -> list[str]:
     ]
 
 
+def _resnets_learned(found: dict, figures: Path) -> list[str]:
+    """DEEP-ALIGN trained on the ResNet zoo: its lines beside the classical methods', and the
+    paired differences."""
+    return [
+        "<h3>DEEP-ALIGN on the ResNets (spec encoder; statistics reset)</h3>",
+        winner(found["lines"]),
+        _table(
+            found["lines"],
+            [*keys_of(EVALUATED, "_mean"), "loss_barrier_over_weight_matching"],
+            "method",
+        ),
+        "<p>Paired differences of the loss barrier, A - B, over the same test pairs "
+        "(bootstrap interval; pairs share networks, so it is optimistic).</p>",
+        _table(found["compare"], keys_of(COMPARED), "A - B"),
+        _image(figures / "resnets_learned" / "interpolation_resnet.png"),
+    ]
+
+
 # DEEP-ALIGN's Table 3 (Navon et al. 2024): loss barriers of CIFAR10 CNNs trained with random
 # rotations, DEEP-ALIGN trained on plain CIFAR10 CNNs
 PAPER_ROTATED = {
@@ -302,6 +320,8 @@ def render_html(metrics: dict[str, dict], figures: Path, title: str = "deepalign
         ]
     if "resnets" in metrics:
         parts += _resnets(metrics["resnets"], figures)
+    if "resnets_learned" in metrics:
+        parts += _resnets_learned(metrics["resnets_learned"], figures)
     if "ood" in metrics:
         parts += _ood(metrics["ood"], metrics.get("evaluate", {}), figures)
     if "merge" in metrics:
