@@ -2,8 +2,9 @@
 
 Two encoders read a network: the chain encoder below (chains of Linear/Conv2d layers with
 biases) and the spec encoder (`spec.py`: any traced network, units of each permutation group
-as nodes). `encoder: auto` picks the chain encoder where it applies: on the default zoos it
-trains faster and aligns as well (docs/results.md), and the spec encoder everywhere else.
+as nodes). `encoder: auto` picks the chain encoder where it applies (on the default MLP zoo
+its best validation barrier was 0.091 against the spec encoder's 0.197, in less time;
+docs/results.md), and the spec encoder everywhere else.
 
 The chain encoder:
 Every neuron is a node. A network's layer m (weights (out, in, *kernel)) becomes edge
