@@ -126,6 +126,27 @@ STAGE_CASES = [
     case("zoo", set_key("zoo.archs.mlp.activation", "sine"), "mlp.activation", id="mlp-sine"),
     case("zoo", lambda p: p["zoo"]["archs"]["mlp"].pop("kind"), "missing key 'kind'", id="nokind"),
     case("zoo", set_key("zoo.archs.mlp.kind", ["mlp"]), "zoo.archs.mlp.kind", id="kind-list"),
+    # DEEP-ALIGN on the ResNet zoo: a comparison of a method it does not run, ReLU rescaling
+    # of BatchNorm networks, an encoder that is not one
+    case(
+        "resnets_learned",
+        set_key("resnets_learned.compare", [["deep_align", "ste"]]),
+        "resnets_learned.compare[0]",
+        id="learned-compare",
+    ),
+    case(
+        "resnets_learned",
+        set_key("resnets_learned.aligner.augment.rescale", 0.1),
+        "aligner.augment.rescale",
+        "BatchNorm",
+        id="learned-rescale",
+    ),
+    case(
+        "resnets_learned",
+        set_key("resnets_learned.aligner.model.encoder", "graph"),
+        "resnets_learned.aligner.model.encoder",
+        id="learned-encoder",
+    ),
 ]
 
 
