@@ -127,9 +127,13 @@ def test_each_plot_has_titled_axes_and_the_aligned_methods_are_readable():
     methods are not squashed under naive's barrier."""
     specs = _specs()
     for name, spec in specs.items():
+        encoding = spec["spec"]["encoding"] if "facet" in spec else spec["encoding"]  # panels
         for axis in ("x", "y"):
-            title = spec["encoding"][axis]["title"]
+            title = encoding[axis]["title"]
             assert title and not title.startswith("<DVC"), (name, axis)
+    budget = specs["metrics/refine_budget.csv"]  # seconds and barriers span decades
+    assert budget["facet"]["column"]["field"] == "arch"
+    assert budget["spec"]["encoding"]["x"]["scale"]["type"] == "log"
     loss = specs["plots/evaluate/interpolation_mlp.csv"]["encoding"]["y"]
     assert loss["scale"]["type"] == "log" and loss["title"] == "test loss"
     study = specs["plots/aligner_scaling.csv"]["encoding"]
