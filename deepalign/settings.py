@@ -23,7 +23,7 @@ DEFAULTS = Path(__file__).with_name("defaults.yaml")
 # given to a command may hold them (tests/test_user_path.py checks them against params.yaml).
 PIPELINE_SECTIONS = (
     "data", "zoo", "bench", "aligner", "align", "evaluate", "converge", "study", "curves",
-    "scale", "resnets", "resnets_learned", "ood", "merge", "inr", "runner", "schedule",
+    "scale", "resnets", "resnets_learned", "ood", "merge", "inr", "quality", "runner", "schedule",
 )  # fmt: skip
 
 

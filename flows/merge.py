@@ -28,7 +28,7 @@ STAGE = Stage(
     },
     params=("data", "zoo.archs", "resnets.zoo", "merge", *ALIGN_KEYS),
     partial=("zoo_cfg", "align"),  # the recipes of `zoo`; the method settings of `align`
-    reads=("aligner",),
+    reads=("aligner", "resnets_aligner"),
     persist={"out": "merge"},
     plots={"interpolation": "plots/merge"},
     uncached={"figures": "figures/merge"},

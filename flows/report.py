@@ -9,7 +9,7 @@ from prefect import flow
 
 import flows  # noqa: F401  (offline defaults first)
 from deepalign.errors import DeepAlignError
-from deepalign.evaluation.report import render_html
+from deepalign.evaluation.report import QUALITY, render_html
 from deepalign.evaluation.summary import headline
 from deepalign.io import write_atomic
 from flows.common import cli, stage_run
@@ -18,7 +18,7 @@ from flows.stages import Paths, Stage
 STAGES = ("zoo", "train_aligner", "evaluate", "compare", "converge", "curves")
 # the study pipeline's committed results, shown where present (not deps: a dep on another
 # pipeline's output would make the default `dvc repro` run that pipeline too)
-STUDIES = ("resnets", "resnets_learned", "ood", "merge", "inr")
+STUDIES = ("resnets", "resnets_learned", "ood", "merge", "inr", *QUALITY)
 
 
 def read_metrics(folder: Path) -> dict[str, dict]:

@@ -46,6 +46,7 @@ CFG = MethodsCfg(
         init_scale=1.0,
         batch_size=64,
         seed=0,
+        scores_lr=0.1,
     ),
     deep_align=DeepAlignCfg(checkpoints=[]),
 )

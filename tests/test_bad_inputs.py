@@ -343,7 +343,7 @@ def test_deep_align_without_an_aligner_says_how_to_give_one(tmp_path, command):
     line = error_line(runner.invoke(app, args), exit_code=1)
     assert "needs a trained DEEP-ALIGN aligner" in line and "--aligner" in line
     assert not (tmp_path / "o.pt").exists()
-    cfg = ModelCfg(8, 1, 2, 8, 10.0, 0, "auto")
+    cfg = ModelCfg(8, 1, 2, 8, 10.0, 0, "auto", 0)
     model = aligner_for(ARCH, cfg, ARCH.shapes(), torch.ones(len(ARCH.keys())))
     save_aligner(tmp_path / "aligner.pt", model, ARCH, {})
     result = runner.invoke(app, [*args, "--aligner", str(tmp_path / "aligner.pt")])

@@ -30,7 +30,7 @@ from deepalign.zoo.store import Zoo
 from tests.configs import net_cfg
 
 ARCH = mlp_arch(64, [12, 10], 10, "relu")
-SINKHORN = SinkhornCfg("l2", 12, 0.1, 1.0, 20, 1.0, 64, 0)
+SINKHORN = SinkhornCfg("l2", 12, 0.1, 1.0, 20, 1.0, 64, 0, 0.1)
 
 
 def test_trajectory_ends_where_sinkhorn_rebasin_ends():
@@ -84,7 +84,7 @@ def tiny(tmp_path, digits):
     records = [{"split": "test"}] * 6
     torch.manual_seed(0)
     model = aligner_for(
-        ARCH, ModelCfg(8, 1, 2, 8, 10.0, 1, "auto"), ARCH.shapes(), torch.ones(len(ARCH.keys()))
+        ARCH, ModelCfg(8, 1, 2, 8, 10.0, 1, "auto", 0), ARCH.shapes(), torch.ones(len(ARCH.keys()))
     )
     save_aligner(tmp_path / "mlp.pt", model, ARCH, {})
     methods = MethodsCfg(

@@ -33,7 +33,7 @@ from deepalign.zoo.build import init_network, make_arch, train_batched
 from deepalign.zoo.store import Zoo
 from tests.configs import net_cfg
 
-MODEL = ModelCfg(16, 1, 2, 16, 10.0, 1, "auto")
+MODEL = ModelCfg(16, 1, 2, 16, 10.0, 1, "auto", 0)
 ARCHS = {
     "mlp": mlp_arch(64, [12, 10, 8], 10, "relu"),
     "cnn": cnn_arch((1, 8, 8), [4, 6, 5], [1, 2, 2], 10, "relu"),
@@ -146,6 +146,8 @@ def small_cfg(epochs: int) -> AlignerCfg:
         grad_clip=1.0,
         sinkhorn_iterations=10,
         tau=1.0,
+        unroll_steps=0,
+        unroll_lr=0.1,
         images_per_step=64,
         val_every=epochs,
         val_pairs=4,
@@ -230,7 +232,7 @@ def test_tiny_training_recovers_planted_permutations(tmp_path, tiny_zoo, digits)
     found = align("deep_align", Problem.of(tiny_zoo.nets[20], copy, tiny_zoo.arch), methods).perm
     assert recovery(found, invert(planted)) >= 0.95
 
-    steps0 = SinkhornCfg("l2", 0, 0.1, 1.0, 20, 1.0, 64, 0)  # no step: Hungarian on the scores
+    steps0 = SinkhornCfg("l2", 0, 0.1, 1.0, 20, 1.0, 64, 0, 0.1)  # no step: Hungarian on the scores
     refine = MethodsCfg(None, None, None, steps0, DeepAlignCfg([str(path)]))
     assert all(
         torch.equal(align("deep_align+sinkhorn", problem, refine).perm[g], perm[g]) for g in perm

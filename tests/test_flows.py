@@ -380,3 +380,45 @@ def _overflow(chromium: str, workdir: Path, page: str, width: int = 1366) -> int
     path.write_text(page.replace("</body>", probe + "</body>"))
     dom = _chromium(chromium, workdir, "--dump-dom", f"--window-size={width},800", path.as_uri())
     return int(re.search(r"<title>(-?\d+)</title>", dom).group(1))
+
+
+def test_quality_flows_train_and_score_each_variant_and_width(workdir):
+    from flows import coupling, report, semi_amortised, widths, widths_wide
+
+    _run_chain(workdir)  # the default zoo, whose aligner recipe the experiments vary
+    found = coupling.coupling(coupling.STAGE.paths(workdir), **configs(coupling.coupling))
+    scores = found["metrics"]
+    assert set(scores) == {"default", "coupling"} and set(scores["coupling"]) == {"0"}
+    one = scores["coupling"]["0"]
+    assert set(one["methods"]) == {"weight_matching", "deep_align", "deep_align+sinkhorn@1"}
+    assert one["methods"]["weight_matching"]["loss_barrier_over_weight_matching"] == 1.0
+    interval = one["compare"]["deep_align - weight_matching"]
+    assert interval["ci_low"] <= interval["mean_diff"] <= interval["ci_high"]
+    saved = torch.load(workdir / "quality" / "coupling" / "coupling-seed0.pt", weights_only=True)
+    assert saved["model"]["coupling"] == 2 and "mixing" in saved["state_dict"]
+    default = torch.load(workdir / "quality" / "coupling" / "default-seed0.pt", weights_only=True)
+    assert default["model"]["coupling"] == 0 and "mixing" not in default["state_dict"]
+
+    semi = semi_amortised.semi_amortised(
+        semi_amortised.STAGE.paths(workdir), **configs(semi_amortised.semi_amortised)
+    )["metrics"]
+    assert set(semi) == {"semi_amortised"}
+    assert semi["semi_amortised"]["0"]["aligner"]["best_epoch"] == 0  # its own epochs: 1
+
+    wide = widths.widths(widths.STAGE.paths(workdir), **configs(widths.widths))["metrics"]
+    assert set(wide) == {"w6"} and wide["w6"]["zoo"]["trained_this_run"] == 6
+    assert load_zoo(workdir / "quality" / "widths" / "w6").arch.spec.sizes["h0"] == 6
+    assert set(wide["w6"]["variants"]) == {"short"}
+    widest = widths_wide.widths_wide(
+        widths_wide.STAGE.paths(workdir), **configs(widths_wide.widths_wide)
+    )["metrics"]
+    assert set(widest) == {"w7"} and (workdir / "quality" / "widths_wide" / "w7").is_dir()
+    query = "tags.stage='widths' and tags.arch='w6-short-seed0'"
+    nested = mlflow.search_runs(experiment_names=["deepalign"], filter_string=query)
+    assert len(nested) == 3  # one per method of the one aligner
+
+    report.report(report.STAGE.paths(workdir))  # the experiments' table joins the report
+    page = report.STAGE.paths(workdir).out.read_text()
+    assert "DEEP-ALIGN&#x27;s one pass" in page or "DEEP-ALIGN's one pass" in page
+    for row in ("default seed 0", "coupling seed 0", "semi_amortised seed 0", "short w6 seed 0"):
+        assert f"<th>{row}</th>" in page

@@ -32,7 +32,7 @@ CFG = MethodsCfg(
     activation_matching=ActivationMatchingCfg("correlation", 256, 0),
     ste=SteCfg("midpoint", steps=3, lr=1e-3, batch_size=64, wm_max_iter=20, seed=0),
     sinkhorn=SinkhornCfg(
-        "l2", STEPS, 0.1, 1.0, iterations=10, init_scale=1.0, batch_size=64, seed=0
+        "l2", STEPS, 0.1, 1.0, iterations=10, init_scale=1.0, batch_size=64, seed=0, scores_lr=1.0
     ),
     deep_align=DeepAlignCfg(checkpoints=[]),
 )
@@ -216,3 +216,27 @@ def test_the_evaluate_stage_writes_the_budget_csv_and_its_figure(tmp_path):
     ]
     assert io.tradeoff.read_bytes().startswith(b"\x89PNG")
     assert io.budget.parent == io.metrics.parent  # timings: beside the metrics, not in plots/
+
+
+@pytest.mark.parametrize("start, expected", [("scores", 0.7), ("perm", 0.1), (None, 0.1)])
+def test_a_start_from_scores_steps_at_scores_lr_and_any_other_at_lr(
+    pair, monkeypatch, start, expected
+):
+    from deepalign.core.assignment import Answer
+
+    step, rates = SINKHORN.sinkhorn_step, []
+
+    def recording(logits, state, loss, lr, *args, **kwargs):
+        rates.append(lr)
+        return step(logits, state, loss, lr, *args, **kwargs)
+
+    monkeypatch.setattr(SINKHORN, "sinkhorn_step", recording)
+    cfg = replace(CFG.sinkhorn, lr=0.1, scores_lr=0.7)
+    sizes = pair.arch.spec.sizes
+    init = {
+        "scores": Answer(scores={g: torch.randn(n, n) for g, n in sizes.items()}),
+        "perm": Answer(hard={g: torch.randperm(n) for g, n in sizes.items()}),
+        None: None,
+    }[start]
+    SINKHORN.sinkhorn_rebasin(pair, cfg, init)
+    assert rates == [expected] * STEPS

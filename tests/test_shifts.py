@@ -64,7 +64,13 @@ def test_the_two_sides_are_mirrored_complements():
     assert all(abs(x + y - 1) < 1e-12 for x, y in zip(a, b))
 
 
-RESNET_MERGE = {"networks": 2, "seed": 1, "methods": ["naive"], "bn_reset_images": 8}
+RESNET_MERGE = {
+    "networks": 2,
+    "seed": 1,
+    "methods": ["naive"],
+    "bn_reset_images": 8,
+    "aligners": [],
+}
 
 
 @pytest.mark.parametrize(
@@ -193,3 +199,17 @@ def test_a_study_asking_for_an_unknown_architecture_names_its_key():
     assert recipe_of(zoo, "mlp", "ood.arch").kind == "mlp"
     with pytest.raises(DeepAlignError, match=r"ood.arch: 'rnn' is not in zoo.archs \(known: mlp"):
         recipe_of(zoo, "rnn", "ood.arch")
+
+
+def test_resnet_pairs_use_their_own_aligners_and_the_others_align_deep_align():
+    from deepalign.config import build, read_params
+    from deepalign.evaluation.experiment import AlignCfg
+    from deepalign.methods.learned import DeepAlignCfg
+
+    align = build(AlignCfg, read_params()["align"], "align")
+    cfg = build(disjoint.MergeCfg, read_params()["merge"], "merge")
+    plans = {s.arch: s for s in disjoint.plan_sides(cfg, RECIPES["mlp"], RECIPES["resnet"])}
+    assert plans["mlp"].settings(align) is align
+    found = plans["resnet"].settings(align).deep_align
+    assert found == DeepAlignCfg(list(cfg.resnet.aligners)) != align.deep_align
+    assert plans["resnet"].settings(align).sinkhorn == align.sinkhorn  # nothing else moves

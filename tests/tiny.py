@@ -48,12 +48,18 @@ def tiny_params() -> dict:
         shifted_zoo["epochs"] = 1
     params["merge"].update(networks=2, points=5, methods=["naive", "weight_matching"])
     params["merge"]["resnet"].update(networks=2, bn_reset_images=64)
+    params["merge"]["resnet"]["methods"] = ["naive", "weight_matching"]  # no ResNet aligner
     for inr_zoo in params["inr"]["zoos"].values():
         inr_zoo["net"].update(n_train=4, n_val=2, n_test=4, epochs=5)
     params["inr"]["aligner"].update(epochs=2, val_every=1, val_pairs=1, pairs_per_step=2)
     params["inr"]["aligner"]["model"].update(dim=8, head_dim=8, rounds=1)
     params["inr"].update(pairs=2, points=5, converge_pairs=2, converge_steps=[0, 1, 2])
     params["inr"]["methods"] = ["naive", "weight_matching", "deep_align", "deep_align+sinkhorn"]
+    params["quality"].update(seeds=[0], pairs=2, points=5, bootstrap=100)
+    params["quality"]["widths"] = {"widths": [6], "widths_wide": [7]}
+    params["quality"]["methods"] = ["weight_matching", "deep_align", "deep_align+sinkhorn@1"]
+    params["quality"]["variants"]["semi_amortised"].update(unroll_steps=2, epochs=1)
+    params["quality"]["variants"]["short"]["epochs"] = 1
     return params
 
 

@@ -29,6 +29,7 @@ from deepalign.evaluation.experiment import AlignCfg, pair_curves
 from deepalign.evaluation.pairs import MethodRun, align_pairs
 from deepalign.merging import merged
 from deepalign.methods import check_methods
+from deepalign.methods.learned import DeepAlignCfg
 from deepalign.zoo.kinds import NetCfg
 from deepalign.zoo.store import Zoo
 
@@ -51,6 +52,7 @@ class ResNetMergeCfg:
     methods: list[str]
     bn_reset_images: Positive  # training images for each merged or interpolated ResNet's
     # BatchNorm statistics
+    aligners: list[str]  # DEEP-ALIGN's aligner files or folders for the ResNet pairs
 
     def __post_init__(self) -> None:
         check_merge_methods("resnet.methods", self.methods)
@@ -76,13 +78,21 @@ class MergeCfg:
 @dataclass(frozen=True)
 class Sides:
     """One architecture's pairs: the recipe both sides follow (all test networks), where
-    their seeds start, the methods, and the BatchNorm reset images (0: none)."""
+    their seeds start, the methods, the BatchNorm reset images (0: none), and DEEP-ALIGN's
+    aligners (empty: `align.deep_align`'s)."""
 
     arch: str
     net: NetCfg
     seed: int
     methods: list[str]
     reset_images: int
+    aligners: tuple[str, ...] = ()
+
+    def settings(self, align: AlignCfg) -> AlignCfg:
+        """`align` with this architecture's aligners for DEEP-ALIGN."""
+        if not self.aligners:
+            return align
+        return dataclasses.replace(align, deep_align=DeepAlignCfg(list(self.aligners)))
 
     def seed_of(self, side: str) -> int:
         """A_k trains from seed + k, B_k from seed + networks + k."""
@@ -95,7 +105,7 @@ def plan_sides(cfg: MergeCfg, default: NetCfg, resnet: NetCfg) -> list[Sides]:
     r = cfg.resnet
     if r.networks:
         net = side_recipe(resnet, r.networks)
-        plans.append(Sides("resnet", net, r.seed, r.methods, r.bn_reset_images))
+        plans.append(Sides("resnet", net, r.seed, r.methods, r.bn_reset_images, tuple(r.aligners)))
     return plans
 
 
@@ -133,9 +143,9 @@ def merge_pairs(
     """Every method on every pair: merge metrics (means over pairs) and the lines behind."""
     summary, lines = {}, {}
     ends = _endpoints(zoo, pairs, data)  # the same for every method
-    label = f"merge {sides.arch}"
+    label, settings = f"merge {sides.arch}", sides.settings(align)
     for method in tqdm(sides.methods, desc=label, unit="method", mininterval=5.0):
-        perms, seconds, objective = align_pairs(method, zoo, pairs, data.train, align)
+        perms, seconds, objective = align_pairs(method, zoo, pairs, data.train, settings)
         run = MethodRun(method, pairs, perms, seconds, objective, torch.zeros(0))
         lines[method] = pair_curves(run, zoo, data, points, sides.reset_images)
         summary[method] = _merged_metrics(zoo, run, data, lines[method], ends, sides.reset_images)

@@ -47,6 +47,14 @@ class SinkhornCfg:
     init_scale: PositiveFloat  # from a permutation: logits start at init_scale * one-hot
     batch_size: Positive  # training images per step for task losses
     seed: Seed
+    # Adam's learning rate from a learned aligner's scores: logits of the aligner's scale
+    # (~16 on the default zoo), which steps of `lr` barely move in a few steps
+    scores_lr: PositiveFloat
+
+    def lr_from(self, inits: Sequence[Answer | None]) -> float:
+        """`scores_lr` when every pair starts from scores, else `lr`."""
+        from_scores = bool(inits) and all(i is not None and i.scores is not None for i in inits)
+        return self.scores_lr if from_scores else self.lr
 
 
 Batch = tuple[Tensor, float] | None  # one step's examples and lambda
@@ -134,11 +142,11 @@ def _descend(
     logits = _initial_logits(pairs, cfg, inits)  # {n: (K, groups, n, n)}
     state = adam_state(list(logits.values()))
     yield 0, _per_group(pairs, logits)
-    parts = _parts(pairs, cfg)
+    parts, lr = _parts(pairs, cfg), cfg.lr_from(inits)
     for step in range(1, cfg.steps + 1):
         loss = _soft_loss(pairs, list(logits), _draw(pairs, cfg, gen))
         new, state = sinkhorn_step(
-            list(logits.values()), state, loss, cfg.lr, cfg.iterations, cfg.tau, parts
+            list(logits.values()), state, loss, lr, cfg.iterations, cfg.tau, parts
         )
         logits = dict(zip(logits, new))
         yield step, _per_group(pairs, logits)
@@ -155,8 +163,9 @@ def sinkhorn_rebasin_batch(
 ) -> list[Answer]:
     """Adam on every pair's logits through Sinkhorn; Hungarian on each pair's final logits.
 
-    A start given as scores (DEEP-ALIGN's, {g: (n, n)}) becomes the initial logits as it is;
-    one given as a permutation becomes init_scale times its one-hot matrix.
+    A start given as scores (DEEP-ALIGN's, {g: (n, n)}) becomes the initial logits as it is,
+    stepped at `scores_lr`; one given as a permutation becomes init_scale times its one-hot
+    matrix, stepped at `lr` like a start from nothing.
     """
     *_, (_, final) = _descend(problems, cfg, inits)
     return [Answer(hard=perm) for perm in _harden(final)]

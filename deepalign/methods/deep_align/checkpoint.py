@@ -114,19 +114,21 @@ def _build(blob: dict) -> tuple[DeepAlign, Fit, dict]:
     `encoder` record are chain aligners of a chain architecture)."""
     std = blob["state_dict"]["encoder.tensor_std"]
     kind = blob.get("encoder", "chain")
-    model_cfg = ModelCfg(**({"cross_rounds": 0} | blob["model"] | {"encoder": kind}))
+    old = {"cross_rounds": 0, "coupling": 0}  # keys older files lack
+    model_cfg = ModelCfg(**(old | blob["model"] | {"encoder": kind}))
     if "fits" in blob:
         fit = Fit(str(blob["fits"]["digest"]), str(blob["fits"]["description"]))
+        spec = spec_from_record(blob["spec"])[0]
     else:  # older files: a chain's record, rebuilt
-        fit = spec_fit(arch_from_dict(blob["arch"]))
+        arch = arch_from_dict(blob["arch"])
+        fit, spec = spec_fit(arch), arch.spec
     if kind == "chain":
         layout = Layout(**{k: tuple(v) for k, v in blob["layout"].items()})
         encoder: Encoder | SpecEncoder = Encoder(layout, model_cfg, std)
     else:
-        spec, _ = spec_from_record(blob["spec"])
         shapes = {k: tuple(s) for k, s in blob["shapes"]}
         c = model_cfg
         encoder = SpecEncoder(spec, shapes, c.dim, c.rounds, c.mlp_ratio, std)
-    model = DeepAlign(encoder, model_cfg, list(blob["groups"]))
+    model = DeepAlign(encoder, model_cfg, spec)
     model.load_state_dict(blob["state_dict"])
     return model.eval(), fit, blob["meta"]

@@ -20,6 +20,12 @@ times. The head compares two networks' hidden-node features by cosine with a lea
 with `cross_rounds`, each round first lets every unit read its soft partners in the other
 network (Sinkhorn over the current similarities) and update itself from them, with one update
 shared by both sides (permuting either network permutes its side; swapping them transposes).
+With `coupling`, each round adds to every group's logits a learned multiple (0 at the start)
+of its weight-matching score (Git Re-Basin's <ref unit i, other unit j> over the tensors the
+group touches), the other groups' permutations being the Sinkhorn matrices of the current
+logits: the groups are no longer predicted apart. The score is standardised per pair, and
+it is equivariant too (permuting a group of either network permutes its rows or columns
+and its neighbours' matrices alike); swapping the networks transposes it.
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ from torch import Tensor, nn
 
 from deepalign.config import Iterations, Positive, PositiveFloat, Steps, one_of
 from deepalign.core.arch import Arch
-from deepalign.core.assignment import sinkhorn
+from deepalign.core.assignment import sinkhorn, sinkhorn_groups
+from deepalign.core.matching import soft_group_score
+from deepalign.core.permspec import PermSpec
 from deepalign.core.weightspace import WeightSpace
 from deepalign.errors import DeepAlignError
 from deepalign.methods.deep_align.spec import SpecEncoder
@@ -51,6 +59,9 @@ class ModelCfg:
     # chain: layer by layer (chains of Linear/Conv2d with biases); spec: any traced network;
     # auto: chain where it applies, else spec
     encoder: Annotated[str, one_of("auto", "chain", "spec")]
+    # rounds of pair-aware coupling: each group's logits plus a learned multiple (from 0) of
+    # its weight-matching score given the other groups' soft permutations
+    coupling: Steps
 
 
 @dataclass(frozen=True)
@@ -227,26 +238,31 @@ def aligner_for(
         encoder: Encoder | SpecEncoder = Encoder(Layout.of(arch), cfg, tensor_std)
     else:
         encoder = SpecEncoder(arch.spec, shapes, cfg.dim, cfg.rounds, cfg.mlp_ratio, tensor_std)
-    return DeepAlign(encoder, cfg, list(arch.spec.groups))
+    return DeepAlign(encoder, cfg, arch.spec)
 
 
 class DeepAlign(nn.Module):
-    """Siamese encoder + cosine head: per hidden group, logits[i, j] = sim(ref i, other j)."""
+    """Siamese encoder + cosine head: per hidden group, logits[i, j] = sim(ref i, other j),
+    then `cfg.coupling` rounds of pair-aware coupling through the networks' weights."""
+
+    COUPLING_ITERATIONS = 20  # Sinkhorn iterations of the coupling rounds' soft permutations
 
     @property
     def kind(self) -> str:
         """Which encoder reads the networks: 'chain' or 'spec'."""
         return "spec" if isinstance(self.encoder, SpecEncoder) else "chain"
 
-    def __init__(self, encoder: Encoder | SpecEncoder, cfg: ModelCfg, groups: list[str]) -> None:
+    def __init__(self, encoder: Encoder | SpecEncoder, cfg: ModelCfg, spec: PermSpec) -> None:
         super().__init__()
-        self.groups, self.cfg = groups, cfg
+        self.spec, self.groups, self.cfg = spec, list(spec.groups), cfg
         self.encoder = encoder
-        self.head = nn.ModuleList(nn.Linear(cfg.dim, cfg.head_dim) for _ in groups)
+        self.head = nn.ModuleList(nn.Linear(cfg.dim, cfg.head_dim) for _ in self.groups)
         self.cross = nn.ModuleList(
             CrossRound(cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.cross_rounds)
         )
         self.log_scale = nn.Parameter(torch.tensor(math.log(cfg.scale_init)))
+        if cfg.coupling:  # (rounds, groups): 0 at the start, the encoder's logits unchanged
+            self.mixing = nn.Parameter(torch.zeros(cfg.coupling, len(self.groups)))
 
     def features(self, ws: WeightSpace) -> list[Tensor]:
         """Head features per hidden group, of one network alone: [(B, n, head_dim)]."""
@@ -262,5 +278,35 @@ class DeepAlign(nn.Module):
             out[g] = scale * _cosine(a, b)
         return out
 
+    def couple(
+        self, logits: dict[str, Tensor], ref: WeightSpace, other: WeightSpace
+    ) -> dict[str, Tensor]:
+        """`cfg.coupling` rounds: logits[g] += mixing[r, g] * z(score of g given the other
+        groups' Sinkhorn matrices), z standardising each pair's (n, n) score; ref and other
+        batched (B pairs), in the zoo-normalised units the encoder reads."""
+        if not self.cfg.coupling:
+            return logits
+        ref, other = self.encoder.normalise(ref), self.encoder.normalise(other)
+        for weights in self.mixing:  # (groups,)
+            soft = sinkhorn_groups(logits, self.COUPLING_ITERATIONS)
+            logits = {
+                g: lg + w * _standardised(soft_group_score(self.spec, ref, other, g, soft))
+                for (g, lg), w in zip(logits.items(), weights)
+            }
+        return logits
+
+    def pair_logits(
+        self, feats: tuple[list[Tensor], list[Tensor]], ref: WeightSpace, other: WeightSpace
+    ) -> dict[str, Tensor]:
+        """The logits of pairs (ref, other) from their features: {g: (B, n, n)}."""
+        return self.couple(self.logits(*feats), ref, other)
+
     def forward(self, ref: WeightSpace, other: WeightSpace) -> dict[str, Tensor]:
-        return self.logits(self.features(ref), self.features(other))
+        return self.pair_logits((self.features(ref), self.features(other)), ref, other)
+
+
+def _standardised(score: Tensor) -> Tensor:
+    """Each pair's (n, n) score less its mean, over its std: (B, n, n)."""
+    mean = score.mean((-2, -1), keepdim=True)
+    std = score.std((-2, -1), keepdim=True)
+    return ((score - mean) / (std + 1e-6)).float()

@@ -6,6 +6,9 @@ Each step draws `pairs_per_step` anchor networks A from the zoo's train split an
   (b) A against another train network B, softly aligned by Sinkhorn: the weight-L2 distance
       in zoo-normalised units (`l2`) and the task loss of (1 - l) A + l P#B at a random l
       per pair on training images (`lmc`).
+Semi-amortised training (`unroll_steps` K > 0) scores (b) after K Sinkhorn re-basin steps
+from the predicted logits (its random-lambda loss, Adam at `unroll_lr`: what
+`deep_align+sinkhorn@K` runs at inference), differentiated through all K steps.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from deepalign.config import (
     Positive,
     PositiveFloat,
     Seed,
+    Steps,
     between,
     invalid,
     one_of,
@@ -47,6 +51,7 @@ from deepalign.core.permspec import (
     apply_soft_permutation,
     invert,
 )
+from deepalign.core.rebasin import adam_state, lerp_task_loss, sinkhorn_step
 from deepalign.core.task import task_loss
 from deepalign.core.weightspace import WeightSpace, lerp
 from deepalign.errors import DeepAlignError
@@ -88,6 +93,8 @@ class AlignerCfg:
     grad_clip: PositiveFloat
     sinkhorn_iterations: Iterations
     tau: PositiveFloat
+    unroll_steps: Steps  # Sinkhorn re-basin steps unrolled after the prediction (0: one pass)
+    unroll_lr: PositiveFloat  # their Adam learning rate (align.sinkhorn.lr at inference)
     images_per_step: Positive  # training images for the interpolation (task) loss
     val_every: Iterations  # epochs between validations (barrier on val pairs, hard permutations)
     val_pairs: Positive
@@ -166,14 +173,16 @@ def training_step(
     feats = model.features(
         a.replace([torch.cat(ts) for ts in zip(a.tensors(), b.tensors(), copy.tensors())])
     )
-    fa, fb, fc = zip(*(f.split(k) for f in feats))
-    supervised = _supervised(model.logits(list(fa), list(fc)), target)
-    soft = sinkhorn_groups(model.logits(list(fa), list(fb)), cfg.sinkhorn_iterations, cfg.tau)
+    fa, fb, fc = (list(f) for f in zip(*(f.split(k) for f in feats)))
+    supervised = _supervised(model.pair_logits((fa, fc), a, copy), target)
+    pair = Pair(arch, a, b, split.of_networks(anchors.to(device)))
+    logits = unrolled(model.pair_logits((fa, fb), a, b), pair, cfg, gen)
+    soft = sinkhorn_groups(logits, cfg.sinkhorn_iterations, cfg.tau)
     aligned = apply_soft_permutation(b, soft, spec)
     low, high = cfg.loss.lmc_lambda
     lam = (low + (high - low) * torch.rand(k, generator=gen)).to(device)
     idx = torch.randint(split.size, (cfg.images_per_step,), generator=gen).to(device)
-    x, y = split.of_networks(anchors.to(device)).examples(idx)
+    x, y = pair.data.examples(idx)
     # BatchNorm: the interpolated networks normalise with their own statistics on these
     # images, as evaluation recomputes them (their parents' running statistics do not fit)
     mixed = lerp(a, aligned, lam)
@@ -182,6 +191,48 @@ def training_step(
     l2 = _l2(model, a, aligned)
     total = cfg.loss.supervised * supervised + cfg.loss.l2 * l2 + cfg.loss.lmc * lmc
     return {"loss": total, "supervised": supervised, "l2": l2, "lmc": lmc}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Training pairs (ref[k], other[k]) of one architecture and their data (targets per
+    pair for an INR zoo)."""
+
+    arch: Arch
+    ref: WeightSpace  # (k, ...) batched
+    other: WeightSpace  # (k, ...) batched
+    data: Split
+
+
+def unrolled(
+    logits: dict[str, Tensor], pair: Pair, cfg: AlignerCfg, gen: torch.Generator
+) -> dict[str, Tensor]:
+    """`cfg.unroll_steps` Sinkhorn re-basin steps (random-lambda task loss, Adam at
+    `cfg.unroll_lr`, `cfg.images_per_step` images a step) from `logits` {g: (k, n, n)},
+    differentiable in them; `logits` as they are for 0 steps."""
+    groups, values = list(logits), list(logits.values())
+    state, k = adam_state(values), pair.ref.batch_size
+    device = values[0].device
+    for _ in range(cfg.unroll_steps):
+        lam = torch.rand(k, generator=gen).to(device)
+        idx = torch.randint(pair.data.size, (cfg.images_per_step,), generator=gen).to(device)
+        x, y = pair.data.examples(idx)
+        batch = Split(x, y, pair.data.task)
+
+        def loss(soft: list[Tensor], part: slice, batch: Split = batch, lam: Tensor = lam):
+            aligned = apply_soft_permutation(pair.other, dict(zip(groups, soft)), pair.arch.spec)
+            return lerp_task_loss(pair.arch, pair.ref, aligned, batch, lam)
+
+        values, state = sinkhorn_step(
+            values,
+            state,
+            loss,
+            cfg.unroll_lr,
+            cfg.sinkhorn_iterations,
+            cfg.tau,
+            create_graph=True,
+        )
+    return dict(zip(groups, values))
 
 
 @torch.no_grad()
