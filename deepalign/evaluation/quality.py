@@ -113,4 +113,3 @@ def score_aligner(
         methods[m]["seconds_per_pair"] = v["seconds_per_pair_mean"]
     diff = paired_bootstrap(per_pair[ONE_PASS], per_pair["weight_matching"], cfg.bootstrap)
     return {"methods": methods, "compare": {f"{ONE_PASS} - weight_matching": diff}}
-
