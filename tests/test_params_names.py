@@ -147,6 +147,49 @@ STAGE_CASES = [
         "resnets_learned.aligner.model.encoder",
         id="learned-encoder",
     ),
+    # DEEP-ALIGN's quality experiments and options: what a stage could not score or run
+    case(
+        "coupling",
+        set_key("quality.methods", ["weight_matching"]),
+        "quality.methods",
+        "deep_align",
+        id="quality-methods",
+    ),
+    case(
+        "semi_amortised",
+        set_key("quality.stages.semi_amortised", ["nope"]),
+        "quality.stages.semi_amortised",
+        id="quality-stage-variant",
+    ),
+    case(
+        "widths",
+        set_key("quality.widths", {"widths": [6], "nowhere": [8]}),
+        "quality.widths.nowhere",
+        id="quality-widths-stage",
+    ),
+    case(
+        "coupling",
+        set_key("quality.variants.coupling.coupling", -1),
+        "quality.variants.coupling.coupling",
+        id="quality-variant-coupling",
+    ),
+    case("coupling", set_key("aligner.unroll_steps", -1), "aligner.unroll_steps", id="unroll"),
+    case("coupling", set_key("aligner.unroll_lr", 0), "aligner.unroll_lr", id="unroll-lr"),
+    case(
+        "train_aligner",
+        set_key("aligner.model.coupling", -2),
+        "aligner.model.coupling",
+        id="model-coupling",
+    ),
+    case(
+        "align", set_key("align.sinkhorn.scores_lr", 0), "align.sinkhorn.scores_lr", id="scores-lr"
+    ),
+    case(
+        "merge",
+        lambda p: p["merge"]["resnet"].pop("aligners"),
+        "missing key 'aligners'",
+        id="merge-aligners",
+    ),
 ]
 
 
